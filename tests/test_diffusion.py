@@ -1,0 +1,133 @@
+"""The forward process, conversions and losses against closed forms."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import diffusion as d
+from ddpm_jax.schedule import make_schedule
+
+SCHED = make_schedule("linear", 1000)
+
+
+def _abar64(t):
+  return np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t]
+
+
+def test_iterated_q_step_matches_q_sample_distribution():
+  # 200,000 draws per pixel value: the sample mean has s.e. <= sqrt(1/n) = 0.0022
+  # and the sample variance s.e. <= var*sqrt(2/n) = 0.0032; we allow 5 s.e.
+  n, steps = 200_000, 300
+  x0 = jnp.tile(jnp.array([-1.0, 0.25, 0.9]), (n, 1))
+
+  def body(i, carry):
+    x, key = carry
+    key, sub = jax.random.split(key)
+    return d.q_step(SCHED, x, jnp.full((n,), i), jax.random.normal(sub, x.shape)), key
+
+  x_iter, _ = jax.jit(lambda k: jax.lax.fori_loop(0, steps, body, (x0, k)))(jax.random.key(0))
+  t = steps - 1  # `steps` forward steps land on 0-based index steps - 1
+  x_closed = d.q_sample(SCHED, x0, jnp.full((n,), t), jax.random.normal(jax.random.key(1), x0.shape))
+  abar = _abar64(t)
+  for x in (np.asarray(x_iter, np.float64), np.asarray(x_closed, np.float64)):
+    np.testing.assert_allclose(x.mean(0), np.sqrt(abar) * np.array([-1.0, 0.25, 0.9]), atol=5 * 0.0022)
+    np.testing.assert_allclose(x.var(0), np.full(3, 1 - abar), atol=5 * 0.0032)
+
+
+@pytest.fixture
+def batch():
+  k1, k2, k3 = jax.random.split(jax.random.key(42), 3)
+  x0 = jax.random.uniform(k1, (6, 4, 4, 3), minval=-1, maxval=1)
+  noise = jax.random.normal(k2, x0.shape)
+  t = jnp.array([0, 1, 10, 500, 998, 999])
+  return x0, noise, t
+
+
+def test_predict_x0_inverts_q_sample(batch):
+  x0, noise, t = batch
+  x_t = d.q_sample(SCHED, x0, t, noise)
+  # |x_t| <= ~5 and 1/sqrt(ᾱ_999) ≈ 156: float32 rounding of x_t (6e-8 relative) is
+  # amplified to at most ~5 * 156 * 1.2e-7 ≈ 1e-4 in x0; eps has no amplification.
+  np.testing.assert_allclose(d.predict_x0_from_eps(SCHED, x_t, t, noise), x0, atol=2e-4)
+  np.testing.assert_allclose(d.predict_x0_from_eps(SCHED, x_t, t, noise)[:4], x0[:4], atol=1e-5)
+  np.testing.assert_allclose(d.predict_eps_from_x0(SCHED, x_t, t, x0)[1:], noise[1:], atol=1e-4)
+
+
+def test_v_parameterisation_round_trips(batch):
+  x0, noise, t = batch
+  x_t = d.q_sample(SCHED, x0, t, noise)
+  v = d.get_v(SCHED, x0, t, noise)
+  np.testing.assert_allclose(d.predict_x0_from_v(SCHED, x_t, t, v), x0, atol=1e-5)
+  np.testing.assert_allclose(d.predict_eps_from_v(SCHED, x_t, t, v), noise, atol=1e-5)
+
+
+def test_posterior_matches_closed_form(batch):
+  x0, noise, t = batch
+  x_t = d.q_sample(SCHED, x0, t, noise)
+  mean, var, log_var = d.q_posterior_mean_variance(SCHED, x0, x_t, t)
+  betas = np.linspace(1e-4, 0.02, 1000)
+  abar = np.cumprod(1 - betas)
+  abar_prev = np.r_[1.0, abar[:-1]]
+  tt = np.asarray(t)
+  shape = (-1, 1, 1, 1)
+  # Bishop-style Gaussian conditioning of q(x_{t-1}|x0) with q(x_t|x_{t-1}) (DDPM eq. 7).
+  want_var = ((1 - abar_prev[tt]) * betas[tt] / (1 - abar[tt])).reshape(shape)
+  want_mean = (np.sqrt(abar_prev[tt]) * betas[tt] / (1 - abar[tt])).reshape(shape) * np.asarray(x0, np.float64) + (
+      np.sqrt(1 - betas[tt]) * (1 - abar_prev[tt]) / (1 - abar[tt])).reshape(shape) * np.asarray(x_t, np.float64)
+  np.testing.assert_allclose(mean, want_mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(var, np.broadcast_to(want_var, (6, 1, 1, 1)), rtol=1e-6)
+  assert float(var[0].squeeze()) == 0.0 and np.isfinite(np.asarray(log_var)).all()
+  # At t = 0 the posterior collapses onto x0.
+  np.testing.assert_allclose(mean[0], x0[0], atol=1e-6)
+
+
+FUNCS = {
+    "q_step": d.q_step,
+    "q_sample": d.q_sample,
+    "predict_x0_from_eps": d.predict_x0_from_eps,
+    "predict_eps_from_x0": d.predict_eps_from_x0,
+    "get_v": d.get_v,
+    "predict_x0_from_v": d.predict_x0_from_v,
+    "predict_eps_from_v": d.predict_eps_from_v,
+    "posterior_mean": lambda s, a, t, b: d.q_posterior_mean_variance(s, b, a, t)[0],
+}
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_jit_and_vmap_agree_with_eager(name, batch):
+  x0, noise, t = batch
+  x_t = d.q_sample(SCHED, x0, t, 0.5 * noise)
+  fn = functools.partial(FUNCS[name], SCHED)
+  eager = fn(x_t, t, noise)
+  # XLA may fuse into FMAs: allow a few float32 ulps, never more.
+  np.testing.assert_allclose(jax.jit(fn)(x_t, t, noise), eager, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jax.vmap(fn)(x_t, t, noise), eager, rtol=1e-6, atol=1e-6)
+
+
+def test_scalar_t_broadcasts_over_the_batch(batch):
+  x0, noise, _ = batch
+  np.testing.assert_allclose(d.q_sample(SCHED, x0, 7, noise), d.q_sample(SCHED, x0, jnp.full(6, 7), noise))
+
+
+def test_losses_against_numpy():
+  rng = np.random.default_rng(0)
+  pred, target = rng.normal(size=(2, 5, 3, 3, 2)).astype(np.float32)
+  w = rng.uniform(size=5).astype(np.float32)
+  diff = pred.astype(np.float64) - target
+  l1 = np.abs(diff).reshape(5, -1).mean(1)
+  l2 = np.square(diff).reshape(5, -1).mean(1)
+  np.testing.assert_allclose(d.loss_fn(pred, target), l1.mean(), rtol=1e-6)
+  np.testing.assert_allclose(d.loss_fn(pred, target, "l2"), l2.mean(), rtol=1e-6)
+  np.testing.assert_allclose(d.loss_fn(pred, target, "l1", w), (w * l1).mean(), rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(d.loss_fn, static_argnums=2)(pred, target, "l2"), l2.mean(), rtol=1e-6)
+
+
+def test_loss_rejects_bad_arguments():
+  x = jnp.zeros((2, 3))
+  with pytest.raises(ValueError, match="^unknown loss kind 'huber': choose one of l1, l2$"):
+    d.loss_fn(x, x, "huber")
+  with pytest.raises(ValueError, match=r"^pred shape \(2, 3\) does not match target shape \(3, 2\)$"):
+    d.loss_fn(x, x.T)
