@@ -1,0 +1,283 @@
+"""A Flax linen attention U-Net that predicts the noise in x_t, with the book's and the DDPM paper's presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+TOPOLOGIES = ("ddpm", "book")
+BLOCK_ORDERS = ("pre", "post")
+ATTN_NORMS = ("group", "layer")
+DOWNSAMPLES = ("conv", "space_to_depth")
+UPSAMPLES = ("nearest", "conv_transpose")
+
+
+def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
+  """[B] timesteps -> [B, dim] features [sin(t f_i), cos(t f_i)], f_i = exp(-ln(max_period) i / (dim/2 - 1))."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+def space_to_depth(x: jnp.ndarray, block: int = 2) -> jnp.ndarray:
+  """[B, H, W, C] -> [B, H/b, W/b, b*b*C], each b x b patch stacked on channels."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // block, block, w // block, block, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // block, w // block, block * block * c)
+
+
+def upsample_nearest(x: jnp.ndarray, factor: int = 2) -> jnp.ndarray:
+  """Nearest-neighbour upsampling by an integer factor, as a broadcast."""
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, factor, w, factor, c))
+  return x.reshape(b, h * factor, w * factor, c)
+
+
+class ResBlock(nn.Module):
+  """Two 3x3 convolutions with GroupNorm, SiLU and a time-embedding shift, plus a shortcut."""
+
+  out_ch: int
+  groups: int
+  order: str = "pre"
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, train: bool) -> jnp.ndarray:
+    conv = functools.partial(nn.Conv, self.out_ch, (3, 3), dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = functools.partial(nn.GroupNorm, num_groups=self.groups, dtype=self.dtype, param_dtype=self.param_dtype)
+    shift = nn.Dense(self.out_ch, dtype=self.dtype, param_dtype=self.param_dtype)(nn.silu(temb))[:, None, None, :]
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+    if self.order == "pre":  # DDPM: norm -> act -> conv
+      h = conv()(nn.silu(norm()(x))) + shift
+      h = conv()(drop(nn.silu(norm()(h))))
+    else:  # the book: conv -> norm -> act
+      h = nn.silu(norm()(conv()(x))) + shift
+      h = nn.silu(norm()(conv()(drop(h))))
+    if x.shape[-1] != self.out_ch:
+      x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  """Pre-norm multi-head self-attention over all pixels with a residual add."""
+
+  num_heads: int = 1
+  head_dim: Optional[int] = None  # None: channels // num_heads
+  norm: str = "group"
+  qkv_bias: bool = True
+  groups: int = 32
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    b, hh, ww, c = x.shape
+    hd = self.head_dim or c // self.num_heads
+    if self.norm == "group":
+      h = nn.GroupNorm(num_groups=self.groups, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    else:
+      h = nn.LayerNorm(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    qkv = nn.Dense(3 * self.num_heads * hd, use_bias=self.qkv_bias, dtype=self.dtype,
+                   param_dtype=self.param_dtype)(h.reshape(b, hh * ww, c))
+    q, k, v = jnp.split(qkv.reshape(b, hh * ww, 3, self.num_heads, hd), 3, axis=2)
+    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+    out = nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype)(out.reshape(b, hh * ww, self.num_heads * hd))
+    return x + out.reshape(b, hh, ww, c)
+
+
+class UNet(nn.Module):
+  """Predicts ε from (x_t, t): NHWC in, same shape out.
+
+  `topology="ddpm"` is the DDPM paper's U-Net: every encoder activation (stem,
+  residual blocks, downsamplings) is a skip, decoder levels have
+  `num_res_blocks + 1` blocks at the encoder's widths, and a GroupNorm-SiLU-conv
+  head. `topology="book"` is the book's: skips after each residual block only,
+  the stem kept as a global skip for a final residual block, a middle and
+  decoder at twice the encoder's widths. `attn_resolutions` are feature-map
+  heights that get attention in the encoder (and `up_attn_resolutions`, default
+  the same, in the decoder); the middle always has one.
+  """
+
+  base_channels: int = 128
+  channel_mult: Sequence[int] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (16,)
+  up_attn_resolutions: Optional[Sequence[int]] = None
+  attn_every_block: bool = True  # False: attention only after a level's last block
+  num_heads: int = 1
+  head_dim: Optional[int] = None
+  attn_norm: str = "group"
+  attn_qkv_bias: bool = True
+  dropout: float = 0.0
+  norm_groups: int = 32
+  block_order: str = "pre"
+  double_temb_silu: bool = False  # the book applies SiLU to the embedding twice
+  downsample: str = "conv"
+  upsample: str = "nearest"
+  topology: str = "ddpm"
+  out_channels: Optional[int] = None  # None: as many as the input
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _check(self, x: jnp.ndarray, t: jnp.ndarray) -> None:
+    """Raises ValueError for settings or inputs this network cannot take."""
+    for field, value, allowed in (("topology", self.topology, TOPOLOGIES), ("block_order", self.block_order, BLOCK_ORDERS),
+                                  ("attn_norm", self.attn_norm, ATTN_NORMS), ("downsample", self.downsample, DOWNSAMPLES),
+                                  ("upsample", self.upsample, UPSAMPLES)):
+      if value not in allowed:
+        raise ValueError(f"UNet {field}={value!r} is unknown: choose one of {', '.join(allowed)}")
+    if not self.channel_mult or self.num_res_blocks < 1 or self.base_channels < 1:
+      raise ValueError(f"UNet needs channel_mult non-empty, num_res_blocks >= 1 and base_channels >= 1, got "
+                       f"{tuple(self.channel_mult)}, {self.num_res_blocks}, {self.base_channels}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"UNet dropout={self.dropout!r} is out of range: it must lie in [0, 1)")
+    bad = [w for w in self._widths() if w % self.norm_groups]
+    if bad:
+      raise ValueError(f"UNet widths {bad} are not divisible by norm_groups={self.norm_groups}")
+    if x.ndim != 4:
+      raise ValueError(f"UNet input must be NHWC (4 dims), got shape {x.shape}")
+    factor = 2 ** (len(self.channel_mult) - 1)
+    if x.shape[1] % factor or x.shape[2] % factor:
+      raise ValueError(f"image size {x.shape[1]}x{x.shape[2]} is not divisible by {factor}, "
+                       f"which {len(self.channel_mult)} resolution levels need")
+    if t.ndim != 1 or t.shape[0] != x.shape[0]:
+      raise ValueError(f"t must be a scalar or of shape [{x.shape[0]}] (the batch), got shape {t.shape}")
+
+  def _widths(self) -> list[int]:
+    """Every feature width the network uses."""
+    enc = [self.base_channels * m for m in self.channel_mult]
+    return enc + ([2 * w for w in enc] if self.topology == "book" else [])
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, t: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+    t = jnp.broadcast_to(jnp.asarray(t), x.shape[:1]) if jnp.ndim(t) == 0 else jnp.asarray(t)
+    self._check(x, t)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    ch = self.base_channels
+    temb = timestep_embedding(t, ch)
+    temb = nn.Dense(4 * ch, name="temb_dense_0", **kw)(temb)
+    temb = nn.Dense(4 * ch, name="temb_dense_1", **kw)(nn.silu(temb))
+    if self.double_temb_silu:
+      temb = nn.silu(temb)
+    res = lambda name, width, h: ResBlock(width, self.norm_groups, self.block_order, self.dropout, name=name,
+                                          **kw)(h, temb, train)
+    attn = lambda name, h: AttentionBlock(self.num_heads, self.head_dim, self.attn_norm, self.attn_qkv_bias,
+                                          self.norm_groups, name=name, **kw)(h)
+    body = self._ddpm_body if self.topology == "ddpm" else self._book_body
+    h = body(x.astype(self.dtype), res, attn, kw)
+    return h.astype(x.dtype)
+
+  def _wants_attn(self, h: jnp.ndarray, block: int, up: bool) -> bool:
+    """Whether attention follows residual block `block` of the level at h's resolution."""
+    where = self.up_attn_resolutions if (up and self.up_attn_resolutions is not None) else self.attn_resolutions
+    last = self.num_res_blocks - (0 if (up and self.topology == "ddpm") else 1)
+    return h.shape[1] in where and (self.attn_every_block or block == last)
+
+  def _down(self, name: str, h: jnp.ndarray, width: int, kw: dict) -> jnp.ndarray:
+    """Halves the resolution, ending at `width` channels."""
+    if self.downsample == "conv":
+      return nn.Conv(width, (3, 3), strides=(2, 2), name=name, **kw)(h)
+    return nn.Conv(width, (1, 1), name=name, **kw)(space_to_depth(h))
+
+  def _up(self, name: str, h: jnp.ndarray, width: int, kw: dict) -> jnp.ndarray:
+    """Doubles the resolution, ending at `width` channels."""
+    if self.upsample == "nearest":
+      return nn.Conv(width, (3, 3), name=name, **kw)(upsample_nearest(h))
+    return nn.ConvTranspose(width, (2, 2), strides=(2, 2), name=name, **kw)(h)
+
+  def _ddpm_body(self, x, res, attn, kw):
+    """The DDPM paper's encoder, middle, decoder and head."""
+    widths = [self.base_channels * m for m in self.channel_mult]
+    h = nn.Conv(self.base_channels, (3, 3), name="stem", **kw)(x)
+    skips = [h]
+    for level, width in enumerate(widths):
+      for block in range(self.num_res_blocks):
+        h = res(f"down_{level}_res_{block}", width, h)
+        if self._wants_attn(h, block, up=False):
+          h = attn(f"down_{level}_attn_{block}", h)
+        skips.append(h)
+      if level != len(widths) - 1:
+        h = self._down(f"down_{level}_downsample", h, h.shape[-1], kw)
+        skips.append(h)
+    h = res("mid_res_1", widths[-1], attn("mid_attn", res("mid_res_0", widths[-1], h)))
+    for level in reversed(range(len(widths))):
+      for block in range(self.num_res_blocks + 1):
+        h = res(f"up_{level}_res_{block}", widths[level], jnp.concatenate([h, skips.pop()], axis=-1))
+        if self._wants_attn(h, block, up=True):
+          h = attn(f"up_{level}_attn_{block}", h)
+      if level != 0:
+        h = self._up(f"up_{level}_upsample", h, h.shape[-1], kw)
+    h = nn.silu(nn.GroupNorm(num_groups=self.norm_groups, name="head_norm", **kw)(h))
+    return nn.Conv(self.out_channels or x.shape[-1], (3, 3), name="head_conv", **kw)(h)
+
+  def _book_body(self, x, res, attn, kw):
+    """The book's encoder, middle and decoder at twice the width, and global-skip head."""
+    widths = [self.base_channels * m for m in self.channel_mult]
+    r = h = nn.Conv(self.base_channels, (3, 3), name="stem", **kw)(x)
+    skips = []
+    for level, width in enumerate(widths):
+      for block in range(self.num_res_blocks):
+        h = res(f"down_{level}_res_{block}", width, h)
+        if self._wants_attn(h, block, up=False):
+          h = attn(f"down_{level}_attn_{block}", h)
+        skips.append(h)
+      if level != len(widths) - 1:
+        h = self._down(f"down_{level}_downsample", h, widths[level + 1], kw)
+      else:
+        h = nn.Conv(2 * width, (3, 3), name=f"down_{level}_widen", **kw)(h)
+    h = res("mid_res_1", 2 * widths[-1], attn("mid_attn", res("mid_res_0", 2 * widths[-1], h)))
+    for level in reversed(range(len(widths))):
+      for block in range(self.num_res_blocks):
+        h = res(f"up_{level}_res_{block}", 2 * widths[level], jnp.concatenate([h, skips.pop()], axis=-1))
+        if self._wants_attn(h, block, up=True):
+          h = attn(f"up_{level}_attn_{block}", h)
+      if level != 0:
+        h = self._up(f"up_{level}_upsample", h, 2 * widths[level - 1], kw)
+      else:
+        h = nn.Conv(self.base_channels, (3, 3), name=f"up_{level}_narrow", **kw)(h)
+    h = res("head_res", self.base_channels, jnp.concatenate([h, r], axis=-1))
+    return nn.Conv(self.out_channels or x.shape[-1], (1, 1), name="head_conv", **kw)(h)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The DDPM paper's CIFAR-10 model (Ho et al. 2020): 35,746,307 parameters.
+    "ddpm_cifar10": dict(base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                         dropout=0.1, norm_groups=32, num_heads=1, attn_norm="group", attn_qkv_bias=True,
+                         block_order="pre", downsample="conv", upsample="nearest", topology="ddpm"),
+    # The book's 64x64 flowers model (Learn Generative AI with PyTorch, ch. 15): 133,417,219 parameters.
+    "book64": dict(base_channels=128, channel_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                   up_attn_resolutions=(64,), attn_every_block=False, num_heads=4, head_dim=32, attn_norm="layer",
+                   attn_qkv_bias=False, dropout=0.0, norm_groups=8, block_order="post", double_temb_silu=True,
+                   downsample="space_to_depth", upsample="nearest", topology="book"),
+    # A CPU-sized DDPM-style model for tests and the offline default.
+    "tiny": dict(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
+                 dropout=0.0, norm_groups=8, num_heads=2, attn_norm="group", attn_qkv_bias=True,
+                 block_order="pre", downsample="conv", upsample="nearest", topology="ddpm"),
+}
+
+
+def unet_preset(name: str, **overrides: Any) -> UNet:
+  """A UNet from a named preset, with any field overridden."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown UNet preset {name!r}: choose one of {', '.join(PRESETS)}")
+  fields = {f.name for f in dataclasses.fields(UNet)} - {"parent", "name"}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"unknown UNet field(s) {', '.join(unknown)}: allowed are {', '.join(sorted(fields))}")
+  return UNet(**{**PRESETS[name], **overrides})
+
+
+def count_params(params: Any) -> int:
+  """Total number of scalars in a parameter pytree."""
+  return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

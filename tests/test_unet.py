@@ -1,0 +1,148 @@
+"""The U-Net: shapes, the reference parameter counts, skips, time conditioning, bf16, dropout."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax.unet import count_params, unet_preset
+
+TINY = unet_preset("tiny")
+# A book-topology model small enough for the CPU: every book-specific block kind, 4x4 .. 16x16.
+TINY_BOOK = unet_preset("book64", base_channels=16, attn_resolutions=(4,), up_attn_resolutions=(16,),
+                        num_heads=2, head_dim=8)
+
+
+def _init(model, shape, seed=0):
+  return jax.jit(model.init)(jax.random.key(seed), jnp.zeros(shape), jnp.zeros(shape[:1], jnp.int32))
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+  return _init(TINY, (1, 16, 16, 3))
+
+
+@pytest.mark.parametrize("model", [TINY, TINY_BOOK], ids=["ddpm", "book"])
+@pytest.mark.parametrize("shape, t", [((1, 8, 8, 1), 3), ((3, 16, 16, 3), [0.5, 10.0, 999.0]),
+                                      ((2, 16, 8, 4), [7, 900])])
+def test_output_shape_equals_input_shape(model, shape, t):
+  params = jax.eval_shape(lambda: _init(model, shape))
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+  out = jax.eval_shape(lambda p, x: model.apply(p, x, jnp.asarray(t)), params, x)
+  assert out.shape == shape and out.dtype == jnp.float32
+
+
+def test_tiny_forward_is_finite_and_jit_matches_eager(tiny_params):
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  t = jnp.array([3, 700])
+  eager = TINY.apply(tiny_params, x, t)
+  jitted = jax.jit(TINY.apply)(tiny_params, x, t)
+  assert np.isfinite(np.asarray(eager)).all()
+  np.testing.assert_allclose(jitted, eager, rtol=1e-4, atol=1e-5)
+  assert count_params(tiny_params) < 300_000
+
+
+@pytest.mark.parametrize("name, size, expected", [("book64", 64, 133_417_219), ("ddpm_cifar10", 32, 35_746_307)])
+def test_reference_parameter_counts(name, size, expected):
+  model = unet_preset(name)
+  params = jax.eval_shape(lambda: _init(model, (1, size, size, 3)))
+  assert count_params(params) == expected
+  out = jax.eval_shape(lambda p: model.apply(p, jnp.zeros((2, size, size, 3)), jnp.zeros(2, jnp.int32)), params)
+  assert out.shape == (2, size, size, 3)
+
+
+def test_attention_placement_matches_the_references():
+  book = jax.eval_shape(lambda: _init(unet_preset("book64"), (1, 64, 64, 3)))["params"]
+  cifar = jax.eval_shape(lambda: _init(unet_preset("ddpm_cifar10"), (1, 32, 32, 3)))["params"]
+  # The book: after the 2nd block at 16x16 going down, in the middle, after the 2nd block at 64x64 going up.
+  assert sorted(k for k in book if "attn" in k) == ["down_2_attn_1", "mid_attn", "up_0_attn_1"]
+  # The paper: after every block at 16x16 (level 1), both ways, and in the middle.
+  assert sorted(k for k in cifar if "attn" in k) == ["down_1_attn_0", "down_1_attn_1", "mid_attn",
+                                                   "up_1_attn_0", "up_1_attn_1", "up_1_attn_2"]
+  # The book's attention: 4 heads x 32 (inner width 128) at every width, fused bias-free qkv, LN gain only.
+  attn = book["down_2_attn_1"]
+  assert attn["Dense_0"]["kernel"].shape == (512, 384) and "bias" not in attn["Dense_0"]
+  assert set(attn["LayerNorm_0"]) == {"scale"}
+  assert book["up_0_attn_1"]["Dense_0"]["kernel"].shape == (256, 384)
+
+
+@pytest.mark.parametrize("model", [TINY, TINY_BOOK], ids=["ddpm", "book"])
+def test_skip_connections_carry_gradient_with_the_bottleneck_zeroed(model):
+  params = _init(model, (1, 16, 16, 3))
+  x = jax.random.normal(jax.random.key(2), (1, 16, 16, 3))
+  w = jax.random.normal(jax.random.key(3), x.shape)
+
+  def zero_bottleneck(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    return jnp.zeros_like(out) if context.module.name == "mid_res_1" else out
+
+  def objective(x, cut):
+    if cut:
+      with nn.intercept_methods(zero_bottleneck):
+        return jnp.sum(w * model.apply(params, x, jnp.array([100])))
+    return jnp.sum(w * model.apply(params, x, jnp.array([100])))
+
+  full = jax.jit(jax.grad(objective), static_argnums=1)(x, False)
+  cut = jax.jit(jax.grad(objective), static_argnums=1)(x, True)
+  # The cut really removes the bottleneck's contribution ...
+  assert float(jnp.linalg.norm(cut - full)) > 1e-3 * float(jnp.linalg.norm(full))
+  # ... and what reaches the input through the skips alone is of the same order as the full gradient.
+  assert float(jnp.linalg.norm(cut)) > 0.1 * float(jnp.linalg.norm(full))
+
+
+def test_time_embedding_changes_the_output(tiny_params):
+  x = jax.random.normal(jax.random.key(4), (1, 16, 16, 3))
+  apply = jax.jit(TINY.apply)
+  a = apply(tiny_params, x, jnp.array([10]))
+  b = apply(tiny_params, x, jnp.array([500]))
+  assert float(jnp.linalg.norm(a - b)) > 1e-2 * float(jnp.linalg.norm(a))
+  # An int and a float t of the same value give the same embedding.
+  np.testing.assert_allclose(apply(tiny_params, x, jnp.array([10.0])), a, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", [TINY, TINY_BOOK], ids=["ddpm", "book"])
+def test_bfloat16_compute_stays_close_to_float32(model):
+  params = _init(model, (2, 16, 16, 3))
+  x = jax.random.normal(jax.random.key(5), (2, 16, 16, 3))
+  t = jnp.array([20, 800])
+  f32 = jax.jit(model.apply)(params, x, t)
+  bf16_model = model.clone(dtype=jnp.bfloat16)
+  bf16 = jax.jit(bf16_model.apply)(params, x, t)
+  assert bf16.dtype == jnp.float32 and np.isfinite(np.asarray(bf16)).all()
+  rel = float(jnp.linalg.norm(bf16 - f32) / jnp.linalg.norm(f32))
+  print(f"bf16 vs f32 relative L2 error: {rel:.4f}")
+  # bf16 keeps 8 mantissa bits (unit roundoff 2**-9 ≈ 0.002); about 25 layers with
+  # float32 normalisation statistics keep the error well inside 25 x 0.002 = 0.05.
+  assert rel < 0.05
+
+
+def test_dropout_only_in_training_and_keyed():
+  model = unet_preset("tiny", dropout=0.3)
+  params = _init(model, (1, 8, 8, 1))
+  x = jax.random.normal(jax.random.key(6), (1, 8, 8, 1))
+  t = jnp.array([50])
+  apply = jax.jit(model.apply, static_argnames="train")
+  run = lambda train, seed: apply(params, x, t, train=train, rngs={"dropout": jax.random.key(seed)})
+  np.testing.assert_array_equal(run(False, 0), run(False, 1))
+  np.testing.assert_array_equal(run(False, 0), apply(params, x, t))
+  np.testing.assert_array_equal(run(True, 0), run(True, 0))
+  assert float(jnp.max(jnp.abs(run(True, 0) - run(True, 1)))) > 1e-3
+  assert float(jnp.max(jnp.abs(run(True, 0) - run(False, 0)))) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "build, shape, fragment",
+    [
+        (lambda: unet_preset("huge"), None, "unknown UNet preset 'huge'"),
+        (lambda: unet_preset("tiny", chanels=3), None, "unknown UNet field(s) chanels"),
+        (lambda: unet_preset("tiny", topology="resnet"), (1, 8, 8, 1), "UNet topology='resnet' is unknown"),
+        (lambda: unet_preset("tiny"), (1, 10, 10, 1), "image size 10x10 is not divisible by 4"),
+        (lambda: unet_preset("tiny", norm_groups=5), (1, 8, 8, 1), "UNet widths [16, 32, 32] are not divisible"),
+        (lambda: unet_preset("tiny", dropout=1.0), (1, 8, 8, 1), "UNet dropout=1.0 is out of range"),
+    ],
+)
+def test_bad_settings_and_inputs_raise_clear_errors(build, shape, fragment):
+  with pytest.raises(ValueError, match="^" + __import__("re").escape(fragment)):
+    model = build()
+    jax.eval_shape(lambda: _init(model, shape))
