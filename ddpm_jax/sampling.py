@@ -1,0 +1,173 @@
+"""Reverse-process samplers (DDPM ancestral, DDIM) as one jit-compiled lax.scan."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import diffusion
+from ddpm_jax.schedule import Schedule
+
+EpsFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+METHODS = ("ddpm", "ddim")
+VARIANCES = ("fixed_small", "fixed_large")
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+  """The book's "leading" spacing, descending: (arange(num_steps) * (T // num_steps))[::-1]."""
+  return (np.arange(num_steps) * (num_timesteps // num_steps))[::-1].astype(np.int32)
+
+
+def example_keys(key: jax.Array, batch: int, index_offset: jnp.ndarray | int = 0) -> jax.Array:
+  """One key per sample, a function of (key, global sample index) alone."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(key, index_offset + jnp.arange(batch))
+
+
+def _normal(keys: jax.Array, stream: jnp.ndarray, shape: tuple[int, ...]) -> jnp.ndarray:
+  """Per-sample standard normal noise from stream `stream` of each sample's key."""
+  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, stream), shape))(keys)
+
+
+def _ddpm_step(eps_fn, schedule, keys, clip_x0, variance, x, xs):
+  """x_t -> x_{t-1} by ancestral sampling."""
+  t, _, stream = xs
+  tb = jnp.full((x.shape[0],), t, jnp.int32)
+  eps = eps_fn(x, tb)
+  x0 = diffusion.predict_x0_from_eps(schedule, x, tb, eps)
+  if clip_x0:
+    x0 = jnp.clip(x0, -1.0, 1.0)
+  mean, _, log_var = diffusion.q_posterior_mean_variance(schedule, x0, x, tb)
+  std = jnp.exp(0.5 * log_var) if variance == "fixed_small" else jnp.sqrt(diffusion.extract(schedule.betas, tb, x))
+  z = _normal(keys, stream, x.shape[1:])
+  return mean + jnp.where(t > 0, std, 0.0) * z
+
+
+def _ddim_step(eps_fn, schedule, keys, clip_x0, eta, x, xs):
+  """x_t -> x_{t_prev} by DDIM (Song et al. eq. 12); ᾱ_prev = 1 on the last step returns x̂0."""
+  t, abar_prev, stream = xs
+  tb = jnp.full((x.shape[0],), t, jnp.int32)
+  eps = eps_fn(x, tb)
+  x0 = diffusion.predict_x0_from_eps(schedule, x, tb, eps)
+  if clip_x0:
+    x0 = jnp.clip(x0, -1.0, 1.0)
+    eps = diffusion.predict_eps_from_x0(schedule, x, tb, x0)
+  abar = schedule.alphas_cumprod[t]
+  sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
+  z = _normal(keys, stream, x.shape[1:])
+  direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0))
+  return jnp.sqrt(abar_prev) * x0 + direction * eps + sigma * z
+
+
+@functools.partial(jax.jit, static_argnames=("eps_fn", "shape", "method", "variance", "clip_x0", "stride"))
+def _chain(eps_fn, schedule, key, x_T, timesteps, eta, index_offset, *, shape, method, variance, clip_x0,
+           stride):
+  """Runs the reverse chain; returns (x_0, x after every `stride`-th step or None)."""
+  keys = example_keys(key, shape[0], index_offset)
+  x = _normal(keys, 0, shape[1:]) if x_T is None else x_T.astype(jnp.float32)
+  if method == "ddpm":
+    step = functools.partial(_ddpm_step, eps_fn, schedule, keys, clip_x0, variance)
+  else:
+    step = functools.partial(_ddim_step, eps_fn, schedule, keys, clip_x0, eta)
+  n = timesteps.shape[0]
+  abar_prev = jnp.concatenate([schedule.alphas_cumprod[timesteps[1:]], jnp.ones((1,), jnp.float32)])
+  xs = (timesteps, abar_prev, jnp.arange(1, n + 1))
+  body = lambda x, xs: (step(x, xs), None)
+  if stride is None:
+    x, _ = jax.lax.scan(body, x, xs)
+    return x, None
+  chunks = jax.tree_util.tree_map(lambda a: a.reshape((n // stride, stride) + a.shape[1:]), xs)
+  outer = lambda x, chunk: (lambda y: (y, y))(jax.lax.scan(body, x, chunk)[0])
+  return jax.lax.scan(outer, x, chunks)
+
+
+def sample(
+    eps_fn: EpsFn,
+    schedule: Schedule,
+    key: jax.Array,
+    shape: tuple[int, ...],
+    *,
+    method: str = "ddpm",
+    num_steps: Optional[int] = None,
+    eta: float = 1.0,
+    clip_x0: bool = True,
+    x_T: Optional[jnp.ndarray] = None,
+    return_trajectory: bool = False,
+    variance: str = "fixed_small",
+    trajectory_stride: int = 1,
+    index_offset: int | jnp.ndarray = 0,
+):
+  """Draws x_0 by running the reverse chain from x_T ~ N(0, I) (or the given x_T).
+
+  `eps_fn(x_t, t)` predicts the noise for a batch at int32 timesteps t of shape
+  [B]. Sample b's noise comes from fold_in(key, index_offset + b) alone, so a
+  sample does not depend on the batch it is drawn in. With `return_trajectory`
+  also returns x after every `trajectory_stride`-th step, stacked on axis 0.
+  """
+  shape = tuple(int(s) for s in shape)
+  T = schedule.num_timesteps
+  if method not in METHODS:
+    raise ValueError(f"unknown sampling method {method!r}: choose one of {', '.join(METHODS)}")
+  if variance not in VARIANCES:
+    raise ValueError(f"unknown variance {variance!r}: choose one of {', '.join(VARIANCES)}")
+  if method == "ddpm":
+    if num_steps not in (None, T):
+      raise ValueError(f"num_steps={num_steps!r} with method='ddpm': ancestral sampling runs all T={T} steps; "
+                       "use method='ddim' for fewer")
+    num_steps = T
+  num_steps = T if num_steps is None else num_steps
+  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= T:
+    raise ValueError(f"num_steps={num_steps!r} is invalid: it must be an integer in [1, {T}]")
+  if not isinstance(eta, jax.Array) and not 0.0 <= float(eta) <= 1.0:
+    raise ValueError(f"eta={eta!r} is out of range: it must lie in [0, 1]")
+  if x_T is not None and tuple(x_T.shape) != shape:
+    raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
+  if return_trajectory and (trajectory_stride < 1 or num_steps % trajectory_stride):
+    raise ValueError(f"trajectory_stride={trajectory_stride!r} must be a positive divisor of num_steps={num_steps}")
+  timesteps = ddim_timesteps(T, num_steps) if method == "ddim" else np.arange(T - 1, -1, -1, dtype=np.int32)
+  x0, traj = _chain(eps_fn, schedule, key, x_T, jnp.asarray(timesteps), jnp.asarray(eta, jnp.float32), jnp.asarray(index_offset, jnp.int32), shape=shape, method=method,
+                    variance=variance, clip_x0=clip_x0, stride=trajectory_stride if return_trajectory else None)
+  return (x0, traj) if return_trajectory else x0
+
+
+def generate(
+    apply_eps: Callable[..., jnp.ndarray],
+    params,
+    schedule: Schedule,
+    key: jax.Array,
+    num_samples: int,
+    image_shape: tuple[int, ...],
+    *,
+    batch_size: int = 64,
+    devices: Optional[list] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+    **sample_kw,
+) -> np.ndarray:
+  """Draws `num_samples` images in batches, each batch split over `devices` (default: all local ones).
+
+  `apply_eps(params, x_t, t)` predicts the noise. Sample i depends only on
+  (key, i), whatever the batch size or device count. `progress(done, total)`
+  is called after each batch.
+  """
+  if num_samples < 1 or batch_size < 1:
+    raise ValueError(f"num_samples={num_samples} and batch_size={batch_size} must both be >= 1")
+  devices = list(devices or jax.local_devices())
+  per_device = -(-min(batch_size, num_samples) // len(devices))
+  mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+  spec = jax.sharding.PartitionSpec
+
+  def shard(p, k, offsets):
+    return sample(functools.partial(apply_eps, p), schedule, k, (per_device,) + tuple(image_shape),
+                  index_offset=offsets[0], **sample_kw)
+
+  run = jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=(spec(), spec(), spec("batch")), out_specs=spec("batch")))
+  step = per_device * len(devices)
+  out = []
+  for start in range(0, num_samples, step):
+    out.append(np.asarray(run(params, key, start + per_device * np.arange(len(devices), dtype=np.int32))))
+    if progress is not None:
+      progress(min(start + step, num_samples), num_samples)
+  return np.concatenate(out)[:num_samples]
