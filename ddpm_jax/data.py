@@ -1,0 +1,241 @@
+"""Input pipelines: the embedded digits, TFDS datasets and image folders, as seeded endless batch streams.
+
+Every source becomes one tf.data stream of records. Epoch e is the source
+shuffled with a seed made from (seed, e), and every random choice about a
+record (the flip) is a stateless function of (seed, e, position in epoch), so
+the batch at step N is a pure function of (config, seed, N): resuming at step N
+rebuilds the stream from there, with no iterator state to checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+from absl import logging
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+_MAX_EPOCHS = 2**40
+
+
+@functools.lru_cache(maxsize=None)
+def _tf():
+  """TensorFlow, imported on first use and kept off any accelerator."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  tf.config.set_visible_devices([], "GPU")
+  return tf
+
+
+@dataclass(frozen=True)
+class Source:
+  """A finite sequence of records and how to turn one into a uint8 HWC image."""
+
+  records: object  # tf.data.Dataset of records
+  size: int
+  decode: Callable  # (record, channels) -> uint8 [h, w, channels] tensor
+  name: str
+
+
+def parse_dataset(spec: str) -> tuple[str, str]:
+  """'digits' | 'tfds:<name>' | 'folder:<path>' -> (kind, argument)."""
+  if spec == "digits":
+    return "digits", ""
+  kind, sep, arg = str(spec).partition(":")
+  if sep and kind in ("tfds", "folder") and arg:
+    return kind, arg
+  raise ValueError(f"dataset={spec!r} is not understood: use 'digits', 'tfds:<name>' (e.g. 'tfds:cifar10') "
+                   "or 'folder:<path>'")
+
+
+def load_digits_uint8() -> np.ndarray:
+  """scikit-learn's bundled 1,797 8x8 digits as uint8 [N, 8, 8, 1] in 0..255 (no download)."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
+  images = load_digits().images  # values 0..16
+  return np.round(images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+
+
+def digits_source(process_index: int, process_count: int) -> Source:
+  """The embedded digits, this process's shard."""
+  tf = _tf()
+  images = load_digits_uint8()[process_index::process_count]
+  return Source(tf.data.Dataset.from_tensor_slices(images), len(images), convert_channels, "digits")
+
+
+def list_images(root: str) -> list[str]:
+  """Image files under root (nested folders too), sorted."""
+  if not os.path.isdir(root):
+    raise ValueError(f"dataset folder {root!r} does not exist or is not a folder")
+  paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+                 if f.lower().endswith(IMAGE_EXTENSIONS))
+  if not paths:
+    raise ValueError(f"dataset folder {root!r} holds no images: expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
+  return paths
+
+
+def _decodable(path: str) -> bool:
+  """Whether PIL can fully decode the file."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  try:
+    with Image.open(path) as im:
+      im.load()
+    return True
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def folder_source(root: str, process_index: int, process_count: int) -> Source:
+  """The decodable images under root, this process's shard; undecodable files are skipped with one warning."""
+  tf = _tf()
+  paths = list_images(root)
+  good = [p for p in paths if _decodable(p)]
+  if len(good) < len(paths):
+    bad = [p for p in paths if p not in set(good)]
+    logging.warning("skipped %d of %d files in %s that could not be decoded, e.g. %s", len(bad), len(paths), root,
+                    bad[0])
+  if not good:
+    raise ValueError(f"dataset folder {root!r} holds no decodable images ({len(paths)} files failed to decode)")
+  good = good[process_index::process_count]
+  decode = lambda p, c: decode_image(tf.io.read_file(p), c)
+  return Source(tf.data.Dataset.from_tensor_slices(good), len(good), decode, f"folder:{root}")
+
+
+def _reachable(host: str = "storage.googleapis.com", port: int = 443, timeout: float = 3.0) -> bool:
+  """Whether a TCP connection to TFDS's download mirror opens within `timeout` seconds."""
+  try:
+    socket.create_connection((host, port), timeout=timeout).close()
+    return True
+  except OSError:
+    return False
+
+
+def tfds_source(name: str, split: str, data_dir: Optional[str], download: bool, process_index: int,
+                process_count: int) -> Source:
+  """A TFDS split, this process's even share, images left encoded until the pipeline decodes them."""
+  tf = _tf()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(f"unknown TFDS dataset {name!r}: see the TFDS catalog for names "
+                     "(e.g. cifar10, oxford_flowers102, mnist, fashion_mnist, celeb_a)") from None
+  if "image" not in builder.info.features:
+    raise ValueError(f"TFDS dataset {name!r} has no 'image' feature (it has {', '.join(builder.info.features)})")
+  shard = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+  load = lambda: builder.as_dataset(split=shard, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False)
+  try:
+    ds = load()
+  except AssertionError:  # TFDS's "could not find data in <data_dir>"
+    where = builder.data_dir_root
+    how = (f"prepare it on a connected machine with `tfds build {name} --data_dir=DIR`, copy DIR here, and point "
+           "config.data.data_dir (or TFDS_DATA_DIR) at it")
+    if not download:
+      raise ValueError(f"TFDS dataset {name!r} is not prepared in {where} and config.data.download is off: "
+                       f"{how}") from None
+    if not _reachable():
+      raise ValueError(f"TFDS dataset {name!r} is not prepared in {where} and the network is unreachable: "
+                       f"{how}") from None
+    builder.download_and_prepare()
+    ds = load()
+  size = int(ds.cardinality())
+  if size < 1:
+    raise ValueError(f"TFDS dataset {name!r} split {split!r} is empty for process {process_index} of {process_count}")
+  ds = ds.map(lambda ex: ex["image"])
+  return Source(ds, size, decode_image, f"tfds:{name}")
+
+
+def decode_image(encoded, channels: int):
+  """PNG/JPEG bytes -> uint8 [h, w, channels], converting gray <-> RGB and dropping alpha."""
+  return _tf().io.decode_image(encoded, channels=channels, expand_animations=False)
+
+
+def convert_channels(image, channels: int):
+  """uint8 [h, w, c] with c known -> [h, w, channels]."""
+  tf = _tf()
+  c = image.shape[-1]
+  if c == channels:
+    return image
+  return tf.image.grayscale_to_rgb(image) if c == 1 else tf.image.rgb_to_grayscale(image[..., :3])
+
+
+def preprocess(image, size: int, channels: int, flip):
+  """uint8 HWC -> float32 [size, size, channels] in [-1, 1]: short side to size (bilinear, antialiased), center crop, optional flip."""
+  tf = _tf()
+  image = convert_channels(image, channels)
+  h, w = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
+  scale = size / tf.minimum(h, w)
+  nh = tf.maximum(size, tf.cast(tf.round(h * scale), tf.int32))
+  nw = tf.maximum(size, tf.cast(tf.round(w * scale), tf.int32))
+  image = tf.image.resize(tf.cast(image, tf.float32), [nh, nw], method="bilinear", antialias=True)
+  top, left = (nh - size) // 2, (nw - size) // 2
+  image = image[top:top + size, left:left + size, :]
+  image = tf.cond(flip, lambda: image[:, ::-1, :], lambda: image)
+  image = tf.clip_by_value(image, 0.0, 255.0) / 127.5 - 1.0
+  image.set_shape([size, size, channels])
+  return image
+
+
+def _epoch_seed(seed: int, epoch):
+  """A per-epoch shuffle seed, distinct for every (seed, epoch)."""
+  tf = _tf()
+  return tf.cast(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64)
+
+
+def record_stream(source: Source, seed: int, start: int, shuffle_buffer: int):
+  """Endless (epoch, index-in-epoch, record) stream from absolute position `start`."""
+  tf = _tf()
+  first_epoch, offset = divmod(start, source.size)
+  buffer = max(1, min(source.size, shuffle_buffer))
+
+  def epoch(e):
+    ds = source.records.shuffle(buffer, seed=_epoch_seed(seed, e), reshuffle_each_iteration=False)
+    return ds.enumerate().map(lambda i, r: (e, i, r))
+
+  return tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(epoch).skip(offset)
+
+
+def make_source(dataset: str, *, data_dir: Optional[str] = None, split: str = "train", download: bool = True,
+                process_index: int = 0, process_count: int = 1) -> Source:
+  """The Source a dataset string names, this process's shard."""
+  kind, arg = parse_dataset(dataset)
+  if kind == "digits":
+    return digits_source(process_index, process_count)
+  if kind == "folder":
+    return folder_source(arg, process_index, process_count)
+  return tfds_source(arg, split, data_dir, download, process_index, process_count)
+
+
+def batch_stream(source: Source, *, seed: int, batch_size: int, image_size: int, channels: int = 3,
+                 random_flip: bool = True, start_step: int = 0, num_devices: int = 1,
+                 shuffle_buffer: int = 50_000) -> Iterator[np.ndarray]:
+  """Endless float32 batches [num_devices, batch_size / num_devices, size, size, channels] from step `start_step`.
+
+  `batch_size` is this process's batch (the global batch / process count).
+  """
+  tf = _tf()
+  if channels not in (1, 3):
+    raise ValueError(f"channels={channels!r} is invalid: use 1 (grayscale) or 3 (RGB)")
+  if image_size < 1:
+    raise ValueError(f"image_size={image_size!r} is invalid: it must be a positive integer")
+  if batch_size < 1 or batch_size % num_devices:
+    raise ValueError(f"batch of {batch_size} per process is not divisible by the {num_devices} local devices: "
+                     f"make the global batch a multiple of the total device count")
+
+  def prepare(epoch, index, record):
+    u = tf.random.stateless_uniform([], seed=tf.stack([_epoch_seed(seed, epoch), index]))
+    return preprocess(source.decode(record, channels), image_size, channels, tf.logical_and(random_flip, u < 0.5))
+
+  options = tf.data.Options()
+  options.deterministic = True
+  ds = record_stream(source, seed, start_step * batch_size, shuffle_buffer).with_options(options)
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.map(lambda b: tf.reshape(b, [num_devices, batch_size // num_devices, image_size, image_size, channels]))
+  return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()

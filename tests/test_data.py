@@ -1,0 +1,171 @@
+"""Input pipelines: shapes and ranges, preprocessing geometry, folders, determinism, resume, sharding, errors."""
+
+import hashlib
+import logging
+import os
+import re
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from ddpm_jax import data
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def array_source(images):
+  return data.Source(tf.data.Dataset.from_tensor_slices(images), len(images), data.convert_channels, "test")
+
+
+@pytest.mark.parametrize("name, size", [("cifar10", 32), ("oxford_flowers102", 64)])
+def test_tfds_batches_have_the_configured_shape_dtype_and_range(name, size):
+  with tfds.testing.mock_data(num_examples=20):
+    source = data.make_source(f"tfds:{name}")
+    (batch,) = take(data.batch_stream(source, seed=0, batch_size=8, image_size=size, num_devices=2), 1)
+  assert batch.shape == (2, 4, size, size, 3) and batch.dtype == np.float32
+  assert batch.min() >= -1.0 and batch.max() <= 1.0 and batch.std() > 0.1
+
+
+def test_flip_happens_on_about_half_the_images():
+  img = np.zeros((400, 8, 8, 1), np.uint8)
+  img[:, :, :4] = 255  # bright left half
+  (batch,) = take(data.batch_stream(array_source(img), seed=3, batch_size=400, image_size=8, channels=1), 1)
+  flipped = (batch[0, :, :, :4].mean((1, 2, 3)) < 0).mean()
+  # Binomial(400, 0.5): s.d. of the fraction is 0.025; allow 4 s.d.
+  assert abs(flipped - 0.5) < 0.1
+  (kept,) = take(data.batch_stream(array_source(img), seed=3, batch_size=400, image_size=8, channels=1,
+                                   random_flip=False), 1)
+  assert (kept[0, :, :, :4] > 0.99).all()
+
+
+def test_resize_short_side_then_center_crop_keeps_the_center():
+  rows, cols = np.meshgrid(np.arange(48), np.arange(32), indexing="ij")
+  ramp = (2 * rows + cols).astype(np.uint8)[None, :, :, None]  # a linear ramp, 48x32
+  (batch,) = take(data.batch_stream(array_source(ramp), seed=0, batch_size=1, image_size=16, channels=1,
+                                    random_flip=False), 1)
+  out = (batch[0, 0, :, :, 0] + 1) * 127.5
+  # Short side 32 -> 16 halves both axes (24x16); the crop drops 4 rows top and bottom. Output pixel (i, j)
+  # samples the input at (2(i+4) + 0.5, 2j + 0.5), where the ramp is 2·row + col; columns 0 and 15 touch
+  # the border, where the antialiasing filter is clamped.
+  i, j = np.meshgrid(np.arange(16), np.arange(1, 15), indexing="ij")
+  np.testing.assert_allclose(out[:, 1:15], 2 * (2 * (i + 4) + 0.5) + (2 * j + 0.5), atol=0.01)
+
+
+def _write_folder(root):
+  rng = np.random.default_rng(0)
+  os.makedirs(os.path.join(root, "nested", "deeper"))
+  for k in range(5):
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(os.path.join(root, f"rgb{k}.png"))
+  Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(os.path.join(root, "nested", "a.jpg"))
+  Image.fromarray(rng.integers(0, 256, (24, 24), dtype=np.uint8)).save(
+      os.path.join(root, "nested", "deeper", "gray.png"))
+  with open(os.path.join(root, "nested", "corrupt.png"), "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\nthis is not a png")
+  with open(os.path.join(root, "notes.txt"), "w") as f:
+    f.write("not an image")
+
+
+def test_image_folder_skips_corrupt_files_with_one_warning(tmp_path, caplog):
+  _write_folder(str(tmp_path))
+  with caplog.at_level(logging.WARNING):
+    source = data.make_source(f"folder:{tmp_path}")
+  assert source.size == 7
+  warnings = [r for r in caplog.records if "could not be decoded" in r.getMessage()]
+  assert len(warnings) == 1 and "skipped 1 of 8 files" in warnings[0].getMessage()
+  # Three epochs' worth of batches, the grayscale file expanded to RGB.
+  for batch in take(data.batch_stream(source, seed=1, batch_size=7, image_size=16), 3):
+    assert batch.shape == (1, 7, 16, 16, 3) and -1 <= batch.min() and batch.max() <= 1
+    assert sum(np.allclose(im[..., 0], im[..., 1]) and np.allclose(im[..., 1], im[..., 2]) for im in batch[0]) == 1
+  gray = take(data.batch_stream(source, seed=1, batch_size=7, image_size=16, channels=1), 1)[0]
+  assert gray.shape == (1, 7, 16, 16, 1)
+
+
+def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
+  (tmp_path / "readme.txt").write_text("no images here")
+  with pytest.raises(ValueError, match=r"holds no images: expected files ending in \.png, \.jpg, \.jpeg$"):
+    data.make_source(f"folder:{tmp_path}")
+  with pytest.raises(ValueError, match="does not exist or is not a folder$"):
+    data.make_source(f"folder:{tmp_path}/missing")
+
+
+def test_digits_load_offline():
+  digits = data.load_digits_uint8()
+  assert digits.shape == (1797, 8, 8, 1) and digits.dtype == np.uint8 and digits.max() == 255
+  source = data.make_source("digits")
+  assert source.size == 1797
+  (batch,) = take(data.batch_stream(source, seed=0, batch_size=1797, image_size=8, channels=1,
+                                    random_flip=False), 1)
+  assert batch.min() == -1.0 and batch.max() == 1.0
+  # One full epoch at the native size is a permutation of the whole set, scaled exactly.
+  want = np.sort((digits.reshape(1797, -1) / 127.5 - 1).astype(np.float32), axis=0)
+  np.testing.assert_allclose(np.sort(batch.reshape(1797, -1), axis=0), want, atol=1e-6)
+
+
+def stream(seed, start_step=0):
+  return data.batch_stream(data.make_source("digits"), seed=seed, batch_size=64, image_size=8, channels=1,
+                           start_step=start_step, num_devices=2)
+
+
+def test_order_is_seeded_and_resume_continues_the_straight_run():
+  straight = take(stream(0), 32)  # 32 x 64 = 2,048 > 1,797: crosses into the second epoch
+  again = take(stream(0), 3)
+  other = take(stream(1), 3)
+  for a, b in zip(again, straight):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(other[0], straight[0])
+  for n in (1, 27, 28, 29):  # 28 x 64 = 1,792: batch 28 straddles the epoch boundary
+    resumed = take(stream(0, start_step=n), 32 - n)
+    for a, b in zip(resumed, straight[n:]):
+      np.testing.assert_array_equal(a, b)
+  # The second epoch is a different permutation from the first.
+  assert not np.array_equal(straight[0], straight[29])
+
+
+def _digests(images):
+  return {hashlib.sha1(im.tobytes()).hexdigest() for im in images}
+
+
+def test_processes_read_disjoint_shards_that_cover_the_data():
+  digits = data.load_digits_uint8()
+  shards = [data.make_source("digits", process_index=i, process_count=2) for i in range(2)]
+  seen = [_digests(np.stack(list(s.records.as_numpy_iterator()))) for s in shards]
+  assert shards[0].size + shards[1].size == 1797 and not seen[0] & seen[1]
+  assert seen[0] | seen[1] == _digests(digits)
+
+
+def test_folder_processes_read_disjoint_shards(tmp_path):
+  _write_folder(str(tmp_path))
+  paths = [set(data.make_source(f"folder:{tmp_path}", process_index=i, process_count=2).records.as_numpy_iterator())
+           for i in range(2)]
+  assert not paths[0] & paths[1] and len(paths[0] | paths[1]) == 7
+
+
+def test_unknown_or_unprepared_tfds_dataset_fails_fast(tmp_path, monkeypatch):
+  start = time.time()
+  with pytest.raises(ValueError, match="^unknown TFDS dataset 'cifar11'"):
+    data.make_source("tfds:cifar11")
+  with pytest.raises(ValueError, match=re.escape(f"TFDS dataset 'cifar10' is not prepared in {tmp_path} and "
+                                                 "config.data.download is off: prepare it on a connected machine "
+                                                 "with `tfds build cifar10")):
+    data.make_source("tfds:cifar10", data_dir=str(tmp_path), download=False)
+  monkeypatch.setattr(data, "_reachable", lambda: False)
+  with pytest.raises(ValueError, match="is not prepared in .* and the network is unreachable: .*TFDS_DATA_DIR"):
+    data.make_source("tfds:cifar10", data_dir=str(tmp_path))
+  assert time.time() - start < 10
+
+
+@pytest.mark.parametrize("spec", ["mnist", "tfds:", "folder:", "http://x"])
+def test_bad_dataset_strings(spec):
+  with pytest.raises(ValueError, match="is not understood: use 'digits', 'tfds:<name>'"):
+    data.parse_dataset(spec)
+
+
+def test_batch_not_divisible_by_devices():
+  with pytest.raises(ValueError, match="batch of 10 per process is not divisible by the 4 local devices"):
+    data.batch_stream(data.make_source("digits"), seed=0, batch_size=10, image_size=8, num_devices=4)
