@@ -1,10 +1,14 @@
 """Input pipelines: the embedded digits, TFDS datasets and image folders, as seeded endless batch streams.
 
-Every source becomes one tf.data stream of records. Epoch e is the source
-shuffled with a seed made from (seed, e), and every random choice about a
-record (the flip) is a stateless function of (seed, e, position in epoch), so
-the batch at step N is a pure function of (config, seed, N): resuming at step N
-rebuilds the stream from there, with no iterator state to checkpoint.
+Epoch e visits the records in an order fixed by (seed, e), and every random
+choice about a record (the flip) is a stateless function of (seed, e, position
+in the epoch), so the batch at step N is a pure function of (config, seed, N):
+resuming at step N rebuilds the stream from there, with no iterator state to
+checkpoint. Indexable sources (digits, folders) are shuffled by a global
+permutation and each process decodes only its slice of every global batch, so
+their batches do not depend on the number of processes or devices. TFDS
+sources are read sequentially: each process reads its own even split through a
+shuffle buffer.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import numpy as np
 from absl import logging
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-_MAX_EPOCHS = 2**40
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,12 +36,17 @@ def _tf():
 
 @dataclass(frozen=True)
 class Source:
-  """A finite sequence of records and how to turn one into a uint8 HWC image."""
+  """Records and how to turn one into a uint8 HWC image.
 
-  records: object  # tf.data.Dataset of records
+  Exactly one of `items` (indexable, the same on every process) and `records`
+  (a sequential tf.data.Dataset, this process's split) is set.
+  """
+
+  name: str
   size: int
   decode: Callable  # (record, channels) -> uint8 [h, w, channels] tensor
-  name: str
+  items: Optional[np.ndarray] = None
+  records: object = None
 
 
 def parse_dataset(spec: str) -> tuple[str, str]:
@@ -60,11 +68,10 @@ def load_digits_uint8() -> np.ndarray:
   return np.round(images * (255.0 / 16.0)).astype(np.uint8)[..., None]
 
 
-def digits_source(process_index: int, process_count: int) -> Source:
-  """The embedded digits, this process's shard."""
-  tf = _tf()
-  images = load_digits_uint8()[process_index::process_count]
-  return Source(tf.data.Dataset.from_tensor_slices(images), len(images), convert_channels, "digits")
+def digits_source() -> Source:
+  """The embedded digits."""
+  images = load_digits_uint8()
+  return Source("digits", len(images), convert_channels, items=images)
 
 
 def list_images(root: str) -> list[str]:
@@ -90,8 +97,8 @@ def _decodable(path: str) -> bool:
     return False
 
 
-def folder_source(root: str, process_index: int, process_count: int) -> Source:
-  """The decodable images under root, this process's shard; undecodable files are skipped with one warning."""
+def folder_source(root: str) -> Source:
+  """The decodable images under root; undecodable files are skipped with one warning."""
   tf = _tf()
   paths = list_images(root)
   good = [p for p in paths if _decodable(p)]
@@ -101,9 +108,8 @@ def folder_source(root: str, process_index: int, process_count: int) -> Source:
                     bad[0])
   if not good:
     raise ValueError(f"dataset folder {root!r} holds no decodable images ({len(paths)} files failed to decode)")
-  good = good[process_index::process_count]
   decode = lambda p, c: decode_image(tf.io.read_file(p), c)
-  return Source(tf.data.Dataset.from_tensor_slices(good), len(good), decode, f"folder:{root}")
+  return Source(f"folder:{root}", len(good), decode, items=np.array(good))
 
 
 def _reachable(host: str = "storage.googleapis.com", port: int = 443, timeout: float = 3.0) -> bool:
@@ -118,7 +124,7 @@ def _reachable(host: str = "storage.googleapis.com", port: int = 443, timeout: f
 def tfds_source(name: str, split: str, data_dir: Optional[str], download: bool, process_index: int,
                 process_count: int) -> Source:
   """A TFDS split, this process's even share, images left encoded until the pipeline decodes them."""
-  tf = _tf()
+  _tf()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   try:
@@ -147,8 +153,7 @@ def tfds_source(name: str, split: str, data_dir: Optional[str], download: bool, 
   size = int(ds.cardinality())
   if size < 1:
     raise ValueError(f"TFDS dataset {name!r} split {split!r} is empty for process {process_index} of {process_count}")
-  ds = ds.map(lambda ex: ex["image"])
-  return Source(ds, size, decode_image, f"tfds:{name}")
+  return Source(f"tfds:{name}", size, decode_image, records=ds.map(lambda ex: ex["image"]))
 
 
 def decode_image(encoded, channels: int):
@@ -183,13 +188,26 @@ def preprocess(image, size: int, channels: int, flip):
 
 
 def _epoch_seed(seed: int, epoch):
-  """A per-epoch shuffle seed, distinct for every (seed, epoch)."""
+  """A per-epoch seed, distinct for every (seed, epoch)."""
   tf = _tf()
   return tf.cast(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64)
 
 
-def record_stream(source: Source, seed: int, start: int, shuffle_buffer: int):
-  """Endless (epoch, index-in-epoch, record) stream from absolute position `start`."""
+def indexed_positions(size: int, seed: int, start_step: int, global_batch: int, process_index: int,
+                      process_count: int) -> Iterator[tuple[int, int, int]]:
+  """(epoch, position in epoch, record index) of this process's slice of every global batch from start_step."""
+  local = global_batch // process_count
+  epoch, perm = -1, None
+  for step in range(start_step, 2**62):
+    for pos in range(step * global_batch + process_index * local, step * global_batch + (process_index + 1) * local):
+      e, i = divmod(pos, size)
+      if e != epoch:
+        epoch, perm = e, np.random.default_rng([seed, e]).permutation(size)
+      yield e, i, int(perm[i])
+
+
+def sequential_records(source: Source, seed: int, start: int, shuffle_buffer: int):
+  """Endless (epoch, position in epoch, record) stream of a sequential source from position `start`."""
   tf = _tf()
   first_epoch, offset = divmod(start, source.size)
   buffer = max(1, min(source.size, shuffle_buffer))
@@ -198,35 +216,43 @@ def record_stream(source: Source, seed: int, start: int, shuffle_buffer: int):
     ds = source.records.shuffle(buffer, seed=_epoch_seed(seed, e), reshuffle_each_iteration=False)
     return ds.enumerate().map(lambda i, r: (e, i, r))
 
-  return tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(epoch).skip(offset)
+  return tf.data.Dataset.range(first_epoch, 2**40).flat_map(epoch).skip(offset)
 
 
 def make_source(dataset: str, *, data_dir: Optional[str] = None, split: str = "train", download: bool = True,
                 process_index: int = 0, process_count: int = 1) -> Source:
-  """The Source a dataset string names, this process's shard."""
+  """The Source a dataset string names (for TFDS, this process's even split)."""
   kind, arg = parse_dataset(dataset)
   if kind == "digits":
-    return digits_source(process_index, process_count)
+    return digits_source()
   if kind == "folder":
-    return folder_source(arg, process_index, process_count)
+    return folder_source(arg)
   return tfds_source(arg, split, data_dir, download, process_index, process_count)
 
 
-def batch_stream(source: Source, *, seed: int, batch_size: int, image_size: int, channels: int = 3,
-                 random_flip: bool = True, start_step: int = 0, num_devices: int = 1,
-                 shuffle_buffer: int = 50_000) -> Iterator[np.ndarray]:
-  """Endless float32 batches [num_devices, batch_size / num_devices, size, size, channels] from step `start_step`.
-
-  `batch_size` is this process's batch (the global batch / process count).
-  """
+def batch_stream(source: Source, *, seed: int, global_batch: int, image_size: int, channels: int = 3,
+                 random_flip: bool = True, start_step: int = 0, num_devices: int = 1, process_index: int = 0,
+                 process_count: int = 1, shuffle_buffer: int = 50_000) -> Iterator[np.ndarray]:
+  """Endless float32 batches [num_devices, per-device batch, size, size, channels] of this process, from start_step."""
   tf = _tf()
   if channels not in (1, 3):
     raise ValueError(f"channels={channels!r} is invalid: use 1 (grayscale) or 3 (RGB)")
   if image_size < 1:
     raise ValueError(f"image_size={image_size!r} is invalid: it must be a positive integer")
-  if batch_size < 1 or batch_size % num_devices:
-    raise ValueError(f"batch of {batch_size} per process is not divisible by the {num_devices} local devices: "
-                     f"make the global batch a multiple of the total device count")
+  devices = num_devices * process_count
+  if global_batch < 1 or global_batch % devices:
+    raise ValueError(f"batch_size={global_batch} is not divisible by the {devices} devices "
+                     f"({process_count} process(es) x {num_devices}): use a multiple of {devices}")
+  local = global_batch // process_count
+
+  if source.items is not None:
+    items = tf.constant(source.items)
+    positions = tf.data.Dataset.from_generator(
+        lambda: indexed_positions(source.size, seed, start_step, global_batch, process_index, process_count),
+        output_signature=(tf.TensorSpec([], tf.int64),) * 3)
+    ds = positions.map(lambda e, i, k: (e, i, tf.gather(items, k)))
+  else:
+    ds = sequential_records(source, seed, start_step * local, shuffle_buffer)
 
   def prepare(epoch, index, record):
     u = tf.random.stateless_uniform([], seed=tf.stack([_epoch_seed(seed, epoch), index]))
@@ -234,8 +260,7 @@ def batch_stream(source: Source, *, seed: int, batch_size: int, image_size: int,
 
   options = tf.data.Options()
   options.deterministic = True
-  ds = record_stream(source, seed, start_step * batch_size, shuffle_buffer).with_options(options)
-  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(batch_size, drop_remainder=True)
-  ds = ds.map(lambda b: tf.reshape(b, [num_devices, batch_size // num_devices, image_size, image_size, channels]))
+  ds = ds.with_options(options).map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local, drop_remainder=True)
+  ds = ds.map(lambda b: tf.reshape(b, [num_devices, local // num_devices, image_size, image_size, channels]))
   return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()

@@ -1,6 +1,5 @@
 """Input pipelines: shapes and ranges, preprocessing geometry, folders, determinism, resume, sharding, errors."""
 
-import hashlib
 import logging
 import os
 import re
@@ -8,7 +7,6 @@ import time
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
@@ -20,14 +18,14 @@ def take(it, n):
 
 
 def array_source(images):
-  return data.Source(tf.data.Dataset.from_tensor_slices(images), len(images), data.convert_channels, "test")
+  return data.Source("test", len(images), data.convert_channels, items=images)
 
 
 @pytest.mark.parametrize("name, size", [("cifar10", 32), ("oxford_flowers102", 64)])
 def test_tfds_batches_have_the_configured_shape_dtype_and_range(name, size):
   with tfds.testing.mock_data(num_examples=20):
     source = data.make_source(f"tfds:{name}")
-    (batch,) = take(data.batch_stream(source, seed=0, batch_size=8, image_size=size, num_devices=2), 1)
+    (batch,) = take(data.batch_stream(source, seed=0, global_batch=8, image_size=size, num_devices=2), 1)
   assert batch.shape == (2, 4, size, size, 3) and batch.dtype == np.float32
   assert batch.min() >= -1.0 and batch.max() <= 1.0 and batch.std() > 0.1
 
@@ -35,11 +33,11 @@ def test_tfds_batches_have_the_configured_shape_dtype_and_range(name, size):
 def test_flip_happens_on_about_half_the_images():
   img = np.zeros((400, 8, 8, 1), np.uint8)
   img[:, :, :4] = 255  # bright left half
-  (batch,) = take(data.batch_stream(array_source(img), seed=3, batch_size=400, image_size=8, channels=1), 1)
+  (batch,) = take(data.batch_stream(array_source(img), seed=3, global_batch=400, image_size=8, channels=1), 1)
   flipped = (batch[0, :, :, :4].mean((1, 2, 3)) < 0).mean()
   # Binomial(400, 0.5): s.d. of the fraction is 0.025; allow 4 s.d.
   assert abs(flipped - 0.5) < 0.1
-  (kept,) = take(data.batch_stream(array_source(img), seed=3, batch_size=400, image_size=8, channels=1,
+  (kept,) = take(data.batch_stream(array_source(img), seed=3, global_batch=400, image_size=8, channels=1,
                                    random_flip=False), 1)
   assert (kept[0, :, :, :4] > 0.99).all()
 
@@ -47,7 +45,7 @@ def test_flip_happens_on_about_half_the_images():
 def test_resize_short_side_then_center_crop_keeps_the_center():
   rows, cols = np.meshgrid(np.arange(48), np.arange(32), indexing="ij")
   ramp = (2 * rows + cols).astype(np.uint8)[None, :, :, None]  # a linear ramp, 48x32
-  (batch,) = take(data.batch_stream(array_source(ramp), seed=0, batch_size=1, image_size=16, channels=1,
+  (batch,) = take(data.batch_stream(array_source(ramp), seed=0, global_batch=1, image_size=16, channels=1,
                                     random_flip=False), 1)
   out = (batch[0, 0, :, :, 0] + 1) * 127.5
   # Short side 32 -> 16 halves both axes (24x16); the crop drops 4 rows top and bottom. Output pixel (i, j)
@@ -79,10 +77,10 @@ def test_image_folder_skips_corrupt_files_with_one_warning(tmp_path, caplog):
   warnings = [r for r in caplog.records if "could not be decoded" in r.getMessage()]
   assert len(warnings) == 1 and "skipped 1 of 8 files" in warnings[0].getMessage()
   # Three epochs' worth of batches, the grayscale file expanded to RGB.
-  for batch in take(data.batch_stream(source, seed=1, batch_size=7, image_size=16), 3):
+  for batch in take(data.batch_stream(source, seed=1, global_batch=7, image_size=16), 3):
     assert batch.shape == (1, 7, 16, 16, 3) and -1 <= batch.min() and batch.max() <= 1
     assert sum(np.allclose(im[..., 0], im[..., 1]) and np.allclose(im[..., 1], im[..., 2]) for im in batch[0]) == 1
-  gray = take(data.batch_stream(source, seed=1, batch_size=7, image_size=16, channels=1), 1)[0]
+  gray = take(data.batch_stream(source, seed=1, global_batch=7, image_size=16, channels=1), 1)[0]
   assert gray.shape == (1, 7, 16, 16, 1)
 
 
@@ -99,7 +97,7 @@ def test_digits_load_offline():
   assert digits.shape == (1797, 8, 8, 1) and digits.dtype == np.uint8 and digits.max() == 255
   source = data.make_source("digits")
   assert source.size == 1797
-  (batch,) = take(data.batch_stream(source, seed=0, batch_size=1797, image_size=8, channels=1,
+  (batch,) = take(data.batch_stream(source, seed=0, global_batch=1797, image_size=8, channels=1,
                                     random_flip=False), 1)
   assert batch.min() == -1.0 and batch.max() == 1.0
   # One full epoch at the native size is a permutation of the whole set, scaled exactly.
@@ -108,7 +106,7 @@ def test_digits_load_offline():
 
 
 def stream(seed, start_step=0):
-  return data.batch_stream(data.make_source("digits"), seed=seed, batch_size=64, image_size=8, channels=1,
+  return data.batch_stream(data.make_source("digits"), seed=seed, global_batch=64, image_size=8, channels=1,
                            start_step=start_step, num_devices=2)
 
 
@@ -127,23 +125,27 @@ def test_order_is_seeded_and_resume_continues_the_straight_run():
   assert not np.array_equal(straight[0], straight[29])
 
 
-def _digests(images):
-  return {hashlib.sha1(im.tobytes()).hexdigest() for im in images}
+def test_two_processes_read_disjoint_halves_of_each_global_batch():
+  gens = [data.indexed_positions(1797, 5, 0, 64, p, 2) for p in (0, 1)]
+  steps = 1797 // 64  # whole global batches inside the first epoch
+  per_process = [[next(g)[2] for _ in range(32 * steps)] for g in gens]
+  assert not set(per_process[0]) & set(per_process[1])
+  assert len(set(per_process[0]) | set(per_process[1])) == 64 * steps
+  # Together they form exactly the single-process stream, batch by batch.
+  single = data.indexed_positions(1797, 5, 0, 64, 0, 1)
+  for s in range(steps):
+    whole = [next(single)[2] for _ in range(64)]
+    assert whole == per_process[0][32 * s:32 * (s + 1)] + per_process[1][32 * s:32 * (s + 1)]
 
 
-def test_processes_read_disjoint_shards_that_cover_the_data():
-  digits = data.load_digits_uint8()
-  shards = [data.make_source("digits", process_index=i, process_count=2) for i in range(2)]
-  seen = [_digests(np.stack(list(s.records.as_numpy_iterator()))) for s in shards]
-  assert shards[0].size + shards[1].size == 1797 and not seen[0] & seen[1]
-  assert seen[0] | seen[1] == _digests(digits)
-
-
-def test_folder_processes_read_disjoint_shards(tmp_path):
-  _write_folder(str(tmp_path))
-  paths = [set(data.make_source(f"folder:{tmp_path}", process_index=i, process_count=2).records.as_numpy_iterator())
-           for i in range(2)]
-  assert not paths[0] & paths[1] and len(paths[0] | paths[1]) == 7
+def test_two_process_batches_concatenate_to_the_single_process_batch():
+  source = data.make_source("digits")
+  kw = dict(seed=2, global_batch=64, image_size=8, channels=1, start_step=27)
+  single = take(data.batch_stream(source, num_devices=4, **kw), 2)
+  parts = [take(data.batch_stream(source, num_devices=2, process_index=p, process_count=2, **kw), 2)
+           for p in (0, 1)]
+  for s in range(2):
+    np.testing.assert_array_equal(np.concatenate([parts[0][s], parts[1][s]]), single[s])
 
 
 def test_unknown_or_unprepared_tfds_dataset_fails_fast(tmp_path, monkeypatch):
@@ -167,5 +169,5 @@ def test_bad_dataset_strings(spec):
 
 
 def test_batch_not_divisible_by_devices():
-  with pytest.raises(ValueError, match="batch of 10 per process is not divisible by the 4 local devices"):
-    data.batch_stream(data.make_source("digits"), seed=0, batch_size=10, image_size=8, num_devices=4)
+  with pytest.raises(ValueError, match=re.escape("batch_size=10 is not divisible by the 4 devices (1 process(es) x 4)")):
+    data.batch_stream(data.make_source("digits"), seed=0, global_batch=10, image_size=8, num_devices=4)
