@@ -130,8 +130,8 @@ class UNet(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def _check(self, x: jnp.ndarray, t: jnp.ndarray) -> None:
-    """Raises ValueError for settings or inputs this network cannot take."""
+  def validate(self, input_shape: Sequence[int]) -> None:
+    """Raises ValueError for settings, or an NHWC input shape, this network cannot take."""
     for field, value, allowed in (("topology", self.topology, TOPOLOGIES), ("block_order", self.block_order, BLOCK_ORDERS),
                                   ("attn_norm", self.attn_norm, ATTN_NORMS), ("downsample", self.downsample, DOWNSAMPLES),
                                   ("upsample", self.upsample, UPSAMPLES)):
@@ -145,14 +145,13 @@ class UNet(nn.Module):
     bad = [w for w in self._widths() if w % self.norm_groups]
     if bad:
       raise ValueError(f"UNet widths {bad} are not divisible by norm_groups={self.norm_groups}")
-    if x.ndim != 4:
-      raise ValueError(f"UNet input must be NHWC (4 dims), got shape {x.shape}")
+    shape = tuple(input_shape)
+    if len(shape) != 4:
+      raise ValueError(f"UNet input must be NHWC (4 dims), got shape {shape}")
     factor = 2 ** (len(self.channel_mult) - 1)
-    if x.shape[1] % factor or x.shape[2] % factor:
-      raise ValueError(f"image size {x.shape[1]}x{x.shape[2]} is not divisible by {factor}, "
+    if shape[1] % factor or shape[2] % factor:
+      raise ValueError(f"image size {shape[1]}x{shape[2]} is not divisible by {factor}, "
                        f"which {len(self.channel_mult)} resolution levels need")
-    if t.ndim != 1 or t.shape[0] != x.shape[0]:
-      raise ValueError(f"t must be a scalar or of shape [{x.shape[0]}] (the batch), got shape {t.shape}")
 
   def _widths(self) -> list[int]:
     """Every feature width the network uses."""
@@ -162,7 +161,9 @@ class UNet(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, t: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
     t = jnp.broadcast_to(jnp.asarray(t), x.shape[:1]) if jnp.ndim(t) == 0 else jnp.asarray(t)
-    self._check(x, t)
+    self.validate(x.shape)
+    if t.shape != x.shape[:1]:
+      raise ValueError(f"t must be a scalar or of shape [{x.shape[0]}] (the batch), got shape {t.shape}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     ch = self.base_channels
     temb = timestep_embedding(t, ch)
@@ -276,6 +277,27 @@ def unet_preset(name: str, **overrides: Any) -> UNet:
   if unknown:
     raise ValueError(f"unknown UNet field(s) {', '.join(unknown)}: allowed are {', '.join(sorted(fields))}")
   return UNet(**{**PRESETS[name], **overrides})
+
+
+def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
+  """Every field of a preset (with overrides) as a plain dict, for ml_collections configs."""
+  model = unet_preset(name, **overrides)
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(UNet) if f.name not in ("parent", "name")}
+  fields.update(dtype=jnp.dtype(model.dtype).name, param_dtype=jnp.dtype(model.param_dtype).name)
+  return {"preset": name, **fields}
+
+
+def unet_from_config(model_config: Any) -> UNet:
+  """A UNet from a config mapping: 'preset' plus any fields, dtypes given by name."""
+  fields = dict(model_config)
+  name = fields.pop("preset", "tiny")
+  for key in ("dtype", "param_dtype"):
+    if isinstance(fields.get(key), str):
+      try:
+        fields[key] = jnp.dtype(fields[key])
+      except TypeError:
+        raise ValueError(f"model.{key}={fields[key]!r} is not a dtype: use float32 or bfloat16") from None
+  return unet_preset(name, **fields)
 
 
 def count_params(params: Any) -> int:

@@ -1,0 +1,46 @@
+"""Image output: [-1, 1] floats to uint8, grids, PNG and npz files."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import numpy as np
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats -> uint8 in 0..255, rounded and clipped."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, cols: Optional[int] = None, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+  """uint8 [N, H, W, C] -> one uint8 [rows·(H+pad)+pad, cols·(W+pad)+pad, C] image, row-major."""
+  n, h, w, c = images.shape
+  cols = cols or math.ceil(math.sqrt(n))
+  rows = math.ceil(n / cols)
+  grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), pad_value, np.uint8)
+  for k, image in enumerate(images):
+    r, q = divmod(k, cols)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = image
+  return grid
+
+
+def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
+  """Writes a uint8 HWC image (1 or 3 channels) as PNG, optionally enlarged by pixel repetition."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  if upscale > 1:
+    image = image.repeat(upscale, axis=0).repeat(upscale, axis=1)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+
+
+def save_samples(path: str, images: np.ndarray, cols: Optional[int] = None) -> tuple[str, str]:
+  """Writes [-1, 1] samples as a PNG grid at `path` and their uint8 NHWC array as `images` in a same-stem .npz."""
+  u8 = to_uint8(images)
+  small = max(u8.shape[1], u8.shape[2]) < 32
+  save_png(path, make_grid(u8, cols), upscale=4 if small else 1)
+  npz = os.path.splitext(path)[0] + ".npz"
+  np.savez_compressed(npz, images=u8)
+  return path, npz

@@ -1,0 +1,213 @@
+"""Training: device-count invariance, learning, exact resume, preemption, NaN guard, config errors, multi-host."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import configs.default as default_config
+from ddpm_jax import checkpoint
+from ddpm_jax.data import load_digits_uint8
+from ddpm_jax.experiment import schedule_from_config
+from ddpm_jax.train_state import create_train_state
+from ddpm_jax.training import make_train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The smallest model worth training: widths 8 and 16, 8x8 digits, batch 16.
+# Runs end by --stop_at_step, so that they share num_train_steps (a constant of the compiled step) and
+# with it the compilation cache.
+SMALL = ["--config.model.base_channels=8", "--config.model.channel_mult=(1,2)", "--config.batch_size=16",
+         "--config.optim.warmup_steps=2", "--config.log_every_steps=5", "--config.num_train_steps=100000",
+         "--config.checkpoint_every_steps=100000"]
+
+
+def small_config(**changes):
+  config = default_config.get_config()
+  config.model.base_channels, config.model.channel_mult, config.batch_size = 8, (1, 2), 16
+  config.optim.warmup_steps, config.num_train_steps = 0, 100000
+  for k, v in changes.items():
+    node, *path = k.split(".")
+    target = config
+    for p in [node] + path[:-1]:
+      target = target[p]
+    target[path[-1] if path else node] = v
+  return config
+
+
+def run_train(workdir, *flags, devices=1, timeout=300, env_extra=None, background=False):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env_extra or {}))
+  cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={workdir}", *SMALL, *flags]
+  if background:
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def restore_host_state(workdir, config, step=None):
+  template = create_train_state(config, jax.random.key(0), (1, 8, 8, 1))
+  manager = checkpoint.make_manager(str(workdir), create=False)
+  state, saved = checkpoint.restore(manager, template, step)
+  manager.close()
+  return jax.device_get(state), saved
+
+
+def assert_trees_equal(a, b):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+def test_eight_devices_equal_one_device():
+  code = textwrap.dedent("""
+      import jax, jax.numpy as jnp, numpy as np, flax.jax_utils as ju
+      import configs.default as d
+      from ddpm_jax.train_state import create_train_state
+      from ddpm_jax.training import make_train_step
+      from ddpm_jax.experiment import schedule_from_config
+      assert jax.local_device_count() == 8
+      c = d.get_config()
+      c.model.base_channels, c.model.channel_mult, c.optim.warmup_steps, c.ema.decay = 8, (1, 2), 0, 0.5
+      # Biases feeding a GroupNorm have a zero true gradient, so their float32 gradient is rounding noise
+      # whose sign Adam's first step (lr·g/(|g|+eps)) would turn into ±lr. With eps = 1 the update is
+      # lr·g/(|g|+1) ≈ lr·g: linear in g, so the comparison sees float32 differences, not signs of noise.
+      c.optim.eps = 1.0
+      s = create_train_state(c, jax.random.key(0), (1, 8, 8, 1))
+      batch = np.asarray(jax.random.uniform(jax.random.key(1), (16, 8, 8, 1), minval=-1, maxval=1))
+      key = jax.random.key(2)
+      replicated = ju.replicate(s)  # before the jit step donates s
+      one, m1 = make_train_step(c, schedule_from_config(c), False)(s, jnp.asarray(batch), key)
+      eight, m8 = make_train_step(c, schedule_from_config(c), True)(replicated, batch.reshape(8, 2, 8, 8, 1), key)
+      eight = ju.unreplicate(eight)
+      for k in ("loss", "grad_norm"):
+        np.testing.assert_allclose(m8[k][0], m1[k], rtol=1e-5)
+      for a, b in zip(jax.tree_util.tree_leaves((one.params, one.ema_params, one.opt_state)),
+                      jax.tree_util.tree_leaves((eight.params, eight.ema_params, eight.opt_state))):
+        # Only the reduction order differs: float32 rounding of gradients (|g| < 1) and of updates (< 1e-3).
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+      print("OK", float(m1["loss"]))
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "OK" in out.stdout
+
+
+def test_loss_falls_well_below_the_zero_predictor_within_300_steps():
+  config = small_config(**{"optim.warmup_steps": 20})
+  state = create_train_state(config, jax.random.key(0), (1, 8, 8, 1))
+  step = make_train_step(config, schedule_from_config(config), False)
+  digits = jnp.asarray(load_digits_uint8()[:64] / 127.5 - 1, jnp.float32)  # a fixed dataset of 64 images
+  key = jax.random.key(1)
+  losses = []
+  for i in range(300):
+    state, metrics = step(state, digits[(i % 4) * 16:(i % 4 + 1) * 16], key)
+    losses.append(metrics["loss"])
+  losses = np.asarray(jax.device_get(losses))
+  # Predicting ε = 0 scores E|ε| = sqrt(2/π) = 0.798 under the L1 loss; the untrained net is near that.
+  assert losses[:10].mean() > 0.7
+  assert losses[-50:].mean() < 0.45, losses[-50:].mean()
+
+
+def test_resume_is_bit_identical(tmp_path):
+  first = run_train(tmp_path / "resumed", "--stop_at_step=6")
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["6"]
+  second = run_train(tmp_path / "resumed", "--stop_at_step=12")
+  assert second.returncode == 0, second.stderr[-2000:]
+  assert "resumed from the checkpoint of step 6" in second.stderr
+  straight = run_train(tmp_path / "straight", "--stop_at_step=12")
+  assert straight.returncode == 0, straight.stderr[-2000:]
+  config = small_config()
+  a, _ = restore_host_state(tmp_path / "straight", config, 12)
+  b, _ = restore_host_state(tmp_path / "resumed", config, 12)
+  assert int(a.step) == int(b.step) == 12
+  assert_trees_equal((a.params, a.ema_params, a.opt_state), (b.params, b.ema_params, b.opt_state))
+  # The metrics log continues where it stopped.
+  steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+  assert steps == [5, 6, 10, 12]
+
+
+def test_sigterm_leaves_a_restorable_checkpoint_at_the_step_reached(tmp_path):
+  proc = run_train(tmp_path, background=True)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+  reached = int(re.search(r"stopped by SIGTERM at step (\d+); checkpoint saved", err).group(1))
+  assert reached >= 10
+  state, _ = restore_host_state(tmp_path, small_config())
+  assert int(state.step) == reached and checkpoint.all_finite(state.params)
+
+
+def test_nan_loss_stops_with_the_step_and_no_nan_checkpoint(tmp_path):
+  out = run_train(tmp_path, "--stop_at_step=50", "--config.checkpoint_every_steps=1",
+                  "--config.optim.learning_rate=1e30", "--config.optim.grad_clip_norm=0.0")
+  assert out.returncode == 1
+  last = out.stderr.strip().splitlines()[-1]
+  m = re.fullmatch(r"train\.py: error: loss is (nan|inf|-inf) at step (\d+): training stopped; .*", last)
+  assert m, last
+  bad_step = int(m.group(2))
+  manager = checkpoint.make_manager(str(tmp_path), create=False)
+  latest = manager.latest_step()
+  manager.close()
+  assert latest is None or latest < bad_step
+  if latest is not None:
+    state, _ = restore_host_state(tmp_path, small_config(**{"optim.learning_rate": 1e30, "optim.grad_clip_norm": 0.0}))
+    assert checkpoint.all_finite(state.params) and checkpoint.all_finite(state.ema_params)
+
+
+@pytest.mark.parametrize("flags, devices, fragment", [
+    (["--config.optim.optimizer=sgd"], 1, "optim.optimizer='sgd' is unknown: choose one of adam, adamw"),
+    (["--config.optim.learning_rate=-0.1"], 1, "optim.learning_rate=-0.1 is invalid: it must be > 0"),
+    (["--config.batch_size=12"], 8, "batch_size=12 is not divisible by the 8 devices: use a multiple of 8"),
+    (["--config.image_size=7"], 1, "image size 7x7 is not divisible by 2, which 2 resolution levels need"),
+    (["--config.dataset=imagenet"], 1, "dataset='imagenet' is not understood"),
+])
+def test_bad_config_fails_before_compiling_with_one_line_and_exit_2(tmp_path, flags, devices, fragment):
+  start = time.time()
+  out = run_train(tmp_path, *flags, devices=devices, env_extra={"JAX_LOG_COMPILES": "1"})
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr and "train_step" not in out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("train.py: error: ") and fragment in last, last
+  assert "Compiling" not in out.stderr.replace("Compiling jit(", "")  # nothing but trivial host ops compiled
+  assert not (tmp_path / "checkpoints").exists() and time.time() - start < 60
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_of_two_devices_match_one_process_of_four(tmp_path):
+  # optim.eps=1 keeps Adam's update linear in the gradient (see test_eight_devices_equal_one_device).
+  flags = ["--stop_at_step=3", "--config.ema.decay=0.5", "--config.optim.eps=1.0"]
+  single = run_train(tmp_path / "single", *flags, devices=4)
+  assert single.returncode == 0, single.stderr[-2000:]
+  port = _free_port()
+  procs = [run_train(tmp_path / "multi", *flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                     f"--process_id={i}", devices=2, background=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "on 4 device(s) in 2 process(es)" in outs[0][1]
+  config = small_config(**{"ema.decay": 0.5, "optim.eps": 1.0})
+  a, _ = restore_host_state(tmp_path / "single", config, 3)
+  b, _ = restore_host_state(tmp_path / "multi", config, 3)
+  for x, y in zip(jax.tree_util.tree_leaves((a.params, a.ema_params, a.opt_state)),
+                  jax.tree_util.tree_leaves((b.params, b.ema_params, b.opt_state))):
+    # The same per-example noise and data; only the all-reduce order differs (float32 rounding).
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)

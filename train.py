@@ -1,0 +1,54 @@
+"""Trains a DDPM: `python train.py --config configs/default.py --workdir runs/default` (both are the defaults)."""
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", os.path.join(HERE, "configs", "default.py"),
+                                "Experiment config file; fields override as --config.key=value.")
+flags.DEFINE_string("workdir", "runs/default", "Checkpoints, metrics, samples and the config go here.")
+flags.DEFINE_integer("stop_at_step", None, "Stop (with a checkpoint) at this step; schedules still span "
+                     "config.num_train_steps.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process (multi-host) runs.")
+flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
+flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process run.")
+
+
+class _QuietLibraries(logging.Filter):
+  """Drops INFO chatter of orbax from the absl log."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv):
+  del argv
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if FLAGS.num_processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  from ddpm_jax.experiment import Interrupted, train_and_evaluate  # pylint: disable=g-import-not-at-top
+
+  try:
+    train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.stop_at_step)
+  except ValueError as e:
+    print(f"train.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except FloatingPointError as e:
+    print(f"train.py: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except Interrupted as e:
+    print(f"train.py: {e}", file=sys.stderr)
+    sys.exit(128 + e.signum)
+
+
+if __name__ == "__main__":
+  app.run(main)
