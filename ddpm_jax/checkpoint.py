@@ -72,3 +72,30 @@ def restore(manager: ocp.CheckpointManager, template: Any, step: Optional[int] =
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                            config=ocp.args.JsonRestore()))
   return flax.serialization.from_state_dict(template, restored.state), restored.config
+
+
+def locate(path: str) -> tuple[str, Optional[int]]:
+  """A workdir or one of its checkpoint step folders -> (workdir, step or None for the latest)."""
+  path = os.path.abspath(path)
+  parent, leaf = os.path.split(path)
+  if leaf.isdigit() and os.path.basename(parent) == "checkpoints":
+    return os.path.dirname(parent), int(leaf)
+  return path, None
+
+
+def load_config(workdir: str, step: Optional[int] = None) -> dict:
+  """The config saved with a workdir's checkpoint (the latest, or `step`)."""
+  manager = make_manager(workdir, create=False) if os.path.isdir(checkpoint_dir(workdir)) else None
+  try:
+    steps = manager.all_steps() if manager else []
+    if not steps:
+      raise ValueError(f"no checkpoint in {checkpoint_dir(workdir)}: train first with "
+                       f"`python train.py --workdir {workdir}`")
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise ValueError(f"no checkpoint of step {step} in {checkpoint_dir(workdir)}: it holds steps "
+                       f"{', '.join(map(str, sorted(steps)))}")
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  finally:
+    if manager:
+      manager.close()

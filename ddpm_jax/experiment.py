@@ -85,6 +85,26 @@ def sample_from_config(config, apply_fn, params, schedule: Schedule, key: jax.Ar
                            clip_x0=s["clip_x0"], variance=s["variance"])
 
 
+def load_state(path: str, config=None) -> tuple[Any, TrainState]:
+  """(config, TrainState) restored from a workdir's latest checkpoint or a WORKDIR/checkpoints/STEP folder.
+
+  Without `config` the one saved with the checkpoint is used; a given config
+  whose model or optimizer differs from the checkpoint's is a ValueError.
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  workdir, step = checkpoint.locate(path)
+  config = config or ml_collections.ConfigDict(checkpoint.load_config(workdir, step))
+  shape = (1, config.image_size, config.image_size, config.data.channels)
+  template = jax.eval_shape(lambda: create_train_state(config, jax.random.key(0), shape))
+  manager = checkpoint.make_manager(workdir, create=False)
+  try:
+    state, _ = checkpoint.restore(manager, template, step)
+  finally:
+    manager.close()
+  return config, state
+
+
 class MetricWriter:
   """Appends metrics to workdir/metrics.jsonl and TensorBoard event files."""
 

@@ -44,3 +44,39 @@ def save_samples(path: str, images: np.ndarray, cols: Optional[int] = None) -> t
   npz = os.path.splitext(path)[0] + ".npz"
   np.savez_compressed(npz, images=u8)
   return path, npz
+
+
+FORWARD_TIMESTEPS = (0, 199, 399, 599, 799, 999)
+TRAJECTORY_TIMESTEPS = (800, 600, 400, 200, 0)
+
+
+def forward_diffusion_grid(x0: np.ndarray, schedule, key, timesteps=FORWARD_TIMESTEPS) -> np.ndarray:
+  """uint8 grid: one row per image of x0, one column per timestep of q_sample(x0, t) (the book's first figure)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from ddpm_jax import diffusion  # pylint: disable=g-import-not-at-top
+
+  noise = jax.random.normal(key, x0.shape)
+  cols = [np.asarray(diffusion.q_sample(schedule, x0, np.full(len(x0), t), noise)) for t in timesteps]
+  frames = np.stack(cols, axis=1).reshape((-1,) + x0.shape[1:])  # row-major: image, then t
+  return make_grid(to_uint8(frames), cols=len(timesteps))
+
+
+def trajectory_grid(x_T: np.ndarray, trajectory: np.ndarray, chain_timesteps: np.ndarray,
+                    show=TRAJECTORY_TIMESTEPS) -> tuple[np.ndarray, list[int]]:
+  """uint8 grid of the chain's state entering the step nearest each shown t (t = 0: the final x_0), one row per sample.
+
+  Returns the grid and the timesteps actually shown.
+  """
+  states = np.concatenate([x_T[None], trajectory[:-1]])  # states[i] enters the step at chain_timesteps[i]
+  picked, shown = [], []
+  for t in show:
+    if t == 0:
+      picked.append(trajectory[-1])
+      shown.append(0)
+      continue
+    i = int(np.argmin(np.abs(np.asarray(chain_timesteps) - t)))
+    picked.append(states[i])
+    shown.append(int(chain_timesteps[i]))
+  frames = np.stack(picked, axis=1).reshape((-1,) + x_T.shape[1:])
+  return make_grid(to_uint8(frames), cols=len(show)), shown

@@ -289,7 +289,7 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
 
 def unet_from_config(model_config: Any) -> UNet:
   """A UNet from a config mapping: 'preset' plus any fields, dtypes given by name."""
-  fields = dict(model_config)
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(model_config).items()}  # JSON gives lists
   name = fields.pop("preset", "tiny")
   for key in ("dtype", "param_dtype"):
     if isinstance(fields.get(key), str):

@@ -1,0 +1,97 @@
+"""Draws samples from a trained workdir: `python sample.py --workdir runs/default --num_samples 64 --out samples.png`."""
+
+import logging
+import os
+import sys
+import time
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Workdir of a training run: its latest checkpoint is used.")
+flags.DEFINE_string("checkpoint", None, "A checkpoint step folder (WORKDIR/checkpoints/STEP) instead of --workdir.")
+config_flags.DEFINE_config_file("config", None, "Optional config; by default the one saved with the checkpoint.")
+flags.DEFINE_integer("num_samples", 64, "How many samples to draw.")
+flags.DEFINE_integer("batch_size", None, "Samples per batch (split over local devices); default config.sample.")
+flags.DEFINE_enum("method", None, ["ddpm", "ddim"], "Sampler; default config.sample.method.")
+flags.DEFINE_integer("steps", None, "DDIM steps; default config.sample.num_steps.")
+flags.DEFINE_float("eta", None, "DDIM eta in [0, 1]; default config.sample.eta.")
+flags.DEFINE_integer("seed", 0, "Sample i depends only on (seed, i).")
+flags.DEFINE_bool("use_ema", True, "Sample with the EMA parameters (false: the raw ones).")
+flags.DEFINE_string("out", "samples.png", "PNG grid path; the uint8 NHWC array goes beside it as .npz.")
+flags.DEFINE_bool("figures", False, "Also write the book's figures: forward diffusion, 10 samples, a trajectory.")
+
+
+class _QuietLibraries(logging.Filter):
+  """Drops INFO chatter of orbax from the absl log."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def _progress(start: float):
+  """A callback printing samples done, images/s and ETA."""
+  def report(done: int, total: int) -> None:
+    rate = done / max(time.time() - start, 1e-9)
+    print(f"sampled {done}/{total} | {rate:.1f} img/s | ETA {(total - done) / max(rate, 1e-9):.0f} s", flush=True)
+  return report
+
+
+def main(argv):
+  del argv
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from ddpm_jax import data, images, sampling  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.experiment import load_state, sample_from_config, schedule_from_config  # pylint: disable=g-import-not-at-top
+
+  try:
+    if not (FLAGS.workdir or FLAGS.checkpoint):
+      raise ValueError("give --workdir (latest checkpoint) or --checkpoint WORKDIR/checkpoints/STEP")
+    config, state = load_state(FLAGS.checkpoint or FLAGS.workdir, FLAGS.config)
+    overrides = {k: v for k, v in (("method", FLAGS.method), ("num_steps", FLAGS.steps), ("eta", FLAGS.eta))
+                 if v is not None}
+    if FLAGS.eta is not None and not 0 <= FLAGS.eta <= 1:
+      raise ValueError(f"--eta={FLAGS.eta} is out of range: it must lie in [0, 1]")
+    params = state.ema_params if FLAGS.use_ema else state.params
+    schedule = schedule_from_config(config)
+    key = jax.random.key(FLAGS.seed)
+    print(f"sampling {FLAGS.num_samples} images at step {int(state.step)} ({'EMA' if FLAGS.use_ema else 'raw'} "
+          f"params) with {overrides.get('method', config.sample.method)}", flush=True)
+    x = sample_from_config(config, state.apply_fn, params, schedule, key, FLAGS.num_samples, FLAGS.batch_size,
+                           progress=_progress(time.time()), **overrides)
+    png, npz = images.save_samples(FLAGS.out, x)
+    print(f"wrote {png} and {npz}")
+    if FLAGS.figures:
+      stem = os.path.splitext(FLAGS.out)[0]
+      source = data.make_source(config.dataset, data_dir=config.data.data_dir, split=config.data.split,
+                                download=config.data.download)
+      real = next(data.batch_stream(source, seed=FLAGS.seed, global_batch=4, image_size=config.image_size,
+                                    channels=config.data.channels, random_flip=False))[0]
+      images.save_png(f"{stem}_forward.png", images.forward_diffusion_grid(real, schedule, jax.random.fold_in(key, 1)),
+                      upscale=4 if config.image_size < 32 else 1)
+      images.save_png(f"{stem}_ten.png", images.make_grid(images.to_uint8(x[:10]), cols=5),
+                      upscale=4 if config.image_size < 32 else 1)
+      s = {**dict(config.sample), **overrides}
+      eps = lambda x_t, t: state.apply_fn({"params": params}, x_t, t)
+      shape = (4, config.image_size, config.image_size, config.data.channels)
+      x_T = np.asarray(jax.random.normal(jax.random.fold_in(key, 2), shape))
+      num_steps = s["num_steps"] if s["method"] == "ddim" else None
+      _, traj = sampling.sample(eps, schedule, key, shape, method=s["method"], num_steps=num_steps, eta=s["eta"],
+                                clip_x0=s["clip_x0"], variance=s["variance"], x_T=x_T, return_trajectory=True)
+      chain = (sampling.ddim_timesteps(schedule.num_timesteps, num_steps) if s["method"] == "ddim"
+               else np.arange(schedule.num_timesteps - 1, -1, -1))
+      grid, shown = images.trajectory_grid(x_T, np.asarray(traj), chain)
+      images.save_png(f"{stem}_trajectory.png", grid, upscale=4 if config.image_size < 32 else 1)
+      print(f"wrote {stem}_forward.png (t = 0, 199, ..., 999), {stem}_ten.png and {stem}_trajectory.png "
+            f"(t = {', '.join(map(str, shown))})")
+  except ValueError as e:
+    print(f"sample.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,67 @@
+"""sample.py end to end on a tiny checkpoint written by the test, and its errors."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import configs.default as default_config
+from ddpm_jax import checkpoint
+from ddpm_jax.train_state import create_train_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  config = default_config.get_config()
+  config.model.base_channels, config.model.channel_mult = 8, (1, 2)
+  state = create_train_state(config, jax.random.key(0), (1, 8, 8, 1))
+  path = tmp_path_factory.mktemp("run")
+  manager = checkpoint.make_manager(str(path))
+  checkpoint.save(manager, state, config.to_json())
+  manager.wait_until_finished()
+  manager.close()
+  return path
+
+
+def run_sample(*flags):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *flags], env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+def test_sample_writes_grid_npz_and_figures(workdir, tmp_path):
+  out = tmp_path / "s.png"
+  res = run_sample(f"--workdir={workdir}", "--num_samples=11", "--batch_size=4", "--method=ddim", "--steps=5",
+                   "--eta=0.5", f"--out={out}", "--figures")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "sampled 11/11" in res.stdout
+  arr = np.load(tmp_path / "s.npz")["images"]
+  assert arr.shape == (11, 8, 8, 1) and arr.dtype == np.uint8 and arr.std() > 0
+  # The grid: ceil(sqrt(11)) = 4 columns, 3 rows of 8-pixel images with 2-pixel gaps, enlarged 4x.
+  assert Image.open(out).size == (4 * (4 * 10 + 2), 4 * (3 * 10 + 2))
+  assert Image.open(tmp_path / "s_forward.png").size == (4 * (6 * 10 + 2), 4 * (4 * 10 + 2))
+  assert Image.open(tmp_path / "s_ten.png").size == (4 * (5 * 10 + 2), 4 * (2 * 10 + 2))
+  assert Image.open(tmp_path / "s_trajectory.png").size == (4 * (5 * 10 + 2), 4 * (4 * 10 + 2))
+  assert "t = 800, 600, 400, 200, 0" in res.stdout
+
+
+def test_workdir_without_checkpoint_is_a_clear_error(tmp_path):
+  res = run_sample(f"--workdir={tmp_path}", f"--out={tmp_path}/x.png")
+  assert res.returncode == 2
+  assert res.stderr.strip().splitlines()[-1] == (
+      f"sample.py: error: no checkpoint in {tmp_path}/checkpoints: train first with "
+      f"`python train.py --workdir {tmp_path}`")
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(workdir, tmp_path):
+  res = run_sample(f"--checkpoint={workdir}/checkpoints/0", f"--config={ROOT}/configs/default.py",
+                   f"--out={tmp_path}/x.png")
+  assert res.returncode == 2
+  last = res.stderr.strip().splitlines()[-1]
+  assert last.startswith("sample.py: error: checkpoint 0 in ") and "was written by another model or optimizer" in last
