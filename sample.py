@@ -1,5 +1,6 @@
 """Draws samples from a trained workdir: `python sample.py --workdir runs/default --num_samples 64 --out samples.png`."""
 
+import json
 import logging
 import os
 import sys
@@ -22,6 +23,8 @@ flags.DEFINE_integer("seed", 0, "Sample i depends only on (seed, i).")
 flags.DEFINE_bool("use_ema", True, "Sample with the EMA parameters (false: the raw ones).")
 flags.DEFINE_string("out", "samples.png", "PNG grid path; the uint8 NHWC array goes beside it as .npz.")
 flags.DEFINE_bool("figures", False, "Also write the book's figures: forward diffusion, 10 samples, a trajectory.")
+flags.DEFINE_bool("eval", False, "Score the samples (digits: classifier confidence, class balance, feature "
+                  "Fréchet distance) and write WORKDIR/eval_step_STEP.json.")
 
 
 class _QuietLibraries(logging.Filter):
@@ -46,7 +49,7 @@ def main(argv):
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from ddpm_jax import data, images, sampling  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.experiment import load_state, sample_from_config, schedule_from_config  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.experiment import evaluate_samples, load_state, sample_from_config, schedule_from_config  # pylint: disable=g-import-not-at-top
 
   try:
     if not (FLAGS.workdir or FLAGS.checkpoint):
@@ -65,6 +68,16 @@ def main(argv):
                            progress=_progress(time.time()), **overrides)
     png, npz = images.save_samples(FLAGS.out, x)
     print(f"wrote {png} and {npz}")
+    if FLAGS.eval:
+      from ddpm_jax import checkpoint, digits_eval  # pylint: disable=g-import-not-at-top
+
+      workdir = checkpoint.locate(FLAGS.checkpoint or FLAGS.workdir)[0]
+      result = evaluate_samples(config, workdir, x)
+      result.update(step=int(state.step), ema=FLAGS.use_ema, seed=FLAGS.seed, **overrides)
+      path = os.path.join(workdir, f"eval_step_{int(state.step)}.json")
+      with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+      print(f"eval: {digits_eval.report(result)}\nwrote {path}")
     if FLAGS.figures:
       stem = os.path.splitext(FLAGS.out)[0]
       source = data.make_source(config.dataset, data_dir=config.data.data_dir, split=config.data.split,

@@ -60,17 +60,17 @@ def parse_dataset(spec: str) -> tuple[str, str]:
                    "or 'folder:<path>'")
 
 
-def load_digits_uint8() -> np.ndarray:
-  """scikit-learn's bundled 1,797 8x8 digits as uint8 [N, 8, 8, 1] in 0..255 (no download)."""
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's bundled 1,797 8x8 digits (no download): uint8 [N, 8, 8, 1] in 0..255, and int labels [N]."""
+  from sklearn.datasets import load_digits as sklearn_digits  # pylint: disable=g-import-not-at-top
 
-  images = load_digits().images  # values 0..16
-  return np.round(images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  bunch = sklearn_digits()  # pixel values 0..16
+  return np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None], bunch.target.astype(np.int32)
 
 
 def digits_source() -> Source:
   """The embedded digits."""
-  images = load_digits_uint8()
+  images, _ = load_digits()
   return Source("digits", len(images), convert_channels, items=images)
 
 
@@ -194,16 +194,18 @@ def _epoch_seed(seed: int, epoch):
 
 
 def indexed_positions(size: int, seed: int, start_step: int, global_batch: int, process_index: int,
-                      process_count: int) -> Iterator[tuple[int, int, int]]:
-  """(epoch, position in epoch, record index) of this process's slice of every global batch from start_step."""
+                      process_count: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """Per step: (epoch, position in epoch, record index) arrays of this process's slice of the global batch."""
   local = global_batch // process_count
-  epoch, perm = -1, None
+  perms: dict[int, np.ndarray] = {}
   for step in range(start_step, 2**62):
-    for pos in range(step * global_batch + process_index * local, step * global_batch + (process_index + 1) * local):
-      e, i = divmod(pos, size)
-      if e != epoch:
-        epoch, perm = e, np.random.default_rng([seed, e]).permutation(size)
-      yield e, i, int(perm[i])
+    pos = step * global_batch + process_index * local + np.arange(local, dtype=np.int64)
+    epoch, index = np.divmod(pos, size)
+    for e in set(epoch.tolist()) - set(perms):
+      perms[e] = np.random.default_rng([seed, e]).permutation(size)
+    for e in [e for e in perms if e < epoch[0]]:
+      del perms[e]
+    yield epoch, index, np.array([perms[e][i] for e, i in zip(epoch.tolist(), index.tolist())], np.int64)
 
 
 def sequential_records(source: Source, seed: int, start: int, shuffle_buffer: int):
@@ -249,8 +251,8 @@ def batch_stream(source: Source, *, seed: int, global_batch: int, image_size: in
     items = tf.constant(source.items)
     positions = tf.data.Dataset.from_generator(
         lambda: indexed_positions(source.size, seed, start_step, global_batch, process_index, process_count),
-        output_signature=(tf.TensorSpec([], tf.int64),) * 3)
-    ds = positions.map(lambda e, i, k: (e, i, tf.gather(items, k)))
+        output_signature=(tf.TensorSpec([local], tf.int64),) * 3)
+    ds = positions.unbatch().map(lambda e, i, k: (e, i, tf.gather(items, k)))
   else:
     ds = sequential_records(source, seed, start_step * local, shuffle_buffer)
 

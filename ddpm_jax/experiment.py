@@ -64,6 +64,9 @@ def validate_config(config, device_count: int) -> None:
   if config.diffusion.loss not in diffusion.LOSSES:
     raise ValueError(f"diffusion.loss={config.diffusion.loss!r} is unknown: choose one of "
                      f"{', '.join(diffusion.LOSSES)}")
+  if config.get("eval_every_steps", 0) and config.dataset != "digits":
+    raise ValueError(f"eval_every_steps={config.eval_every_steps} needs dataset 'digits': other datasets need the "
+                     "Inception FID extractor, which this version does not ship yet")
   if not 0.0 <= config.ema.decay < 1.0:
     raise ValueError(f"ema.decay={config.ema.decay!r} is invalid: it must lie in [0, 1) (0 keeps no average)")
   s = config.sample
@@ -103,6 +106,16 @@ def load_state(path: str, config=None) -> tuple[Any, TrainState]:
   finally:
     manager.close()
   return config, state
+
+
+def evaluate_samples(config, workdir: str, samples: np.ndarray) -> dict[str, Any]:
+  """Sample-quality numbers for the config's dataset (the embedded digits: the offline digits evaluator)."""
+  if config.dataset != "digits":
+    raise ValueError(f"evaluation supports dataset 'digits' (offline classifier metrics); {config.dataset!r} needs "
+                     "the Inception FID extractor, which this version does not ship yet")
+  from ddpm_jax import digits_eval  # pylint: disable=g-import-not-at-top
+
+  return digits_eval.evaluate(digits_eval.load_or_train(workdir, config.seed), samples, config.seed)
 
 
 class MetricWriter:
@@ -155,6 +168,22 @@ def _check_finite(rows: list[tuple[int, dict]]) -> None:
                                "predates it (try a lower optim.learning_rate or optim.grad_clip_norm=1.0)")
 
 
+def _periodic_samples(config, workdir: str, step: int, last: bool, ema_params: Callable[[], Any], apply_fn,
+                      schedule: Schedule, key: jax.Array, writer: MetricWriter) -> None:
+  """At the configured intervals (and the last step) writes a sample grid and logs sample-quality metrics."""
+  due = lambda every: every and (step % every == 0 or last)
+  if due(config.sample.every_steps):
+    samples = sample_from_config(config, apply_fn, ema_params(), schedule, key, config.sample.num_samples)
+    images.save_samples(os.path.join(workdir, "samples", f"step_{step:08d}.png"), samples)
+  if due(config.get("eval_every_steps", 0)):
+    from ddpm_jax import digits_eval  # pylint: disable=g-import-not-at-top
+
+    samples = sample_from_config(config, apply_fn, ema_params(), schedule, key, config.eval_num_samples)
+    result = evaluate_samples(config, workdir, samples)
+    writer.write(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
+    print(f"eval at step {step}: {digits_eval.report(result)}", flush=True)
+
+
 def train_and_evaluate(config, workdir: str, stop_at_step: Optional[int] = None) -> TrainState:
   """Trains (resuming from workdir's latest checkpoint) until config.num_train_steps or stop_at_step."""
   validate_config(config, jax.device_count())
@@ -165,10 +194,12 @@ def train_and_evaluate(config, workdir: str, stop_at_step: Optional[int] = None)
   schedule = schedule_from_config(config)
   init_key, train_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
   input_shape = (1, config.image_size, config.image_size, config.data.channels)
-  state = create_train_state(config, init_key, input_shape)
   manager = checkpoint.make_manager(workdir, config.get("keep_checkpoints", 3))
-  if manager.latest_step() is not None:
-    state, _ = checkpoint.restore(manager, state)
+  if manager.latest_step() is None:
+    state = create_train_state(config, init_key, input_shape)
+  else:  # restore into the shapes alone: no initialisation to compile
+    template = jax.eval_shape(lambda: create_train_state(config, init_key, input_shape))
+    state, _ = checkpoint.restore(manager, template)
     logging.info("resumed from the checkpoint of step %d in %s", int(state.step), manager.directory)
   if lead:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -232,11 +263,9 @@ def train_and_evaluate(config, workdir: str, stop_at_step: Optional[int] = None)
                 f"ETA {_eta((end - done) / max(rate, 1e-9))}", flush=True)
       if save_now:
         checkpoint.save(manager, host_state(run_state), config_json)
-      every = config.sample.every_steps
-      if lead and every and (done % every == 0 or done == end):
-        params = host_state(run_state).ema_params
-        samples = sample_from_config(config, state.apply_fn, params, schedule, sample_key, config.sample.num_samples)
-        images.save_samples(os.path.join(workdir, "samples", f"step_{done:08d}.png"), samples)
+      if lead:
+        _periodic_samples(config, workdir, done, done == end, lambda: host_state(run_state).ema_params,
+                          state.apply_fn, schedule, sample_key, writer)
       if stop:
         manager.wait_until_finished()
         raise Interrupted(done, received[0])

@@ -32,14 +32,21 @@ def _normal(keys: jax.Array, stream: jnp.ndarray, shape: tuple[int, ...]) -> jnp
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, stream), shape))(keys)
 
 
-def _ddpm_step(eps_fn, schedule, keys, clip_x0, variance, x, xs):
-  """x_t -> x_{t-1} by ancestral sampling."""
-  t, _, stream = xs
+def _predict(eps_fn, schedule, x, t, clip_x0):
+  """(t as a [B] array, x̂0, ε̂) at step t; with clipping, x̂0 is clipped to [-1, 1] and ε̂ recomputed from it."""
   tb = jnp.full((x.shape[0],), t, jnp.int32)
   eps = eps_fn(x, tb)
   x0 = diffusion.predict_x0_from_eps(schedule, x, tb, eps)
   if clip_x0:
     x0 = jnp.clip(x0, -1.0, 1.0)
+    eps = diffusion.predict_eps_from_x0(schedule, x, tb, x0)
+  return tb, x0, eps
+
+
+def _ddpm_step(eps_fn, schedule, keys, clip_x0, variance, x, xs):
+  """x_t -> x_{t-1} by ancestral sampling."""
+  t, _, stream = xs
+  tb, x0, _ = _predict(eps_fn, schedule, x, t, clip_x0)
   mean, _, log_var = diffusion.q_posterior_mean_variance(schedule, x0, x, tb)
   std = jnp.exp(0.5 * log_var) if variance == "fixed_small" else jnp.sqrt(diffusion.extract(schedule.betas, tb, x))
   z = _normal(keys, stream, x.shape[1:])
@@ -49,12 +56,7 @@ def _ddpm_step(eps_fn, schedule, keys, clip_x0, variance, x, xs):
 def _ddim_step(eps_fn, schedule, keys, clip_x0, eta, x, xs):
   """x_t -> x_{t_prev} by DDIM (Song et al. eq. 12); ᾱ_prev = 1 on the last step returns x̂0."""
   t, abar_prev, stream = xs
-  tb = jnp.full((x.shape[0],), t, jnp.int32)
-  eps = eps_fn(x, tb)
-  x0 = diffusion.predict_x0_from_eps(schedule, x, tb, eps)
-  if clip_x0:
-    x0 = jnp.clip(x0, -1.0, 1.0)
-    eps = diffusion.predict_eps_from_x0(schedule, x, tb, x0)
+  _, x0, eps = _predict(eps_fn, schedule, x, t, clip_x0)
   abar = schedule.alphas_cumprod[t]
   sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
   z = _normal(keys, stream, x.shape[1:])

@@ -92,7 +92,7 @@ def train_step(state: TrainState, batch: jnp.ndarray, key: jax.Array, *, schedul
   decay = ema_decay(ema, ema_warmup, num_updates)
   ema_params = jax.tree_util.tree_map(lambda e, p: jnp.where(updated, decay * e + (1 - decay) * p, e),
                                       state.ema_params, params)
-  metrics = dict(loss=loss, grad_norm=optax.global_norm(grads),
+  metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
                  lr=optax.tree_utils.tree_get(opt_state, "learning_rate", filtering=lambda _, v: isinstance(v, jax.Array)))
   return state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state), metrics
 

@@ -197,26 +197,31 @@ class UNet(nn.Module):
       return nn.Conv(width, (3, 3), name=name, **kw)(upsample_nearest(h))
     return nn.ConvTranspose(width, (2, 2), strides=(2, 2), name=name, **kw)(h)
 
+  def _level(self, h, level: int, width: int, blocks: int, skips: list, res, attn, up: bool):
+    """One resolution level's residual blocks (each maybe followed by attention): the encoder pushes a skip
+    after each, the decoder feeds each [h, popped skip]."""
+    side = "up" if up else "down"
+    for block in range(blocks):
+      h = res(f"{side}_{level}_res_{block}", width, jnp.concatenate([h, skips.pop()], axis=-1) if up else h)
+      if self._wants_attn(h, block, up):
+        h = attn(f"{side}_{level}_attn_{block}", h)
+      if not up:
+        skips.append(h)
+    return h
+
   def _ddpm_body(self, x, res, attn, kw):
     """The DDPM paper's encoder, middle, decoder and head."""
     widths = [self.base_channels * m for m in self.channel_mult]
     h = nn.Conv(self.base_channels, (3, 3), name="stem", **kw)(x)
     skips = [h]
     for level, width in enumerate(widths):
-      for block in range(self.num_res_blocks):
-        h = res(f"down_{level}_res_{block}", width, h)
-        if self._wants_attn(h, block, up=False):
-          h = attn(f"down_{level}_attn_{block}", h)
-        skips.append(h)
+      h = self._level(h, level, width, self.num_res_blocks, skips, res, attn, up=False)
       if level != len(widths) - 1:
         h = self._down(f"down_{level}_downsample", h, h.shape[-1], kw)
         skips.append(h)
     h = res("mid_res_1", widths[-1], attn("mid_attn", res("mid_res_0", widths[-1], h)))
     for level in reversed(range(len(widths))):
-      for block in range(self.num_res_blocks + 1):
-        h = res(f"up_{level}_res_{block}", widths[level], jnp.concatenate([h, skips.pop()], axis=-1))
-        if self._wants_attn(h, block, up=True):
-          h = attn(f"up_{level}_attn_{block}", h)
+      h = self._level(h, level, widths[level], self.num_res_blocks + 1, skips, res, attn, up=True)
       if level != 0:
         h = self._up(f"up_{level}_upsample", h, h.shape[-1], kw)
     h = nn.silu(nn.GroupNorm(num_groups=self.norm_groups, name="head_norm", **kw)(h))
@@ -228,21 +233,14 @@ class UNet(nn.Module):
     r = h = nn.Conv(self.base_channels, (3, 3), name="stem", **kw)(x)
     skips = []
     for level, width in enumerate(widths):
-      for block in range(self.num_res_blocks):
-        h = res(f"down_{level}_res_{block}", width, h)
-        if self._wants_attn(h, block, up=False):
-          h = attn(f"down_{level}_attn_{block}", h)
-        skips.append(h)
+      h = self._level(h, level, width, self.num_res_blocks, skips, res, attn, up=False)
       if level != len(widths) - 1:
         h = self._down(f"down_{level}_downsample", h, widths[level + 1], kw)
       else:
         h = nn.Conv(2 * width, (3, 3), name=f"down_{level}_widen", **kw)(h)
     h = res("mid_res_1", 2 * widths[-1], attn("mid_attn", res("mid_res_0", 2 * widths[-1], h)))
     for level in reversed(range(len(widths))):
-      for block in range(self.num_res_blocks):
-        h = res(f"up_{level}_res_{block}", 2 * widths[level], jnp.concatenate([h, skips.pop()], axis=-1))
-        if self._wants_attn(h, block, up=True):
-          h = attn(f"up_{level}_attn_{block}", h)
+      h = self._level(h, level, 2 * widths[level], self.num_res_blocks, skips, res, attn, up=True)
       if level != 0:
         h = self._up(f"up_{level}_upsample", h, 2 * widths[level - 1], kw)
       else:

@@ -93,7 +93,7 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
 
 
 def test_digits_load_offline():
-  digits = data.load_digits_uint8()
+  digits = data.load_digits()[0]
   assert digits.shape == (1797, 8, 8, 1) and digits.dtype == np.uint8 and digits.max() == 255
   source = data.make_source("digits")
   assert source.size == 1797
@@ -126,16 +126,16 @@ def test_order_is_seeded_and_resume_continues_the_straight_run():
 
 
 def test_two_processes_read_disjoint_halves_of_each_global_batch():
-  gens = [data.indexed_positions(1797, 5, 0, 64, p, 2) for p in (0, 1)]
   steps = 1797 // 64  # whole global batches inside the first epoch
-  per_process = [[next(g)[2] for _ in range(32 * steps)] for g in gens]
-  assert not set(per_process[0]) & set(per_process[1])
-  assert len(set(per_process[0]) | set(per_process[1])) == 64 * steps
+  take_records = lambda p, n: [next(g)[2] for g in [data.indexed_positions(1797, 5, 0, 64, p, n)] for _ in range(steps)]
+  halves = [np.concatenate(take_records(p, 2)) for p in (0, 1)]
+  assert not set(halves[0]) & set(halves[1])
+  assert len(set(halves[0]) | set(halves[1])) == 64 * steps
   # Together they form exactly the single-process stream, batch by batch.
-  single = data.indexed_positions(1797, 5, 0, 64, 0, 1)
+  single = take_records(0, 1)
   for s in range(steps):
-    whole = [next(single)[2] for _ in range(64)]
-    assert whole == per_process[0][32 * s:32 * (s + 1)] + per_process[1][32 * s:32 * (s + 1)]
+    np.testing.assert_array_equal(single[s], np.concatenate([halves[0][32 * s:32 * (s + 1)],
+                                                             halves[1][32 * s:32 * (s + 1)]]))
 
 
 def test_two_process_batches_concatenate_to_the_single_process_batch():

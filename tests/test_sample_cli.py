@@ -1,5 +1,6 @@
 """sample.py end to end on a tiny checkpoint written by the test, and its errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -38,7 +39,7 @@ def run_sample(*flags):
 def test_sample_writes_grid_npz_and_figures(workdir, tmp_path):
   out = tmp_path / "s.png"
   res = run_sample(f"--workdir={workdir}", "--num_samples=11", "--batch_size=4", "--method=ddim", "--steps=5",
-                   "--eta=0.5", f"--out={out}", "--figures")
+                   "--eta=0.5", f"--out={out}", "--figures", "--eval")
   assert res.returncode == 0, res.stderr[-3000:]
   assert "sampled 11/11" in res.stdout
   arr = np.load(tmp_path / "s.npz")["images"]
@@ -49,6 +50,10 @@ def test_sample_writes_grid_npz_and_figures(workdir, tmp_path):
   assert Image.open(tmp_path / "s_ten.png").size == (4 * (5 * 10 + 2), 4 * (2 * 10 + 2))
   assert Image.open(tmp_path / "s_trajectory.png").size == (4 * (5 * 10 + 2), 4 * (4 * 10 + 2))
   assert "t = 800, 600, 400, 200, 0" in res.stdout
+  result = json.loads((workdir / "eval_step_0.json").read_text())
+  assert result["num_samples"] == 11 and result["step"] == 0 and result["method"] == "ddim"
+  assert len(result["class_fractions"]) == 10 and result["frechet_floor_real_vs_real"] > 0
+  assert "eval: 11 samples:" in res.stdout
 
 
 def test_workdir_without_checkpoint_is_a_clear_error(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 
 import configs.default as default_config
 from ddpm_jax import checkpoint
-from ddpm_jax.data import load_digits_uint8
+from ddpm_jax.data import load_digits
 from ddpm_jax.experiment import schedule_from_config
 from ddpm_jax.train_state import create_train_state
 from ddpm_jax.training import make_train_step
@@ -105,7 +105,7 @@ def test_loss_falls_well_below_the_zero_predictor_within_300_steps():
   config = small_config(**{"optim.warmup_steps": 20})
   state = create_train_state(config, jax.random.key(0), (1, 8, 8, 1))
   step = make_train_step(config, schedule_from_config(config), False)
-  digits = jnp.asarray(load_digits_uint8()[:64] / 127.5 - 1, jnp.float32)  # a fixed dataset of 64 images
+  digits = jnp.asarray(load_digits()[0][:64] / 127.5 - 1, jnp.float32)  # a fixed dataset of 64 images
   key = jax.random.key(1)
   losses = []
   for i in range(300):
@@ -124,8 +124,13 @@ def test_resume_is_bit_identical(tmp_path):
   second = run_train(tmp_path / "resumed", "--stop_at_step=12")
   assert second.returncode == 0, second.stderr[-2000:]
   assert "resumed from the checkpoint of step 6" in second.stderr
-  straight = run_train(tmp_path / "straight", "--stop_at_step=12")
+  # The straight run also evaluates at its last step: sampling must not disturb the training state.
+  straight = run_train(tmp_path / "straight", "--stop_at_step=12", "--config.eval_every_steps=12",
+                       "--config.eval_num_samples=32", "--config.sample.num_steps=4")
   assert straight.returncode == 0, straight.stderr[-2000:]
+  assert re.search(r"eval at step 12: 32 samples: [\d.]+% classified with confidence >= 0.9", straight.stdout)
+  last = json.loads(open(tmp_path / "straight" / "metrics.jsonl").read().splitlines()[-1])
+  assert last["step"] == 12 and 0 <= last["eval/confident_fraction"] <= 1 and last["eval/frechet_distance"] > 0
   config = small_config()
   a, _ = restore_host_state(tmp_path / "straight", config, 12)
   b, _ = restore_host_state(tmp_path / "resumed", config, 12)
