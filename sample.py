@@ -1,13 +1,11 @@
 """Draws samples from a trained workdir: `python sample.py --workdir runs/default --num_samples 64 --out samples.png`."""
 
 import json
-import logging
 import os
 import sys
 import time
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -27,13 +25,6 @@ flags.DEFINE_bool("eval", False, "Score the samples (digits: classifier confiden
                   "Fréchet distance) and write WORKDIR/eval_step_STEP.json.")
 
 
-class _QuietLibraries(logging.Filter):
-  """Drops INFO chatter of orbax from the absl log."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
-
-
 def _progress(start: float):
   """A callback printing samples done, images/s and ETA."""
   def report(done: int, total: int) -> None:
@@ -44,12 +35,18 @@ def _progress(start: float):
 
 def main(argv):
   del argv
-  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+  if FLAGS.eta is not None and not 0 <= FLAGS.eta <= 1:
+    print(f"sample.py: error: --eta={FLAGS.eta} is out of range: it must lie in [0, 1]", file=sys.stderr)
+    sys.exit(2)
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from ddpm_jax import data, images, sampling  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.experiment import evaluate_samples, load_state, sample_from_config, schedule_from_config  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.checkpoint import quiet_orbax_info  # pylint: disable=g-import-not-at-top
+
+  quiet_orbax_info()
+
+  from ddpm_jax import data, images  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.experiment import (evaluate_samples, load_state, sample_from_config, sampler_kwargs,  # pylint: disable=g-import-not-at-top
+                                   schedule_from_config)
 
   try:
     if not (FLAGS.workdir or FLAGS.checkpoint):
@@ -57,8 +54,6 @@ def main(argv):
     config, state = load_state(FLAGS.checkpoint or FLAGS.workdir, FLAGS.config)
     overrides = {k: v for k, v in (("method", FLAGS.method), ("num_steps", FLAGS.steps), ("eta", FLAGS.eta))
                  if v is not None}
-    if FLAGS.eta is not None and not 0 <= FLAGS.eta <= 1:
-      raise ValueError(f"--eta={FLAGS.eta} is out of range: it must lie in [0, 1]")
     params = state.ema_params if FLAGS.use_ema else state.params
     schedule = schedule_from_config(config)
     key = jax.random.key(FLAGS.seed)
@@ -79,26 +74,13 @@ def main(argv):
         json.dump(result, f, indent=2)
       print(f"eval: {digits_eval.report(result)}\nwrote {path}")
     if FLAGS.figures:
-      stem = os.path.splitext(FLAGS.out)[0]
       source = data.make_source(config.dataset, data_dir=config.data.data_dir, split=config.data.split,
                                 download=config.data.download)
       real = next(data.batch_stream(source, seed=FLAGS.seed, global_batch=4, image_size=config.image_size,
                                     channels=config.data.channels, random_flip=False))[0]
-      images.save_png(f"{stem}_forward.png", images.forward_diffusion_grid(real, schedule, jax.random.fold_in(key, 1)),
-                      upscale=4 if config.image_size < 32 else 1)
-      images.save_png(f"{stem}_ten.png", images.make_grid(images.to_uint8(x[:10]), cols=5),
-                      upscale=4 if config.image_size < 32 else 1)
-      s = {**dict(config.sample), **overrides}
+      stem = os.path.splitext(FLAGS.out)[0]
       eps = lambda x_t, t: state.apply_fn({"params": params}, x_t, t)
-      shape = (4, config.image_size, config.image_size, config.data.channels)
-      x_T = np.asarray(jax.random.normal(jax.random.fold_in(key, 2), shape))
-      num_steps = s["num_steps"] if s["method"] == "ddim" else None
-      _, traj = sampling.sample(eps, schedule, key, shape, method=s["method"], num_steps=num_steps, eta=s["eta"],
-                                clip_x0=s["clip_x0"], variance=s["variance"], x_T=x_T, return_trajectory=True)
-      chain = (sampling.ddim_timesteps(schedule.num_timesteps, num_steps) if s["method"] == "ddim"
-               else np.arange(schedule.num_timesteps - 1, -1, -1))
-      grid, shown = images.trajectory_grid(x_T, np.asarray(traj), chain)
-      images.save_png(f"{stem}_trajectory.png", grid, upscale=4 if config.image_size < 32 else 1)
+      shown = images.write_book_figures(stem, real, x, eps, schedule, key, sampler_kwargs(config, **overrides))
       print(f"wrote {stem}_forward.png (t = 0, 199, ..., 999), {stem}_ten.png and {stem}_trajectory.png "
             f"(t = {', '.join(map(str, shown))})")
   except ValueError as e:

@@ -1,11 +1,9 @@
 """Trains a DDPM: `python train.py --config configs/default.py --workdir runs/default` (both are the defaults)."""
 
-import logging
 import os
 import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -20,18 +18,13 @@ flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
 flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process run.")
 
 
-class _QuietLibraries(logging.Filter):
-  """Drops INFO chatter of orbax from the absl log."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
-
-
 def main(argv):
   del argv
-  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top
 
+  from ddpm_jax.checkpoint import quiet_orbax_info  # pylint: disable=g-import-not-at-top
+
+  quiet_orbax_info()
   if FLAGS.num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

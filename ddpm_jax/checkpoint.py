@@ -7,6 +7,7 @@ so a checkpoint that is half written is never listed as the latest.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Optional
 
@@ -14,6 +15,20 @@ import flax.serialization
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+class _DropOrbaxInfo(logging.Filter):
+  """Passes warnings and errors, and INFO records from anything but orbax."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def quiet_orbax_info() -> None:
+  """Keeps orbax's per-save INFO chatter out of the absl log (entry points call this)."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
+  absl_logging.get_absl_handler().addFilter(_DropOrbaxInfo())
 
 
 def checkpoint_dir(workdir: str) -> str:

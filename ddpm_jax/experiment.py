@@ -75,17 +75,21 @@ def validate_config(config, device_count: int) -> None:
                      f"{', '.join(sampling.METHODS)}, variances {', '.join(sampling.VARIANCES)}")
 
 
+def sampler_kwargs(config, **overrides) -> dict[str, Any]:
+  """The keyword arguments of sampling.sample that config.sample (with overrides) describes."""
+  s = {**dict(config.sample), **overrides}
+  return dict(method=s["method"], num_steps=s["num_steps"] if s["method"] == "ddim" else None, eta=s["eta"],
+              clip_x0=s["clip_x0"], variance=s["variance"])
+
+
 def sample_from_config(config, apply_fn, params, schedule: Schedule, key: jax.Array, num_samples: int,
                        batch_size: Optional[int] = None, progress=None, **overrides) -> np.ndarray:
   """[num_samples, H, W, C] float samples in [-1, 1] with the config's sampler (fields overridable)."""
-  s = dict(config.sample)
-  s.update(overrides)
   eps = lambda p, x, t: apply_fn({"params": p}, x, t)
   shape = (config.image_size, config.image_size, config.data.channels)
-  return sampling.generate(eps, params, schedule, key, num_samples, shape, batch_size=batch_size or s["batch_size"],
-                           progress=progress, method=s["method"],
-                           num_steps=s["num_steps"] if s["method"] == "ddim" else None, eta=s["eta"],
-                           clip_x0=s["clip_x0"], variance=s["variance"])
+  return sampling.generate(eps, params, schedule, key, num_samples, shape,
+                           batch_size=batch_size or config.sample.batch_size, progress=progress,
+                           **sampler_kwargs(config, **overrides))
 
 
 def load_state(path: str, config=None) -> tuple[Any, TrainState]:

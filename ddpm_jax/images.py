@@ -80,3 +80,25 @@ def trajectory_grid(x_T: np.ndarray, trajectory: np.ndarray, chain_timesteps: np
     shown.append(int(chain_timesteps[i]))
   frames = np.stack(picked, axis=1).reshape((-1,) + x_T.shape[1:])
   return make_grid(to_uint8(frames), cols=len(show)), shown
+
+
+def write_book_figures(stem: str, real: np.ndarray, samples: np.ndarray, eps_fn, schedule, key,
+                       sample_kw: dict) -> list[int]:
+  """Writes the book's three figures as STEM_forward.png (4 data images noised to t = 0, 199, ..., 999),
+  STEM_ten.png (10 samples, 2x5) and STEM_trajectory.png (4 samples denoised, t = 800 .. 0); returns the
+  trajectory's timesteps."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
+
+  upscale = 4 if real.shape[1] < 32 else 1
+  save_png(f"{stem}_forward.png", forward_diffusion_grid(real[:4], schedule, jax.random.fold_in(key, 1)), upscale)
+  save_png(f"{stem}_ten.png", make_grid(to_uint8(samples[:10]), cols=5), upscale)
+  x_T = np.asarray(jax.random.normal(jax.random.fold_in(key, 2), (4,) + real.shape[1:]))
+  _, traj = sampling.sample(eps_fn, schedule, key, x_T.shape, x_T=x_T, return_trajectory=True, **sample_kw)
+  steps = sample_kw.get("num_steps")
+  chain = (sampling.ddim_timesteps(schedule.num_timesteps, steps) if sample_kw.get("method") == "ddim"
+           else np.arange(schedule.num_timesteps - 1, -1, -1))
+  grid, shown = trajectory_grid(x_T, np.asarray(traj), chain)
+  save_png(f"{stem}_trajectory.png", grid, upscale)
+  return shown
