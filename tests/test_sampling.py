@@ -1,6 +1,7 @@
 """Samplers against exact moments of an analytic ε-predictor, a hand DDIM step, and seed semantics."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -175,5 +176,5 @@ def test_sample_i_is_the_same_on_one_and_four_devices():
     (dict(method="ddim", num_steps=10, return_trajectory=True, trajectory_stride=3), "trajectory_stride=3"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, fragment):
-  with pytest.raises(ValueError, match="^" + __import__("re").escape(fragment)):
+  with pytest.raises(ValueError, match="^" + re.escape(fragment)):
     sample(lambda x, t: x, SCHED, jax.random.key(0), (2, 2, 2, 1), **kwargs)

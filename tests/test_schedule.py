@@ -1,6 +1,7 @@
 """Schedules against an independent float64 reference written with plain Python loops."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -92,5 +93,5 @@ def test_schedule_is_a_pytree_that_jit_accepts():
     ],
 )
 def test_bad_arguments_raise_clear_value_errors(kwargs, fragment):
-  with pytest.raises(ValueError, match="^" + __import__("re").escape(fragment)):
+  with pytest.raises(ValueError, match="^" + re.escape(fragment)):
     make_schedule(**kwargs)

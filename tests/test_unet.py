@@ -1,5 +1,7 @@
 """The U-Net: shapes, the reference parameter counts, skips, time conditioning, bf16, dropout."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -143,6 +145,6 @@ def test_dropout_only_in_training_and_keyed():
     ],
 )
 def test_bad_settings_and_inputs_raise_clear_errors(build, shape, fragment):
-  with pytest.raises(ValueError, match="^" + __import__("re").escape(fragment)):
+  with pytest.raises(ValueError, match="^" + re.escape(fragment)):
     model = build()
     jax.eval_shape(lambda: _init(model, shape))
