@@ -3,7 +3,6 @@
 import json
 import os
 import sys
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -22,15 +21,9 @@ flags.DEFINE_bool("use_ema", True, "Sample with the EMA parameters (false: the r
 flags.DEFINE_string("out", "samples.png", "PNG grid path; the uint8 NHWC array goes beside it as .npz.")
 flags.DEFINE_bool("figures", False, "Also write the book's figures: forward diffusion, 10 samples, a trajectory.")
 flags.DEFINE_bool("eval", False, "Score the samples (digits: classifier confidence, class balance, feature "
-                  "Fréchet distance) and write WORKDIR/eval_step_STEP.json.")
-
-
-def _progress(start: float):
-  """A callback printing samples done, images/s and ETA."""
-  def report(done: int, total: int) -> None:
-    rate = done / max(time.time() - start, 1e-9)
-    print(f"sampled {done}/{total} | {rate:.1f} img/s | ETA {(total - done) / max(rate, 1e-9):.0f} s", flush=True)
-  return report
+                  "Fréchet distance; other datasets: FID, KID, IS) and write WORKDIR/eval_step_STEP.json.")
+flags.DEFINE_string("inception_weights", None, "FID Inception weights (tools/convert_inception_weights.py) for "
+                    "--eval on datasets other than digits; overrides the config's inception_weights.")
 
 
 def main(argv):
@@ -45,8 +38,8 @@ def main(argv):
   quiet_orbax_info()
 
   from ddpm_jax import data, images  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.experiment import (evaluate_samples, load_state, sample_from_config, sampler_kwargs,  # pylint: disable=g-import-not-at-top
-                                   schedule_from_config)
+  from ddpm_jax.experiment import (eval_report, evaluate_samples, load_state, progress_printer,  # pylint: disable=g-import-not-at-top
+                                   sample_from_config, sampler_kwargs, schedule_from_config)
 
   try:
     if not (FLAGS.workdir or FLAGS.checkpoint):
@@ -60,19 +53,21 @@ def main(argv):
     print(f"sampling {FLAGS.num_samples} images at step {int(state.step)} ({'EMA' if FLAGS.use_ema else 'raw'} "
           f"params) with {overrides.get('method', config.sample.method)}", flush=True)
     x = sample_from_config(config, state.apply_fn, params, schedule, key, FLAGS.num_samples, FLAGS.batch_size,
-                           progress=_progress(time.time()), **overrides)
+                           progress=progress_printer("sampled"), **overrides)
     png, npz = images.save_samples(FLAGS.out, x)
     print(f"wrote {png} and {npz}")
     if FLAGS.eval:
-      from ddpm_jax import checkpoint, digits_eval  # pylint: disable=g-import-not-at-top
+      from ddpm_jax import checkpoint  # pylint: disable=g-import-not-at-top
 
+      if FLAGS.inception_weights:
+        config.inception_weights = FLAGS.inception_weights
       workdir = checkpoint.locate(FLAGS.checkpoint or FLAGS.workdir)[0]
       result = evaluate_samples(config, workdir, x)
       result.update(step=int(state.step), ema=FLAGS.use_ema, seed=FLAGS.seed, **overrides)
       path = os.path.join(workdir, f"eval_step_{int(state.step)}.json")
       with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
-      print(f"eval: {digits_eval.report(result)}\nwrote {path}")
+      print(f"eval: {eval_report(result)}\nwrote {path}")
     if FLAGS.figures:
       source = data.make_source(config.dataset, data_dir=config.data.data_dir, split=config.data.split,
                                 download=config.data.download)

@@ -16,6 +16,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 500
   config.checkpoint_every_steps = 10_000
   config.keep_checkpoints = 3
+  config.eval_every_steps = 0  # > 0: sample eval_num_samples with the EMA params and report FID, KID and IS
+  config.eval_num_samples = 10_000
+  config.eval_batch_size = 100
+  config.inception_weights = ml_collections.config_dict.placeholder(str)  # tools/convert_inception_weights.py
+  config.fid_num_real = 50_000  # real images in the reference statistics (capped at the split's size)
 
   config.data = ml_collections.ConfigDict(dict(
       split="train+validation+test", data_dir=ml_collections.config_dict.placeholder(str), download=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -65,8 +66,9 @@ def validate_config(config, device_count: int) -> None:
     raise ValueError(f"diffusion.loss={config.diffusion.loss!r} is unknown: choose one of "
                      f"{', '.join(diffusion.LOSSES)}")
   if config.get("eval_every_steps", 0) and config.dataset != "digits":
-    raise ValueError(f"eval_every_steps={config.eval_every_steps} needs dataset 'digits': other datasets need the "
-                     "Inception FID extractor, which this version does not ship yet")
+    from ddpm_jax import inception  # pylint: disable=g-import-not-at-top
+
+    inception.check_weights_path(config.get("inception_weights") or "")
   if not 0.0 <= config.ema.decay < 1.0:
     raise ValueError(f"ema.decay={config.ema.decay!r} is invalid: it must lie in [0, 1) (0 keeps no average)")
   s = config.sample
@@ -112,14 +114,64 @@ def load_state(path: str, config=None) -> tuple[Any, TrainState]:
   return config, state
 
 
-def evaluate_samples(config, workdir: str, samples: np.ndarray) -> dict[str, Any]:
-  """Sample-quality numbers for the config's dataset (the embedded digits: the offline digits evaluator)."""
-  if config.dataset != "digits":
-    raise ValueError(f"evaluation supports dataset 'digits' (offline classifier metrics); {config.dataset!r} needs "
-                     "the Inception FID extractor, which this version does not ship yet")
-  from ddpm_jax import digits_eval  # pylint: disable=g-import-not-at-top
+def _eta(seconds: float) -> str:
+  """Seconds as h:mm:ss."""
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
-  return digits_eval.evaluate(digits_eval.load_or_train(workdir, config.seed), samples, config.seed)
+
+def progress_printer(what: str, every: int = 1) -> Callable[[int, int], None]:
+  """A callback (done, total) printing progress, items/s and ETA on every `every`-th call and the last."""
+  start, calls = time.time(), iter(range(1 << 62))
+
+  def report(done: int, total: int) -> None:
+    if next(calls) % every == 0 or done >= total:
+      rate = done / max(time.time() - start, 1e-9)
+      print(f"{what} {done}/{total} | {rate:.1f}/s | ETA {_eta((total - done) / max(rate, 1e-9))}", flush=True)
+  return report
+
+
+def _inception_scores(config, samples: np.ndarray) -> dict[str, Any]:
+  """FID, KID and IS of samples against the dataset's real statistics (cached beside the Inception weights)."""
+  from ddpm_jax import inception  # pylint: disable=g-import-not-at-top
+
+  weights = config.get("inception_weights") or ""
+  variables = inception.load_variables(weights)
+  extractor = inception.make_extractor(variables)
+  batch = config.get("eval_batch_size", 100)
+  source = data.make_source(config.dataset, data_dir=config.data.data_dir, split=config.data.split,
+                            download=config.data.download)
+  num_real = min(config.get("fid_num_real", 50_000), source.size)
+  slug = re.sub(r"[^A-Za-z0-9]+", "_", f"{config.dataset}_{config.data.split}").strip("_")
+  path = os.path.join(os.path.dirname(os.path.abspath(weights)), "fid_stats",
+                      f"{slug}_{config.image_size}px_{config.data.channels}ch_{num_real}.npz")
+
+  def real_features() -> np.ndarray:
+    print(f"computing Inception statistics of {num_real} real images into {path}", flush=True)
+    stream = data.batch_stream(source, seed=0, global_batch=batch, image_size=config.image_size,
+                               channels=config.data.channels, random_flip=False)
+    real = (b.reshape((-1,) + b.shape[2:]) for b in stream)
+    return inception.reference_features(extractor, real, num_real, progress_printer("real images", every=10))
+
+  reference = inception.cached_reference(path, real_features, inception.weights_fingerprint(weights))
+  return inception.score(extractor, samples, reference, batch)
+
+
+def evaluate_samples(config, workdir: str, samples: np.ndarray) -> dict[str, Any]:
+  """Sample-quality numbers: the offline classifier for the embedded digits, Inception FID/KID/IS otherwise."""
+  if config.dataset == "digits":
+    from ddpm_jax import digits_eval  # pylint: disable=g-import-not-at-top
+
+    return {"evaluator": "digits",
+            **digits_eval.evaluate(digits_eval.load_or_train(workdir, config.seed), samples, config.seed)}
+  return {"evaluator": "inception", **_inception_scores(config, samples)}
+
+
+def eval_report(result: dict[str, Any]) -> str:
+  """One human-readable line of an evaluate_samples() result."""
+  from ddpm_jax import digits_eval, inception  # pylint: disable=g-import-not-at-top
+
+  return (digits_eval.report if result["evaluator"] == "digits" else inception.report)(result)
 
 
 class MetricWriter:
@@ -158,12 +210,6 @@ def prefetch(iterator: Iterator[Any], put: Callable[[Any], Any], size: int = 2) 
     yield queue.popleft()
 
 
-def _eta(seconds: float) -> str:
-  """Seconds as h:mm:ss."""
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
 def _check_finite(rows: list[tuple[int, dict]]) -> None:
   """Raises FloatingPointError naming the first step whose loss is NaN or Inf."""
   for step, m in rows:
@@ -180,12 +226,10 @@ def _periodic_samples(config, workdir: str, step: int, last: bool, ema_params: C
     samples = sample_from_config(config, apply_fn, ema_params(), schedule, key, config.sample.num_samples)
     images.save_samples(os.path.join(workdir, "samples", f"step_{step:08d}.png"), samples)
   if due(config.get("eval_every_steps", 0)):
-    from ddpm_jax import digits_eval  # pylint: disable=g-import-not-at-top
-
     samples = sample_from_config(config, apply_fn, ema_params(), schedule, key, config.eval_num_samples)
     result = evaluate_samples(config, workdir, samples)
     writer.write(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
-    print(f"eval at step {step}: {digits_eval.report(result)}", flush=True)
+    print(f"eval at step {step}: {eval_report(result)}", flush=True)
 
 
 def train_and_evaluate(config, workdir: str, stop_at_step: Optional[int] = None) -> TrainState:

@@ -15,10 +15,18 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
+def _psd_eigenvalues(w: np.ndarray) -> np.ndarray:
+  """Eigenvalues of a PSD matrix with those under its rounding level (d·ε·max) set to 0, as the null space's are.
+
+  Their square roots would otherwise add d·sqrt(ε·max) of noise to a rank-deficient covariance's trace term.
+  """
+  return np.where(w > len(w) * np.finfo(w.dtype).eps * max(w.max(), 0), w, 0)
+
+
 def _sqrt_psd(a: np.ndarray) -> np.ndarray:
   """The symmetric square root of a symmetric positive semi-definite matrix."""
   w, v = np.linalg.eigh((a + a.T) / 2)
-  return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+  return (v * np.sqrt(_psd_eigenvalues(w))) @ v.T
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -28,7 +36,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
   if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
     raise ValueError(f"mismatched statistics: means {mu1.shape} and {mu2.shape}, covariances {s1.shape} and {s2.shape}")
   r1 = _sqrt_psd(s1)
-  cross = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
+  cross = np.sqrt(_psd_eigenvalues(np.linalg.eigvalsh(r1 @ s2 @ r1))).sum()
   return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * cross)
 
 
@@ -57,12 +65,14 @@ def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, num_
 
 
 def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-  """(mean, std) over splits of exp(E_x KL(p(y|x) ‖ p(y))) from class logits [N, K]."""
+  """(mean, std) over min(splits, N) splits of exp(E_x KL(p(y|x) ‖ p(y))) from class logits [N, K]."""
   z = np.asarray(logits, np.float64)
+  if z.ndim != 2 or len(z) < 1:
+    raise ValueError(f"logits must be [N, K] with N >= 1, got shape {z.shape}")
   logp = z - z.max(axis=1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
   scores = []
-  for part in np.array_split(logp, splits):
+  for part in np.array_split(logp, min(splits, len(logp))):
     p = np.exp(part)
     log_marginal = np.log(p.mean(axis=0))
     scores.append(np.exp(np.mean(np.sum(p * (part - log_marginal), axis=1))))

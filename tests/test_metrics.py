@@ -51,6 +51,8 @@ def test_inception_score_bounds():
   confident = np.eye(k)[np.arange(1000) % k] * 50.0  # sure and balanced: score -> K
   assert metrics.inception_score(confident)[0] == pytest.approx(k, rel=1e-6)
   assert metrics.inception_score(np.zeros((1000, k)))[0] == pytest.approx(1.0)  # uninformative: 1
+  # Fewer samples than splits: one sample per split, and a single confident sample scores exp(KL(p ‖ p)) = 1.
+  assert metrics.inception_score(confident[:4], splits=10) == pytest.approx((1.0, 0.0))
 
 
 def test_extract_concatenates_batches():
