@@ -18,8 +18,6 @@ BLOCK_ORDERS = ("pre", "post")
 ATTN_NORMS = ("group", "layer")
 DOWNSAMPLES = ("conv", "space_to_depth")
 UPSAMPLES = ("nearest", "conv_transpose")
-CONVS = ("xla", "patches")
-Padding = Sequence[tuple[int, int]]
 
 
 def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
@@ -44,65 +42,6 @@ def upsample_nearest(x: jnp.ndarray, factor: int = 2) -> jnp.ndarray:
   return x.reshape(b, h * factor, w * factor, c)
 
 
-def _xla_conv(x: jnp.ndarray, w: jnp.ndarray, strides: tuple[int, int], padding: Padding) -> jnp.ndarray:
-  """NHWC x HWIO convolution by XLA."""
-  return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _patch_grad_conv(x: jnp.ndarray, w: jnp.ndarray, strides: tuple[int, int], padding: Padding) -> jnp.ndarray:
-  """_xla_conv whose weight gradient is one matmul of the input's patches with the output gradient."""
-  return _xla_conv(x, w, strides, padding)
-
-
-def _patch_grad_conv_fwd(x, w, strides, padding):
-  return _xla_conv(x, w, strides, padding), (x, w)
-
-
-def _patch_grad_conv_bwd(strides, padding, residuals, g):
-  x, w = residuals
-  kh, kw, cin, cout = w.shape
-  dx = jax.vjp(lambda x: _xla_conv(x, w, strides, padding), x)[1](g)[0]
-  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  (sh, sw), (ho, wo) = strides, g.shape[1:3]
-  patches = jnp.concatenate([xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
-                             for i in range(kh) for j in range(kw)], axis=-1)  # [B, Ho, Wo, kh·kw·Cin]
-  dw = jax.lax.dot_general(patches.reshape(-1, kh * kw * cin), g.reshape(-1, cout), (((0,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)
-  return dx, dw.reshape(kh, kw, cin, cout).astype(w.dtype)
-
-
-_patch_grad_conv.defvjp(_patch_grad_conv_fwd, _patch_grad_conv_bwd)
-
-
-def conv2d(x: jnp.ndarray, w: jnp.ndarray, strides: tuple[int, int], padding: Padding, impl: str = "xla"
-           ) -> jnp.ndarray:
-  """NHWC x HWIO convolution; impl "patches" computes the weight gradient as a patch matmul (same values)."""
-  if impl not in CONVS:
-    raise ValueError(f"conv={impl!r} is unknown: choose one of {', '.join(CONVS)}")
-  return (_xla_conv if impl == "xla" else _patch_grad_conv)(x, w, tuple(strides), tuple(map(tuple, padding)))
-
-
-class Conv(nn.Module):
-  """A 2-D convolution with bias and 'SAME' padding, the parameters of flax.linen.Conv, and a choice of conv2d."""
-
-  features: int
-  kernel_size: tuple[int, int]
-  strides: tuple[int, int] = (1, 1)
-  impl: str = "xla"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (*self.kernel_size, x.shape[-1], self.features),
-                        self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
-    padding = jax.lax.padtype_to_pads(x.shape[1:3], self.kernel_size, self.strides, "SAME")
-    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, padding, self.impl)
-    return y + bias.astype(self.dtype)
-
-
 class ResBlock(nn.Module):
   """Two 3x3 convolutions with GroupNorm, SiLU and a time-embedding shift, plus a shortcut."""
 
@@ -110,13 +49,12 @@ class ResBlock(nn.Module):
   groups: int
   order: str = "pre"
   dropout: float = 0.0
-  conv: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, train: bool) -> jnp.ndarray:
-    conv = functools.partial(Conv, self.out_ch, (3, 3), impl=self.conv, dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = functools.partial(nn.Conv, self.out_ch, (3, 3), dtype=self.dtype, param_dtype=self.param_dtype)
     norm = functools.partial(nn.GroupNorm, num_groups=self.groups, dtype=self.dtype, param_dtype=self.param_dtype)
     shift = nn.Dense(self.out_ch, dtype=self.dtype, param_dtype=self.param_dtype)(nn.silu(temb))[:, None, None, :]
     drop = nn.Dropout(self.dropout, deterministic=not train)
@@ -127,7 +65,7 @@ class ResBlock(nn.Module):
       h = nn.silu(norm()(conv()(x))) + shift
       h = nn.silu(norm()(conv()(drop(h))))
     if x.shape[-1] != self.out_ch:
-      x = Conv(self.out_ch, (1, 1), impl=self.conv, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+      x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype)(x)
     return x + h
 
 
@@ -188,7 +126,6 @@ class UNet(nn.Module):
   downsample: str = "conv"
   upsample: str = "nearest"
   topology: str = "ddpm"
-  conv: str = "xla"  # "patches": weight gradients as patch matmuls (faster on XLA:CPU; same values)
   out_channels: Optional[int] = None  # None: as many as the input
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -197,7 +134,7 @@ class UNet(nn.Module):
     """Raises ValueError for settings, or an NHWC input shape, this network cannot take."""
     for field, value, allowed in (("topology", self.topology, TOPOLOGIES), ("block_order", self.block_order, BLOCK_ORDERS),
                                   ("attn_norm", self.attn_norm, ATTN_NORMS), ("downsample", self.downsample, DOWNSAMPLES),
-                                  ("upsample", self.upsample, UPSAMPLES), ("conv", self.conv, CONVS)):
+                                  ("upsample", self.upsample, UPSAMPLES)):
       if value not in allowed:
         raise ValueError(f"UNet {field}={value!r} is unknown: choose one of {', '.join(allowed)}")
     if not self.channel_mult or self.num_res_blocks < 1 or self.base_channels < 1:
@@ -228,19 +165,18 @@ class UNet(nn.Module):
     if t.shape != x.shape[:1]:
       raise ValueError(f"t must be a scalar or of shape [{x.shape[0]}] (the batch), got shape {t.shape}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    conv_kw = dict(impl=self.conv, **kw)
     ch = self.base_channels
     temb = timestep_embedding(t, ch)
     temb = nn.Dense(4 * ch, name="temb_dense_0", **kw)(temb)
     temb = nn.Dense(4 * ch, name="temb_dense_1", **kw)(nn.silu(temb))
     if self.double_temb_silu:
       temb = nn.silu(temb)
-    res = lambda name, width, h: ResBlock(width, self.norm_groups, self.block_order, self.dropout, self.conv,
-                                          name=name, **kw)(h, temb, train)
+    res = lambda name, width, h: ResBlock(width, self.norm_groups, self.block_order, self.dropout, name=name,
+                                          **kw)(h, temb, train)
     attn = lambda name, h: AttentionBlock(self.num_heads, self.head_dim, self.attn_norm, self.attn_qkv_bias,
                                           self.norm_groups, name=name, **kw)(h)
     body = self._ddpm_body if self.topology == "ddpm" else self._book_body
-    h = body(x.astype(self.dtype), res, attn, conv_kw)
+    h = body(x.astype(self.dtype), res, attn, kw)
     return h.astype(x.dtype)
 
   def _wants_attn(self, h: jnp.ndarray, block: int, up: bool) -> bool:
@@ -252,15 +188,14 @@ class UNet(nn.Module):
   def _down(self, name: str, h: jnp.ndarray, width: int, kw: dict) -> jnp.ndarray:
     """Halves the resolution, ending at `width` channels."""
     if self.downsample == "conv":
-      return Conv(width, (3, 3), strides=(2, 2), name=name, **kw)(h)
-    return Conv(width, (1, 1), name=name, **kw)(space_to_depth(h))
+      return nn.Conv(width, (3, 3), strides=(2, 2), name=name, **kw)(h)
+    return nn.Conv(width, (1, 1), name=name, **kw)(space_to_depth(h))
 
   def _up(self, name: str, h: jnp.ndarray, width: int, kw: dict) -> jnp.ndarray:
     """Doubles the resolution, ending at `width` channels."""
     if self.upsample == "nearest":
-      return Conv(width, (3, 3), name=name, **kw)(upsample_nearest(h))
-    return nn.ConvTranspose(width, (2, 2), strides=(2, 2), name=name, dtype=kw["dtype"],
-                            param_dtype=kw["param_dtype"])(h)
+      return nn.Conv(width, (3, 3), name=name, **kw)(upsample_nearest(h))
+    return nn.ConvTranspose(width, (2, 2), strides=(2, 2), name=name, **kw)(h)
 
   def _level(self, h, level: int, width: int, blocks: int, skips: list, res, attn, up: bool):
     """One resolution level's residual blocks (each maybe followed by attention): the encoder pushes a skip
@@ -277,7 +212,7 @@ class UNet(nn.Module):
   def _ddpm_body(self, x, res, attn, kw):
     """The DDPM paper's encoder, middle, decoder and head."""
     widths = [self.base_channels * m for m in self.channel_mult]
-    h = Conv(self.base_channels, (3, 3), name="stem", **kw)(x)
+    h = nn.Conv(self.base_channels, (3, 3), name="stem", **kw)(x)
     skips = [h]
     for level, width in enumerate(widths):
       h = self._level(h, level, width, self.num_res_blocks, skips, res, attn, up=False)
@@ -289,30 +224,29 @@ class UNet(nn.Module):
       h = self._level(h, level, widths[level], self.num_res_blocks + 1, skips, res, attn, up=True)
       if level != 0:
         h = self._up(f"up_{level}_upsample", h, h.shape[-1], kw)
-    h = nn.silu(nn.GroupNorm(num_groups=self.norm_groups, name="head_norm", dtype=kw["dtype"],
-                             param_dtype=kw["param_dtype"])(h))
-    return Conv(self.out_channels or x.shape[-1], (3, 3), name="head_conv", **kw)(h)
+    h = nn.silu(nn.GroupNorm(num_groups=self.norm_groups, name="head_norm", **kw)(h))
+    return nn.Conv(self.out_channels or x.shape[-1], (3, 3), name="head_conv", **kw)(h)
 
   def _book_body(self, x, res, attn, kw):
     """The book's encoder, middle and decoder at twice the width, and global-skip head."""
     widths = [self.base_channels * m for m in self.channel_mult]
-    r = h = Conv(self.base_channels, (3, 3), name="stem", **kw)(x)
+    r = h = nn.Conv(self.base_channels, (3, 3), name="stem", **kw)(x)
     skips = []
     for level, width in enumerate(widths):
       h = self._level(h, level, width, self.num_res_blocks, skips, res, attn, up=False)
       if level != len(widths) - 1:
         h = self._down(f"down_{level}_downsample", h, widths[level + 1], kw)
       else:
-        h = Conv(2 * width, (3, 3), name=f"down_{level}_widen", **kw)(h)
+        h = nn.Conv(2 * width, (3, 3), name=f"down_{level}_widen", **kw)(h)
     h = res("mid_res_1", 2 * widths[-1], attn("mid_attn", res("mid_res_0", 2 * widths[-1], h)))
     for level in reversed(range(len(widths))):
       h = self._level(h, level, 2 * widths[level], self.num_res_blocks, skips, res, attn, up=True)
       if level != 0:
         h = self._up(f"up_{level}_upsample", h, 2 * widths[level - 1], kw)
       else:
-        h = Conv(self.base_channels, (3, 3), name=f"up_{level}_narrow", **kw)(h)
+        h = nn.Conv(self.base_channels, (3, 3), name=f"up_{level}_narrow", **kw)(h)
     h = res("head_res", self.base_channels, jnp.concatenate([h, r], axis=-1))
-    return Conv(self.out_channels or x.shape[-1], (1, 1), name="head_conv", **kw)(h)
+    return nn.Conv(self.out_channels or x.shape[-1], (1, 1), name="head_conv", **kw)(h)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax.unet import CONVS, conv2d, count_params, unet_preset
+from ddpm_jax.unet import count_params, unet_preset
 
 TINY = unet_preset("tiny")
 # A book-topology model small enough for the CPU: every book-specific block kind, 4x4 .. 16x16.
@@ -148,33 +148,3 @@ def test_bad_settings_and_inputs_raise_clear_errors(build, shape, fragment):
   with pytest.raises(ValueError, match="^" + re.escape(fragment)):
     model = build()
     jax.eval_shape(lambda: _init(model, shape))
-
-
-@pytest.mark.parametrize("strides, kernel, size", [((1, 1), (3, 3), 8), ((2, 2), (3, 3), 8), ((1, 1), (1, 1), 6)])
-def test_patch_weight_gradient_conv_matches_xla(strides, kernel, size):
-  """conv="patches" changes how the weight gradient is computed, not what it is (checked against lax.conv's)."""
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(3, size, size, 5)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(*kernel, 5, 7)), jnp.float32)
-  pads = jax.lax.padtype_to_pads(x.shape[1:3], kernel, strides, "SAME")  # stride 2 at size 8: (0, 1), asymmetric
-  g = jnp.asarray(rng.normal(size=jax.eval_shape(lambda: conv2d(x, w, strides, pads)).shape), jnp.float32)
-  outs = {}
-  for impl in CONVS:
-    y, vjp = jax.vjp(lambda x, w, impl=impl: conv2d(x, w, strides, pads, impl), x, w)
-    outs[impl] = (y, *vjp(g))
-  # Sums of at most 3·8·8·9·5 = 8,640 float32 products of N(0, 1) factors: a few 1e-5 of their typical size.
-  for a, b in zip(outs["xla"], outs["patches"]):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-4)
-
-
-def test_patch_conv_unet_has_the_same_params_and_gradients():
-  patches = unet_preset("tiny", conv="patches")
-  x, t = jax.random.normal(jax.random.key(1), (2, 8, 8, 1)), jnp.array([3, 700])
-  p_xla, p_patch = _init(TINY, x.shape), _init(patches, x.shape)
-  assert jax.tree.structure(p_xla) == jax.tree.structure(p_patch)
-  for a, b in zip(jax.tree.leaves(p_xla), jax.tree.leaves(p_patch)):
-    np.testing.assert_array_equal(a, b)
-  grad = lambda m: jax.grad(lambda p: jnp.abs(m.apply(p, x, t)).mean())(p_xla)
-  # float32 gradients through ~20 layers, summed in different orders: agreement to 1e-4 of the largest entry.
-  for a, b in zip(jax.tree.leaves(grad(TINY)), jax.tree.leaves(grad(patches))):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4 * float(np.abs(a).max()) + 1e-8)
