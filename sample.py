@@ -60,7 +60,8 @@ def main(argv):
       from ddpm_jax import checkpoint  # pylint: disable=g-import-not-at-top
 
       if FLAGS.inception_weights:
-        config.inception_weights = FLAGS.inception_weights
+        with config.unlocked():  # a --config file's dict is locked; configs written before FID lack the key
+          config.inception_weights = FLAGS.inception_weights
       workdir = checkpoint.locate(FLAGS.checkpoint or FLAGS.workdir)[0]
       result = evaluate_samples(config, workdir, x)
       result.update(step=int(state.step), ema=FLAGS.use_ema, seed=FLAGS.seed, **overrides)

@@ -2,6 +2,8 @@
 
 import os
 
+import jax
+import numpy as np
 import pytest
 
 
@@ -9,3 +11,29 @@ import pytest
 def shared_compilation_cache(tmp_path_factory):
   """Subprocesses started by tests share XLA's persistent compilation cache, so each program compiles once."""
   os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
+
+
+@pytest.fixture(scope="session")
+def inception_variables():
+  """FID Inception-v3 variables with He-initialised kernels and identity batch norms (activations keep their scale)."""
+  from ddpm_jax import inception  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+
+  def leaf(path, spec):
+    name = path[-1].key
+    if name == "kernel":
+      return rng.normal(0, np.sqrt(2 / np.prod(spec.shape[:-1])), spec.shape).astype(np.float32)
+    return (np.ones if name in ("scale", "var") else np.zeros)(spec.shape, np.float32)
+
+  return jax.tree_util.tree_map_with_path(leaf, inception.template())
+
+
+@pytest.fixture(scope="session")
+def inception_weights(inception_variables, tmp_path_factory):
+  """A weight file of inception_variables, as tools/convert_inception_weights.py writes it."""
+  from ddpm_jax import inception  # pylint: disable=g-import-not-at-top
+
+  path = str(tmp_path_factory.mktemp("inception") / "inception.msgpack")
+  inception.save_variables(inception_variables, path)
+  return path

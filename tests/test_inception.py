@@ -11,19 +11,6 @@ from ddpm_jax import inception
 BATCH = 8  # one shape for every forward pass in this file: one compile
 
 
-def random_variables(seed: int = 0) -> dict:
-  """He-initialised kernels and identity batch norms: activations keep their scale through the 94 convolutions."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, spec):
-    name = path[-1].key
-    if name == "kernel":
-      return rng.normal(0, np.sqrt(2 / np.prod(spec.shape[:-1])), spec.shape).astype(np.float32)
-    return (np.ones if name in ("scale", "var") else np.zeros)(spec.shape, np.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, inception.template())
-
-
 def torch_layout(variables: dict) -> dict:
   """The state dict torchvision's naming would give these variables (written here independently of the converter)."""
   out = {}
@@ -50,8 +37,8 @@ def test_parameter_count_is_torchvisions_without_the_aux_head_with_1008_classes(
   assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)) == 27_161_264 - 3_326_696 + 8 * 2048 + 8
 
 
-def test_converter_maps_torch_layout_and_rejects_other_files(tmp_path):
-  variables = random_variables()
+def test_converter_maps_torch_layout_and_rejects_other_files(tmp_path, inception_variables):
+  variables = inception_variables
   state = torch_layout(variables)
   state["AuxLogits.fc.weight"] = np.zeros((1000, 768), np.float32)  # torchvision checkpoints carry it: ignored
   converted = inception.from_torch_state_dict(state)
@@ -77,9 +64,8 @@ def test_converter_maps_torch_layout_and_rejects_other_files(tmp_path):
     inception.load_variables(str(tmp_path / "absent.msgpack"))
 
 
-def test_fid_is_zero_for_the_same_images_and_grows_with_a_shift(tmp_path):
-  variables = random_variables()
-  extractor = inception.make_extractor(variables)
+def test_fid_is_zero_for_the_same_images_and_grows_with_a_shift(tmp_path, inception_variables):
+  extractor = inception.make_extractor(inception_variables)
   rng = np.random.default_rng(0)
   smooth = lambda n: np.tanh(rng.normal(size=(n, 4, 4, 3)).repeat(4, 1).repeat(4, 2)).astype(np.float32)
   real = smooth(2 * BATCH)
@@ -138,7 +124,7 @@ def test_matches_pytorch_fid_on_the_same_random_weights():
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4 * np.abs(want).max())
 
 
-def test_evaluate_samples_scores_a_folder_dataset_against_cached_statistics(tmp_path):
+def test_evaluate_samples_scores_a_folder_dataset_against_cached_statistics(tmp_path, inception_variables):
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   from configs import cifar10  # pylint: disable=g-import-not-at-top
@@ -151,7 +137,7 @@ def test_evaluate_samples_scores_a_folder_dataset_against_cached_statistics(tmp_
     Image.fromarray(image).save(tmp_path / "images" / f"{i:02d}.png")
   weights = str(tmp_path / "weights" / "inception.msgpack")
   os.makedirs(os.path.dirname(weights))
-  inception.save_variables(random_variables(), weights)
+  inception.save_variables(inception_variables, weights)
   config = cifar10.get_config()
   config.update(dict(dataset=f"folder:{tmp_path / 'images'}", image_size=16, eval_batch_size=BATCH,
                      fid_num_real=10 * BATCH, inception_weights=None, eval_every_steps=100))

@@ -12,6 +12,7 @@ from PIL import Image
 
 import configs.default as default_config
 from ddpm_jax import checkpoint
+from ddpm_jax.data import load_digits
 from ddpm_jax.train_state import create_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,3 +71,26 @@ def test_checkpoint_of_another_model_is_a_clear_error(workdir, tmp_path):
   assert res.returncode == 2
   last = res.stderr.strip().splitlines()[-1]
   assert last.startswith("sample.py: error: checkpoint 0 in ") and "was written by another model or optimizer" in last
+
+
+def test_eval_of_a_folder_dataset_reports_fid_with_the_given_weights(tmp_path, inception_weights):
+  images = tmp_path / "digits"
+  images.mkdir()
+  for i, digit in enumerate(load_digits()[0][:8]):
+    Image.fromarray(digit[:, :, 0]).save(images / f"{i}.png")
+  config = default_config.get_config()
+  config.dataset = f"folder:{images}"
+  state = create_train_state(config, jax.random.key(0), (1, 8, 8, 1))
+  manager = checkpoint.make_manager(str(tmp_path / "run"))
+  checkpoint.save(manager, state, config.to_json())
+  manager.wait_until_finished()
+  manager.close()
+  # --config gives a locked config without the key: the flag must still reach the evaluator.
+  res = run_sample(f"--workdir={tmp_path / 'run'}", f"--config={ROOT}/configs/default.py",
+                   f"--config.dataset=folder:{images}", "--num_samples=4", "--steps=2", f"--out={tmp_path}/s.png",
+                   "--eval", f"--inception_weights={inception_weights}")
+  assert res.returncode == 0, res.stderr[-3000:]
+  result = json.loads((tmp_path / "run" / "eval_step_0.json").read_text())
+  assert (result["evaluator"], result["num_samples"], result["num_real"]) == ("inception", 4, 8)
+  assert result["fid"] > 0 and 1 <= result["inception_score"] <= 1008
+  assert "eval: 4 samples vs 8 real: FID" in res.stdout
