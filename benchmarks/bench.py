@@ -1,0 +1,383 @@
+"""Train-step, forward and sampler throughput, FLOP/s against the measured matmul peak, memory, and a PyTorch peer.
+
+  python benchmarks/bench.py --preset tiny --batch 64 --precision fp32
+  python benchmarks/bench.py --preset tiny,ddpm_cifar10 --batch 16 --precision fp32,bf16 --markdown table.md
+  python benchmarks/bench.py --device gpu --preset ddpm_cifar10,book64 --batch 128 --precision bf16 --json gpu.json
+
+Every number is a median over --repeats timed runs after a warm-up; compile
+times are reported apart. FLOPs per image come from XLA's cost analysis of the
+compiled step. The peer (benchmarks/torch_unet.py, same architecture and
+parameter count) runs in the same process after JAX, when PyTorch is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Optional
+
+PRESET_SIZES = {"tiny": 32, "ddpm_cifar10": 32, "book64": 64}
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  """Command-line options; lists are comma-separated."""
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--preset", default="tiny", help="comma-separated: tiny, ddpm_cifar10, book64")
+  p.add_argument("--batch", default="16", help="comma-separated batch sizes")
+  p.add_argument("--precision", default="", help="comma-separated: fp32, bf16 (bf16 compute, fp32 params); "
+                 "default fp32 on CPU, bf16 on GPU")
+  p.add_argument("--image_size", type=int, default=0, help="0: the preset's own (tiny 32, ddpm_cifar10 32, book64 64)")
+  p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+  p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is reported)")
+  p.add_argument("--steps", type=int, default=5, help="train steps or forward passes per timed run")
+  p.add_argument("--ddpm1000", choices=("auto", "on", "off"), default="auto",
+                 help="time DDPM-1000 sampling (auto: on GPU, and for tiny on CPU)")
+  p.add_argument("--sample_repeats", type=int, default=3, help="timed runs of each sampler (after a first call)")
+  p.add_argument("--no_torch", action="store_true", help="skip the PyTorch peer")
+  p.add_argument("--torch_channels_last", action="store_true", help="run the peer in channels_last memory format")
+  p.add_argument("--json", default="", help="write the results here (one object, or a list for several configs)")
+  p.add_argument("--markdown", default="", help="write the results table here")
+  args = p.parse_args(argv)
+  args.presets = args.preset.split(",")
+  args.batches = [int(b) for b in args.batch.split(",")]
+  args.precisions = (args.precision or ("bf16" if args.device == "gpu" else "fp32")).split(",")
+  bad = ([f"--preset {x}" for x in args.presets if x not in PRESET_SIZES] +
+         [f"--precision {x}" for x in args.precisions if x not in PRECISIONS] +
+         [f"--batch {b}" for b in args.batches if b < 1])
+  if bad or min(args.repeats, args.steps, args.sample_repeats) < 1:
+    p.error(f"invalid {', '.join(bad) or '--repeats/--steps/--sample_repeats (must be >= 1)'}: presets are {', '.join(PRESET_SIZES)}, "
+            f"precisions {', '.join(PRECISIONS)}, batches positive integers")
+  return args
+
+
+def median_rate(run: Callable[[], None], items: int, repeats: int) -> float:
+  """Median over repeats of items / seconds of run() (which must block until done)."""
+  rates = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    rates.append(items / (time.perf_counter() - start))
+  return statistics.median(rates)
+
+
+def host_peak_rss() -> int:
+  """This process's peak resident set size in bytes."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ----------------------------------------------------------------------------------------------------- JAX side
+
+
+def jax_matmul_peak(dtype: str, n: int, repeats: int) -> float:
+  """Measured dense-matmul FLOP/s of one n x n @ n x n product in dtype (fp32 accumulate for bf16 inputs)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  a = jax.random.normal(jax.random.key(0), (n, n)).astype(dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n)).astype(dtype)
+  mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  mm(a, b).block_until_ready()
+  return median_rate(lambda: mm(a, b).block_until_ready(), 2 * n ** 3, repeats)
+
+
+def jax_config(preset: str, precision: str, image_size: int):
+  """The cifar10 experiment config with the preset's model in the given precision (AdamW, L1, EMA, clip 1)."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+  from configs import cifar10  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.unet import preset_config  # pylint: disable=g-import-not-at-top
+
+  config = cifar10.get_config()
+  config.image_size = image_size
+  config.model = preset_config(preset, dtype=PRECISIONS[precision])
+  config.optim.optimizer, config.optim.weight_decay = "adamw", 0.0
+  return config
+
+
+def jax_bench(preset: str, batch: int, precision: str, args: argparse.Namespace) -> dict[str, Any]:
+  """JAX numbers for one configuration."""
+  import flax.jax_utils  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.experiment import schedule_from_config  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.train_state import create_train_state  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.training import make_train_step  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.unet import count_params  # pylint: disable=g-import-not-at-top
+
+  size = args.image_size or PRESET_SIZES[preset]
+  config = jax_config(preset, precision, size)
+  schedule = schedule_from_config(config)
+  shape = (batch, size, size, 3)
+  out: dict[str, Any] = {}
+
+  start = time.perf_counter()
+  state = create_train_state(config, jax.random.key(0), (1, size, size, 3))
+  jax.block_until_ready(state)
+  out["init_s"] = time.perf_counter() - start
+  out["params"] = count_params(state.params)
+
+  # The train step as train.py runs it: pmapped over this device (pmean included), state donated.
+  step_fn = make_train_step(config, schedule, use_pmap=True)
+  state = flax.jax_utils.replicate(state, devices=jax.local_devices()[:1])
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1,) + shape).astype(np.float32))
+  key = jax.random.key(1)
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, x, key).compile()
+  out["train_compile_s"] = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  out["train_flops_per_image"] = float(cost["flops"]) / batch
+  holder = [state]
+
+  def train_run():
+    s = holder[0]
+    for _ in range(args.steps):
+      s, _ = compiled(s, x, key)
+    jax.block_until_ready(s)
+    holder[0] = s
+
+  train_run()  # warm-up
+  out["jax_train_images_per_s"] = median_rate(train_run, args.steps * batch, args.repeats)
+  params = flax.jax_utils.unreplicate(holder[0]).params
+  apply_fn = holder[0].apply_fn
+  del holder[:], state
+
+  # One forward pass of the network (sampling's unit of work).
+  fwd = jax.jit(lambda p, x, t: apply_fn({"params": p}, x, t))
+  t = jnp.full((batch,), 500, jnp.int32)
+  start = time.perf_counter()
+  fwd_compiled = fwd.lower(params, x[0], t).compile()
+  out["forward_compile_s"] = time.perf_counter() - start
+  fcost = fwd_compiled.cost_analysis()
+  out["forward_flops_per_image"] = float((fcost[0] if isinstance(fcost, list) else fcost)["flops"]) / batch
+  fwd_run = lambda: [fwd_compiled(params, x[0], t) for _ in range(args.steps)][-1].block_until_ready()
+  fwd_run()
+  out["jax_forward_images_per_s"] = median_rate(fwd_run, args.steps * batch, args.repeats)
+
+  # The lax.scan samplers.
+  eps_fn = lambda xt, tt: apply_fn({"params": params}, xt, tt)
+  sample_key = jax.random.key(2)
+  for name, method, steps in (("ddim50", "ddim", 50), ("ddpm1000", "ddpm", 1000)):
+    wanted = {"auto": args.device == "gpu" or preset == "tiny", "on": True, "off": False}[args.ddpm1000]
+    if name == "ddpm1000" and not wanted:
+      out[f"sample_{name}_images_per_s"] = out[f"sample_{name}_overhead"] = None
+      continue
+    run = lambda: sampling.sample(eps_fn, schedule, sample_key, shape, method=method, num_steps=steps,
+                                  eta=1.0).block_until_ready()
+    start = time.perf_counter()
+    run()
+    out[f"sample_{name}_first_call_s"] = time.perf_counter() - start
+    rate = median_rate(run, batch, args.sample_repeats if steps <= 50 else 1)
+    out[f"sample_{name}_images_per_s"] = rate
+    # > 1: time beyond `steps` jitted forward passes (the sampler's own arithmetic and the scan).
+    out[f"sample_{name}_overhead"] = (batch / rate) / (steps * batch / out["jax_forward_images_per_s"])
+
+  dev = jax.local_devices()[0]
+  if dev.platform == "cpu":
+    out["peak_memory_bytes"], out["memory_kind"] = host_peak_rss(), "host peak RSS (process, JAX part)"
+  else:
+    stats = dev.memory_stats() or {}
+    out["peak_memory_bytes"], out["memory_kind"] = stats.get("peak_bytes_in_use"), "device peak bytes in use"
+  return out
+
+
+# --------------------------------------------------------------------------------------------------- PyTorch peer
+
+
+def torch_bench(preset: str, batch: int, precision: str, jax_params: int, args: argparse.Namespace
+                ) -> Optional[dict[str, Any]]:
+  """The PyTorch peer's numbers, or None when PyTorch is not installed."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
+
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import torch_unet  # pylint: disable=g-import-not-at-top
+
+  from ddpm_jax.unet import preset_config  # pylint: disable=g-import-not-at-top
+
+  device = "cuda" if args.device == "gpu" else "cpu"
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  size = args.image_size or PRESET_SIZES[preset]
+  torch.manual_seed(0)
+  model = torch_unet.UNet(preset_config(preset), 3, size).to(device)
+  n = torch_unet.count_params(model)
+  if n != jax_params:
+    raise RuntimeError(f"the PyTorch peer has {n} parameters, the JAX {preset} {jax_params}: not the same model")
+  fmt = torch.channels_last if args.torch_channels_last else torch.contiguous_format
+  model = model.to(memory_format=fmt)
+  ema = [p.detach().clone() for p in model.parameters()]
+  opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.0)
+  abar = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64).neg().add(1).cumprod(0).float().to(device)
+  x0 = torch.rand(batch, 3, size, size, device=device).mul(2).sub(1).contiguous(memory_format=fmt)
+  autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+  out: dict[str, Any] = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+  def step():
+    t = torch.randint(0, 1000, (batch,), device=device)
+    noise = torch.randn_like(x0)
+    a = abar[t][:, None, None, None]
+    with autocast():
+      pred = model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t)
+    loss = (pred.float() - noise).abs().mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+      torch._foreach_lerp_(ema, list(model.parameters()), 1 - 0.9999)  # pylint: disable=protected-access
+
+  def train_run():
+    for _ in range(args.steps):
+      step()
+    sync()
+
+  model.train()
+  train_run()
+  out["torch_train_images_per_s"] = median_rate(train_run, args.steps * batch, args.repeats)
+  model.eval()
+  t = torch.full((batch,), 500, device=device)
+  with torch.no_grad(), FlopCounterMode(display=False) as counter, autocast():
+    model(x0, t)
+  out["torch_forward_flops_per_image"] = counter.get_total_flops() / batch
+
+  def fwd_run():
+    with torch.no_grad(), autocast():
+      for _ in range(args.steps):
+        model(x0, t)
+    sync()
+
+  fwd_run()
+  out["torch_forward_images_per_s"] = median_rate(fwd_run, args.steps * batch, args.repeats)
+  if device == "cuda":
+    out["torch_peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+
+
+def run_one(preset: str, batch: int, precision: str, peak: float, args: argparse.Namespace) -> dict[str, Any]:
+  """Every number for one (preset, batch, precision)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  print(f"== {preset} batch {batch} {precision} on {args.device}", flush=True)
+  res: dict[str, Any] = {"preset": preset, "batch": batch, "precision": precision,
+                         "image_size": args.image_size or PRESET_SIZES[preset]}
+  res.update(jax_bench(preset, batch, precision, args))
+  res["matmul_peak_flops_per_s"] = peak
+  res["train_flops_per_s"] = res["train_flops_per_image"] * res["jax_train_images_per_s"]
+  res["train_fraction_of_peak"] = res["train_flops_per_s"] / peak
+  torch_res = None if args.no_torch else torch_bench(preset, batch, precision, res["params"], args)
+  res["torch_skipped"] = None if torch_res else ("--no_torch" if args.no_torch else "PyTorch is not installed")
+  res.update(torch_res or {"torch_train_images_per_s": None, "torch_forward_images_per_s": None})
+  ratio = lambda a, b: res[a] / res[b] if res.get(b) else None
+  res["train_ratio"] = ratio("jax_train_images_per_s", "torch_train_images_per_s")
+  res["forward_ratio"] = ratio("jax_forward_images_per_s", "torch_forward_images_per_s")
+  res["device"] = str(jax.local_devices()[0].device_kind)
+  print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=None), flush=True)
+  return res
+
+
+def fmt(v: Any, spec: str = ".1f") -> str:
+  """A table cell: '-' for None."""
+  return "-" if v is None else format(v, spec)
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+  """The results as a Markdown table with the environment above it."""
+  env = results[0]
+  lines = [f"Device: {env['device']} ({env['platform']}, {env['cpu_count']} cores); jax {env['jax_version']}, "
+           f"flax {env['flax_version']}, torch {env.get('torch_version', 'not installed')}. Matmul peak "
+           f"({env['matmul_n']}x{env['matmul_n']}), measured in each run: "
+           + ", ".join(f"{r['preset']}/{r['precision']} {r['matmul_peak_flops_per_s'] / 1e12:.3f} TFLOP/s"
+                       for r in results) + ".", "",
+           "| preset | batch | precision | JAX train img/s | PyTorch train img/s | train ratio | "
+           "JAX fwd img/s | PyTorch fwd img/s | fwd ratio | train GFLOP/img | train TFLOP/s | fraction of peak | "
+           "DDIM-50 img/s | DDPM-1000 img/s | sampler overhead (DDIM-50) | peak memory MiB | compile s |",
+           "|" + " --- |" * 17]
+  for r in results:
+    lines.append(
+        f"| {r['preset']} | {r['batch']} | {r['precision']} | {fmt(r['jax_train_images_per_s'])} | "
+        f"{fmt(r['torch_train_images_per_s'])} | {fmt(r['train_ratio'], '.2f')} | "
+        f"{fmt(r['jax_forward_images_per_s'])} | {fmt(r['torch_forward_images_per_s'])} | "
+        f"{fmt(r['forward_ratio'], '.2f')} | {r['train_flops_per_image'] / 1e9:.2f} | "
+        f"{r['train_flops_per_s'] / 1e12:.3f} | {r['train_fraction_of_peak']:.3f} | "
+        f"{fmt(r['sample_ddim50_images_per_s'], '.2f')} | {fmt(r['sample_ddpm1000_images_per_s'], '.3f')} | "
+        f"{fmt(r['sample_ddim50_overhead'], '.2f')} | {fmt(r['peak_memory_bytes'] and r['peak_memory_bytes'] / 2**20, '.0f')} | "
+        f"{r['train_compile_s']:.1f} |")
+  return "\n".join(lines) + "\n"
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+  """The one configuration args names, measured in this process."""
+  if args.device == "cpu":
+    os.environ["JAX_PLATFORMS"] = "cpu"  # before JAX starts: a GPU build must not take the work
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  if args.device == "gpu" and jax.default_backend() != "gpu":
+    raise SystemExit(f"bench.py: error: --device gpu but JAX's backend is {jax.default_backend()!r}: "
+                     "install jax[cuda13] (or jax[cuda12])")
+  (preset,), (batch,), (precision,) = args.presets, args.batches, args.precisions
+  n = 8192 if args.device == "gpu" else 2048
+  peak = jax_matmul_peak(PRECISIONS[precision], n, args.repeats)
+  print(f"matmul peak ({n}x{n}, {precision}): {peak / 1e12:.3f} TFLOP/s", flush=True)
+  env = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax_version": jax.__version__,
+         "flax_version": flax.__version__, "optax_version": optax.__version__, "python": platform.python_version(), "matmul_n": n}
+  return {**run_one(preset, batch, precision, peak, args), **env}
+
+
+def child_argv(args: argparse.Namespace, preset: str, batch: int, precision: str, json_path: str) -> list[str]:
+  """This script's command line for one configuration, other options kept."""
+  argv = [sys.executable, os.path.abspath(__file__), f"--preset={preset}", f"--batch={batch}",
+          f"--precision={precision}", f"--json={json_path}", f"--device={args.device}",
+          f"--repeats={args.repeats}", f"--steps={args.steps}", f"--sample_repeats={args.sample_repeats}",
+          f"--ddpm1000={args.ddpm1000}", f"--image_size={args.image_size}"]
+  return argv + ["--no_torch"] * args.no_torch + ["--torch_channels_last"] * args.torch_channels_last
+
+
+def main(argv: list[str]) -> int:
+  """Measures every requested configuration (each in a fresh process, so peak memory is its own) and reports."""
+  args = parse_args(argv)
+  configs = [(p, b, q) for p in args.presets for b in args.batches for q in args.precisions]
+  if len(configs) == 1:
+    results = [measure(args)]
+  else:
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+      for i, config in enumerate(configs):
+        path = os.path.join(tmp, f"{i}.json")
+        done = subprocess.run(child_argv(args, *config, path), check=False)
+        if done.returncode:
+          print(f"bench.py: error: the run for {config} failed with exit code {done.returncode}", file=sys.stderr)
+          return 1
+        with open(path, encoding="utf-8") as f:
+          results.append(json.load(f))
+  table = markdown(results)
+  print(table)
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(results[0] if len(results) == 1 else results, f, indent=2)
+  if args.markdown:
+    with open(args.markdown, "w", encoding="utf-8") as f:
+      f.write(table)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
