@@ -283,7 +283,8 @@ def run_one(preset: str, batch: int, precision: str, peak: float, args: argparse
   res["train_fraction_of_peak"] = res["train_flops_per_s"] / peak
   torch_res = None if args.no_torch else torch_bench(preset, batch, precision, res["params"], args)
   res["torch_skipped"] = None if torch_res else ("--no_torch" if args.no_torch else "PyTorch is not installed")
-  res.update(torch_res or {"torch_train_images_per_s": None, "torch_forward_images_per_s": None})
+  res.update(torch_res or {"torch_train_images_per_s": None, "torch_forward_images_per_s": None,
+                           "torch_version": None})
   ratio = lambda a, b: res[a] / res[b] if res.get(b) else None
   res["train_ratio"] = ratio("jax_train_images_per_s", "torch_train_images_per_s")
   res["forward_ratio"] = ratio("jax_forward_images_per_s", "torch_forward_images_per_s")
@@ -301,7 +302,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
   """The results as a Markdown table with the environment above it."""
   env = results[0]
   lines = [f"Device: {env['device']} ({env['platform']}, {env['cpu_count']} cores); jax {env['jax_version']}, "
-           f"flax {env['flax_version']}, torch {env.get('torch_version', 'not installed')}. Matmul peak "
+           f"flax {env['flax_version']}, torch {env['torch_version'] or 'not run'}. Matmul peak "
            f"({env['matmul_n']}x{env['matmul_n']}), measured in each run: "
            + ", ".join(f"{r['preset']}/{r['precision']} {r['matmul_peak_flops_per_s'] / 1e12:.3f} TFLOP/s"
                        for r in results) + ".", "",
