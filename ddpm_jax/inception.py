@@ -288,25 +288,25 @@ def cached_reference(path: str, compute: Callable[[], np.ndarray], fingerprint: 
     with np.load(path) as cached:
       if str(cached["fingerprint"]) == fingerprint:
         return {k: cached[k] for k in ("mu", "sigma", "features")}
-  features = compute()
-  mu, sigma = metrics.feature_stats(features)
+  real = compute()
+  mu, sigma = metrics.feature_stats(real)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path + ".tmp", "wb") as f:
-    np.savez(f, mu=mu, sigma=sigma, features=features.astype(np.float32), fingerprint=fingerprint)
+    np.savez(f, mu=mu, sigma=sigma, features=real.astype(np.float32), fingerprint=fingerprint)
   os.replace(path + ".tmp", path)
-  return {"mu": mu, "sigma": sigma, "features": features}
+  return {"mu": mu, "sigma": sigma, "features": real}
 
 
 def score(extractor: Callable, samples: np.ndarray, reference: dict[str, np.ndarray], batch_size: int = 100
           ) -> dict[str, Any]:
   """FID, KID and Inception score of samples in [-1, 1] against reference statistics."""
-  features, logits = metrics.extract(extractor, batches(samples, batch_size))
+  fake, logits = metrics.extract(extractor, batches(samples, batch_size))
   is_mean, is_std = metrics.inception_score(logits)
-  kid_mean, kid_std = metrics.kernel_inception_distance(features, reference["features"])
+  kid_mean, kid_std = metrics.kernel_inception_distance(fake, reference["features"])
   return {
       "num_samples": int(len(samples)),
       "num_real": int(len(reference["features"])),
-      "fid": metrics.frechet_distance(*metrics.feature_stats(features), reference["mu"], reference["sigma"]),
+      "fid": metrics.frechet_distance(*metrics.feature_stats(fake), reference["mu"], reference["sigma"]),
       "kid": kid_mean,
       "kid_std": kid_std,
       "inception_score": is_mean,
