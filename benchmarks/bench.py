@@ -312,12 +312,12 @@ def markdown(results: list[dict[str, Any]]) -> str:
            "|" + " --- |" * 17]
   for r in results:
     lines.append(
-        f"| {r['preset']} | {r['batch']} | {r['precision']} | {fmt(r['jax_train_images_per_s'])} | "
-        f"{fmt(r['torch_train_images_per_s'])} | {fmt(r['train_ratio'], '.2f')} | "
-        f"{fmt(r['jax_forward_images_per_s'])} | {fmt(r['torch_forward_images_per_s'])} | "
+        f"| {r['preset']} | {r['batch']} | {r['precision']} | {fmt(r['jax_train_images_per_s'], '.3g')} | "
+        f"{fmt(r['torch_train_images_per_s'], '.3g')} | {fmt(r['train_ratio'], '.2f')} | "
+        f"{fmt(r['jax_forward_images_per_s'], '.3g')} | {fmt(r['torch_forward_images_per_s'], '.3g')} | "
         f"{fmt(r['forward_ratio'], '.2f')} | {r['train_flops_per_image'] / 1e9:.2f} | "
         f"{r['train_flops_per_s'] / 1e12:.3f} | {r['train_fraction_of_peak']:.3f} | "
-        f"{fmt(r['sample_ddim50_images_per_s'], '.2f')} | {fmt(r['sample_ddpm1000_images_per_s'], '.3f')} | "
+        f"{fmt(r['sample_ddim50_images_per_s'], '.3g')} | {fmt(r['sample_ddpm1000_images_per_s'], '.3g')} | "
         f"{fmt(r['sample_ddim50_overhead'], '.2f')} | {fmt(r['peak_memory_bytes'] and r['peak_memory_bytes'] / 2**20, '.0f')} | "
         f"{r['train_compile_s']:.1f} |")
   return "\n".join(lines) + "\n"
