@@ -24,6 +24,7 @@ import tempfile
 import time
 from typing import Any, Callable, Optional
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ of this checkout
 PRESET_SIZES = {"tiny": 32, "ddpm_cifar10": 32, "book64": 64}
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -91,7 +92,6 @@ def jax_matmul_peak(dtype: str, n: int, repeats: int) -> float:
 
 def jax_config(preset: str, precision: str, image_size: int):
   """The cifar10 experiment config with the preset's model in the given precision (AdamW, L1, EMA, clip 1)."""
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
   from configs import cifar10  # pylint: disable=g-import-not-at-top
   from ddpm_jax.unet import preset_config  # pylint: disable=g-import-not-at-top
 
@@ -204,8 +204,7 @@ def torch_bench(preset: str, batch: int, precision: str, jax_params: int, args: 
     return None
   from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
 
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import torch_unet  # pylint: disable=g-import-not-at-top
+  import torch_unet  # beside this script  # pylint: disable=g-import-not-at-top
 
   from ddpm_jax.unet import preset_config  # pylint: disable=g-import-not-at-top
 

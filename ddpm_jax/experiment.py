@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import re
@@ -122,7 +123,7 @@ def _eta(seconds: float) -> str:
 
 def progress_printer(what: str, every: int = 1) -> Callable[[int, int], None]:
   """A callback (done, total) printing progress, items/s and ETA on every `every`-th call and the last."""
-  start, calls = time.time(), iter(range(1 << 62))
+  start, calls = time.time(), itertools.count()
 
   def report(done: int, total: int) -> None:
     if next(calls) % every == 0 or done >= total:

@@ -1,6 +1,6 @@
 """The FID Inception-v3: its size, the weight converter, FID plumbing on random weights, and parity with pytorch-fid."""
 
-import os
+import pathlib
 
 import jax
 import numpy as np
@@ -124,7 +124,7 @@ def test_matches_pytorch_fid_on_the_same_random_weights():
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4 * np.abs(want).max())
 
 
-def test_evaluate_samples_scores_a_folder_dataset_against_cached_statistics(tmp_path, inception_variables):
+def test_evaluate_samples_scores_a_folder_dataset_against_cached_statistics(tmp_path, inception_weights):
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   from configs import cifar10  # pylint: disable=g-import-not-at-top
@@ -135,20 +135,18 @@ def test_evaluate_samples_scores_a_folder_dataset_against_cached_statistics(tmp_
   (tmp_path / "images").mkdir()
   for i, image in enumerate(real):
     Image.fromarray(image).save(tmp_path / "images" / f"{i:02d}.png")
-  weights = str(tmp_path / "weights" / "inception.msgpack")
-  os.makedirs(os.path.dirname(weights))
-  inception.save_variables(inception_variables, weights)
   config = cifar10.get_config()
   config.update(dict(dataset=f"folder:{tmp_path / 'images'}", image_size=16, eval_batch_size=BATCH,
                      fid_num_real=10 * BATCH, inception_weights=None, eval_every_steps=100))
   with pytest.raises(ValueError, match="no Inception weights given: set config.inception_weights"):
     experiment.validate_config(config, 1)
-  config.inception_weights = weights
+  config.inception_weights = inception_weights
 
   # The real images, shuffled, scored as samples: FID 0 (so samples and reference see the same pixel scaling).
   samples = rng.permutation(real).astype(np.float32) / 127.5 - 1
   result = experiment.evaluate_samples(config, str(tmp_path / "run"), samples)
-  [stats] = (tmp_path / "weights" / "fid_stats").glob(f"folder_*_images_train_16px_3ch_{BATCH}.npz")
+  stats_dir = pathlib.Path(inception_weights).parent / "fid_stats"  # beside the weights
+  [stats] = stats_dir.glob(f"folder_*_images_train_16px_3ch_{BATCH}.npz")
   assert (result["evaluator"], result["num_samples"], result["num_real"]) == ("inception", BATCH, BATCH)
   # Real images through tf.data vs the same uint8 values scaled here: equal up to float32 rounding of the pixels.
   assert abs(result["fid"]) < 1e-6 * np.trace(np.load(stats)["sigma"])
