@@ -1,18 +1,32 @@
-"""The forward process, its posterior, parameterisation conversions and the training loss.
+"""The forward process, its posterior, parameterisation conversions, training targets and the loss.
 
 Every function is pure, jit-able and broadcasts a per-example timestep `t`
 (int array of shape [B], or a scalar) over the remaining axes of `x`.
+
+A model predicts one of PREDICTIONS: the noise ε ("eps"), v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x0
+("v") or x0 itself ("x0"). `prediction_target` is what it learns, `split_prediction` turns
+its output back into (x̂0, ε̂), and `loss_weights` gives the per-example weights of
+LOSS_WEIGHTINGS ("none", or Hang et al. 2023's "min_snr") for `loss_fn`.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 
 from ddpm_jax.schedule import Schedule
 
 LOSSES = ("l1", "l2")
+PREDICTIONS = ("eps", "v", "x0")
+LOSS_WEIGHTINGS = ("none", "min_snr")
+
+
+def _check_choice(what: str, value: str, allowed: Sequence[str]) -> None:
+  """Raises a ValueError naming `value` and the allowed names unless value is one of them."""
+  if value not in allowed:
+    raise ValueError(f"unknown {what} {value!r}: choose one of {', '.join(allowed)}")
 
 
 def extract(coef: jnp.ndarray, t: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
@@ -62,6 +76,58 @@ def predict_eps_from_v(schedule: Schedule, x_t: jnp.ndarray, t: jnp.ndarray, v: 
   """Noise implied by x_t and a v estimate."""
   return (extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
           + extract(schedule.sqrt_alphas_cumprod, t, x_t) * v)
+
+
+def split_prediction(
+    schedule: Schedule, x_t: jnp.ndarray, t: jnp.ndarray, output: jnp.ndarray, prediction: str
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(x̂0, ε̂) implied by x_t and a model output of parameterisation `prediction` (one of PREDICTIONS)."""
+  _check_choice("prediction", prediction, PREDICTIONS)
+  if prediction == "eps":
+    return predict_x0_from_eps(schedule, x_t, t, output), output
+  if prediction == "v":
+    return predict_x0_from_v(schedule, x_t, t, output), predict_eps_from_v(schedule, x_t, t, output)
+  return output, predict_eps_from_x0(schedule, x_t, t, output)
+
+
+def prediction_target(
+    schedule: Schedule, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray, prediction: str
+) -> jnp.ndarray:
+  """The regression target of parameterisation `prediction` for x_t = q_sample(x0, t, noise): ε, v or x0."""
+  _check_choice("prediction", prediction, PREDICTIONS)
+  if prediction == "eps":
+    return noise
+  if prediction == "v":
+    return get_v(schedule, x0, t, noise)
+  return x0
+
+
+def snr(schedule: Schedule, t: jnp.ndarray) -> jnp.ndarray:
+  """The signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) at timesteps t, as float32."""
+  return 1.0 / jnp.square(schedule.sqrt_recipm1_alphas_cumprod[jnp.asarray(t)].astype(jnp.float32))
+
+
+def loss_weights(
+    schedule: Schedule, t: jnp.ndarray, *, prediction: str, weighting: str, min_snr_gamma: float = 5.0
+) -> jnp.ndarray:
+  """Per-example float32 loss weights (shape of t) of `weighting` for a model predicting `prediction`.
+
+  "none": ones. "min_snr" (Hang et al. 2023, γ = min_snr_gamma): min(SNR, γ) / SNR
+  for ε, min(SNR, γ) / (SNR + 1) for v, min(SNR, γ) for x0.
+  """
+  _check_choice("prediction", prediction, PREDICTIONS)
+  _check_choice("loss weighting", weighting, LOSS_WEIGHTINGS)
+  if weighting == "none":
+    return jnp.ones(jnp.shape(t), jnp.float32)
+  if not isinstance(min_snr_gamma, jax.Array) and not float(min_snr_gamma) > 0.0:
+    raise ValueError(f"min_snr_gamma={min_snr_gamma!r} is invalid: it must be positive")
+  ratio = snr(schedule, t)
+  clipped = jnp.minimum(ratio, jnp.asarray(min_snr_gamma, jnp.float32))
+  if prediction == "eps":
+    return clipped / ratio
+  if prediction == "v":
+    return clipped / (ratio + 1.0)
+  return clipped
 
 
 def q_posterior_mean_variance(

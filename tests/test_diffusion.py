@@ -1,4 +1,4 @@
-"""The forward process, conversions and losses against closed forms."""
+"""The forward process, conversions, prediction targets, loss weights and losses against closed forms."""
 
 import functools
 
@@ -62,6 +62,61 @@ def test_v_parameterisation_round_trips(batch):
   v = d.get_v(SCHED, x0, t, noise)
   np.testing.assert_allclose(d.predict_x0_from_v(SCHED, x_t, t, v), x0, atol=1e-5)
   np.testing.assert_allclose(d.predict_eps_from_v(SCHED, x_t, t, v), noise, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", d.PREDICTIONS)
+def test_prediction_target_and_split_prediction_round_trip(prediction, batch):
+  x0, noise, t = batch
+  x_t = d.q_sample(SCHED, x0, t, noise)
+  ab = _abar64(np.asarray(t)).reshape(-1, 1, 1, 1)
+  x0_64, noise_64 = np.asarray(x0, np.float64), np.asarray(noise, np.float64)
+  want = {"eps": noise_64, "v": np.sqrt(ab) * noise_64 - np.sqrt(1 - ab) * x0_64, "x0": x0_64}[prediction]
+  target = d.prediction_target(SCHED, x0, t, noise, prediction)
+  np.testing.assert_allclose(target, want, rtol=1e-6, atol=1e-6)  # float32 rounding of the coefficients only
+  x0_hat, eps_hat = d.split_prediction(SCHED, x_t, t, target, prediction)
+  # x̂0 from ε at t = 999 amplifies x_t's float32 rounding by 1/sqrt(ᾱ) ≈ 156 (see above), ε̂ from x0 at t = 0
+  # by 1/sqrt(1 - ᾱ) = 100: 2e-4 bounds both. Away from those ends (x̂0 for t <= 500, ε̂ for t >= 10) the
+  # amplification is below 4 and 1e-5 holds.
+  np.testing.assert_allclose(x0_hat, x0, atol=2e-4)
+  np.testing.assert_allclose(eps_hat, noise, atol=2e-4)
+  np.testing.assert_allclose(x0_hat[:4], x0[:4], atol=1e-5)
+  np.testing.assert_allclose(eps_hat[2:], noise[2:], atol=1e-5)
+  # The output is the model's own estimate, not recomputed: whichever part it is comes back bit-exact.
+  if prediction != "v":
+    np.testing.assert_array_equal({"eps": eps_hat, "x0": x0_hat}[prediction], target)
+
+
+def test_min_snr_weights_against_numpy():
+  t = np.array([0, 1, 50, 100, 150, 200, 500, 999])
+  abar = _abar64(t)
+  snr = abar / (1 - abar)
+  for gamma in (5.0, 1.0):
+    assert (snr > gamma).any() and (snr < gamma).any()  # both sides of the clamp
+    want = {"eps": np.minimum(snr, gamma) / snr, "v": np.minimum(snr, gamma) / (snr + 1), "x0": np.minimum(snr, gamma)}
+    for prediction in d.PREDICTIONS:
+      got = d.loss_weights(SCHED, jnp.asarray(t), prediction=prediction, weighting="min_snr", min_snr_gamma=gamma)
+      assert got.dtype == jnp.float32 and got.shape == t.shape
+      # SNR comes from the float32 sqrt(1/ᾱ - 1), itself rounded from float64: ~3e-7 relative.
+      np.testing.assert_allclose(got, want[prediction], rtol=2e-6, err_msg=f"{prediction} gamma={gamma}")
+  np.testing.assert_allclose(d.snr(SCHED, jnp.asarray(t)), snr, rtol=2e-6)
+  for prediction in d.PREDICTIONS:
+    np.testing.assert_array_equal(d.loss_weights(SCHED, jnp.asarray(t), prediction=prediction, weighting="none"),
+                                  np.ones(len(t), np.float32))
+  jitted = jax.jit(functools.partial(d.loss_weights, SCHED, prediction="v", weighting="min_snr"))
+  np.testing.assert_allclose(jitted(jnp.asarray(t), min_snr_gamma=jnp.float32(5.0)), np.minimum(snr, 5.0) / (snr + 1),
+                             rtol=2e-6)  # γ may be a traced array
+
+
+def test_prediction_helpers_reject_bad_names():
+  x, t = jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32)
+  with pytest.raises(ValueError, match="^unknown prediction 'score': choose one of eps, v, x0$"):
+    d.split_prediction(SCHED, x, t, x, "score")
+  with pytest.raises(ValueError, match="^unknown prediction 'score': choose one of eps, v, x0$"):
+    d.prediction_target(SCHED, x, t, x, "score")
+  with pytest.raises(ValueError, match="^unknown loss weighting 'snr': choose one of none, min_snr$"):
+    d.loss_weights(SCHED, t, prediction="eps", weighting="snr")
+  with pytest.raises(ValueError, match="^min_snr_gamma=0.0 is invalid: it must be positive$"):
+    d.loss_weights(SCHED, t, prediction="eps", weighting="min_snr", min_snr_gamma=0.0)
 
 
 def test_posterior_matches_closed_form(batch):
