@@ -96,9 +96,8 @@ def write_book_figures(stem: str, real: np.ndarray, samples: np.ndarray, eps_fn,
   save_png(f"{stem}_ten.png", make_grid(to_uint8(samples[:10]), cols=5), upscale)
   x_T = np.asarray(jax.random.normal(jax.random.fold_in(key, 2), (4,) + real.shape[1:]))
   _, traj = sampling.sample(eps_fn, schedule, key, x_T.shape, x_T=x_T, return_trajectory=True, **sample_kw)
-  steps = sample_kw.get("num_steps")
-  chain = (sampling.ddim_timesteps(schedule.num_timesteps, steps) if sample_kw.get("method") == "ddim"
-           else np.arange(schedule.num_timesteps - 1, -1, -1))
+  chain = sampling.timesteps(sample_kw.get("method", "ddpm"), schedule.num_timesteps, sample_kw.get("num_steps"),
+                             sample_kw.get("timestep_spacing", "leading"))
   grid, shown = trajectory_grid(x_T, np.asarray(traj), chain)
   save_png(f"{stem}_trajectory.png", grid, upscale)
   return shown

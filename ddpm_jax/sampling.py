@@ -1,4 +1,9 @@
-"""Reverse-process samplers (DDPM ancestral, DDIM) as one jit-compiled lax.scan."""
+"""Reverse-process samplers (DDPM ancestral, DDIM) as one jit-compiled lax.scan.
+
+`timesteps` gives the timesteps each method visits (DESIGN.md's "leading",
+"trailing" and "linspace" spacings). Every sampler turns the model's output
+(ε, v or x0, per `prediction`) into (x̂0, ε̂) in one place, `_predict`.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +20,42 @@ from ddpm_jax.schedule import Schedule
 EpsFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 METHODS = ("ddpm", "ddim")
 VARIANCES = ("fixed_small", "fixed_large")
+SPACINGS = ("leading", "trailing", "linspace")
 
 
-def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-  """The book's "leading" spacing, descending: (arange(num_steps) * (T // num_steps))[::-1]."""
-  return (np.arange(num_steps) * (num_timesteps // num_steps))[::-1].astype(np.int32)
+def max_num_steps(method: str, num_timesteps: int, spacing: str = "leading") -> int:
+  """The most steps `method` can take with `spacing` (and the num_steps that None means)."""
+  return num_timesteps
+
+
+def timesteps(method: str, num_timesteps: int, num_steps: Optional[int] = None,
+              spacing: str = "leading") -> np.ndarray:
+  """The descending int32 timesteps at which `method` calls the model, with DESIGN.md's `spacing`.
+
+  DDPM visits all T; DDIM follows diffusers' DDIMScheduler.
+  """
+  T = num_timesteps
+  if method not in METHODS:
+    raise ValueError(f"unknown sampling method {method!r}: choose one of {', '.join(METHODS)}")
+  if spacing not in SPACINGS:
+    raise ValueError(f"unknown timestep_spacing {spacing!r}: choose one of {', '.join(SPACINGS)}")
+  if method == "ddpm":
+    if num_steps not in (None, T):
+      raise ValueError(f"num_steps={num_steps!r} with method='ddpm': ancestral sampling runs all T={T} steps; "
+                       "use method='ddim' for fewer")
+    return np.arange(T - 1, -1, -1, dtype=np.int32)
+  top = max_num_steps(method, T, spacing)
+  n = top if num_steps is None else num_steps
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= top:
+    raise ValueError(f"num_steps={num_steps!r} is invalid: it must be an integer in [1, {top}]")
+  if spacing == "trailing":
+    # A float arange can overshoot by one point just above 0; the first n are the spacing's.
+    ts = np.round(np.arange(T, 0, -T / n))[:n] - 1
+  elif spacing == "leading":
+    ts = (np.arange(n) * (T // n))[::-1]
+  else:
+    ts = np.round(np.linspace(0, T - 1, n))[::-1]
+  return ts.astype(np.int32)
 
 
 def example_keys(key: jax.Array, batch: int, index_offset: jnp.ndarray | int = 0) -> jax.Array:
@@ -32,58 +68,63 @@ def _normal(keys: jax.Array, stream: jnp.ndarray, shape: tuple[int, ...]) -> jnp
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, stream), shape))(keys)
 
 
-def _predict(eps_fn, schedule, x, t, clip_x0):
+def _predict(eps_fn, schedule, prediction, clip_x0, x, t):
   """(t as a [B] array, x̂0, ε̂) at step t; with clipping, x̂0 is clipped to [-1, 1] and ε̂ recomputed from it."""
   tb = jnp.full((x.shape[0],), t, jnp.int32)
-  eps = eps_fn(x, tb)
-  x0 = diffusion.predict_x0_from_eps(schedule, x, tb, eps)
+  x0, eps = diffusion.split_prediction(schedule, x, tb, eps_fn(x, tb), prediction)
   if clip_x0:
     x0 = jnp.clip(x0, -1.0, 1.0)
     eps = diffusion.predict_eps_from_x0(schedule, x, tb, x0)
   return tb, x0, eps
 
 
-def _ddpm_step(eps_fn, schedule, keys, clip_x0, variance, x, xs):
-  """x_t -> x_{t-1} by ancestral sampling."""
-  t, _, stream = xs
-  tb, x0, _ = _predict(eps_fn, schedule, x, t, clip_x0)
+def _ddpm_step(predict, schedule, keys, variance, carry, xs):
+  """(x_t, ·) -> (x_{t-1}, x̂0) by ancestral sampling."""
+  x, _ = carry
+  t = xs["t"]
+  tb, x0, _ = predict(x, t)
   mean, _, log_var = diffusion.q_posterior_mean_variance(schedule, x0, x, tb)
   std = jnp.exp(0.5 * log_var) if variance == "fixed_small" else jnp.sqrt(diffusion.extract(schedule.betas, tb, x))
-  z = _normal(keys, stream, x.shape[1:])
-  return mean + jnp.where(t > 0, std, 0.0) * z
+  z = _normal(keys, xs["stream"], x.shape[1:])
+  return mean + jnp.where(t > 0, std, 0.0) * z, x0
 
 
-def _ddim_step(eps_fn, schedule, keys, clip_x0, eta, x, xs):
-  """x_t -> x_{t_prev} by DDIM (Song et al. eq. 12); ᾱ_prev = 1 on the last step returns x̂0."""
-  t, abar_prev, stream = xs
-  _, x0, eps = _predict(eps_fn, schedule, x, t, clip_x0)
+def _ddim_step(predict, schedule, keys, eta, carry, xs):
+  """(x_t, ·) -> (x_{t_prev}, x̂0) by DDIM (Song et al. eq. 12); ᾱ_prev = 1 on the last step returns x̂0."""
+  x, _ = carry
+  t, abar_prev = xs["t"], xs["abar_prev"]
+  _, x0, eps = predict(x, t)
   abar = schedule.alphas_cumprod[t]
   sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
-  z = _normal(keys, stream, x.shape[1:])
+  z = _normal(keys, xs["stream"], x.shape[1:])
   direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0))
-  return jnp.sqrt(abar_prev) * x0 + direction * eps + sigma * z
+  return jnp.sqrt(abar_prev) * x0 + direction * eps + sigma * z, x0
 
 
-@functools.partial(jax.jit, static_argnames=("eps_fn", "shape", "method", "variance", "clip_x0", "stride"))
+@functools.partial(jax.jit, static_argnames=("eps_fn", "shape", "method", "variance", "clip_x0", "prediction",
+                                             "stride"))
 def _chain(eps_fn, schedule, key, x_T, timesteps, eta, index_offset, *, shape, method, variance, clip_x0,
-           stride):
+           prediction, stride):
   """Runs the reverse chain; returns (x_0, x after every `stride`-th step or None)."""
   keys = example_keys(key, shape[0], index_offset)
   x = _normal(keys, 0, shape[1:]) if x_T is None else x_T.astype(jnp.float32)
-  if method == "ddpm":
-    step = functools.partial(_ddpm_step, eps_fn, schedule, keys, clip_x0, variance)
-  else:
-    step = functools.partial(_ddim_step, eps_fn, schedule, keys, clip_x0, eta)
+  predict = functools.partial(_predict, eps_fn, schedule, prediction, clip_x0)
   n = timesteps.shape[0]
-  abar_prev = jnp.concatenate([schedule.alphas_cumprod[timesteps[1:]], jnp.ones((1,), jnp.float32)])
-  xs = (timesteps, abar_prev, jnp.arange(1, n + 1))
-  body = lambda x, xs: (step(x, xs), None)
+  xs = {"t": timesteps, "stream": jnp.arange(1, n + 1)}
+  if method == "ddpm":
+    step = functools.partial(_ddpm_step, predict, schedule, keys, variance)
+  else:
+    xs["abar_prev"] = jnp.concatenate([schedule.alphas_cumprod[timesteps[1:]], jnp.ones((1,), jnp.float32)])
+    step = functools.partial(_ddim_step, predict, schedule, keys, eta)
+  body = lambda carry, xs: (step(carry, xs), None)
+  carry = (x, jnp.zeros_like(x))  # (x_t, x̂0 of the previous step)
   if stride is None:
-    x, _ = jax.lax.scan(body, x, xs)
+    (x, _), _ = jax.lax.scan(body, carry, xs)
     return x, None
   chunks = jax.tree_util.tree_map(lambda a: a.reshape((n // stride, stride) + a.shape[1:]), xs)
-  outer = lambda x, chunk: (lambda y: (y, y))(jax.lax.scan(body, x, chunk)[0])
-  return jax.lax.scan(outer, x, chunks)
+  outer = lambda carry, chunk: (lambda c: (c, c[0]))(jax.lax.scan(body, carry, chunk)[0])
+  (x, _), traj = jax.lax.scan(outer, carry, chunks)
+  return x, traj
 
 
 def sample(
@@ -99,39 +140,38 @@ def sample(
     x_T: Optional[jnp.ndarray] = None,
     return_trajectory: bool = False,
     variance: str = "fixed_small",
+    timestep_spacing: str = "leading",
+    prediction: str = "eps",
     trajectory_stride: int = 1,
     index_offset: int | jnp.ndarray = 0,
 ):
   """Draws x_0 by running the reverse chain from x_T ~ N(0, I) (or the given x_T).
 
-  `eps_fn(x_t, t)` predicts the noise for a batch at int32 timesteps t of shape
-  [B]. Sample b's noise comes from fold_in(key, index_offset + b) alone, so a
-  sample does not depend on the batch it is drawn in. With `return_trajectory`
-  also returns x after every `trajectory_stride`-th step, stacked on axis 0.
+  `eps_fn(x_t, t)` returns the model output for a batch at int32 timesteps t of
+  shape [B]: ε, v or x0 as `prediction` says. `method` is "ddpm" (all T steps,
+  `variance`) or "ddim" (`eta`); `num_steps` (None: `max_num_steps`) and
+  `timestep_spacing` pick the timesteps (see `timesteps`).
+  Sample b's noise comes from fold_in(key, index_offset + b) alone, so a sample
+  does not depend on the batch it is drawn in. With `return_trajectory` also
+  returns x after every `trajectory_stride`-th step, stacked on axis 0.
   """
   shape = tuple(int(s) for s in shape)
-  T = schedule.num_timesteps
-  if method not in METHODS:
-    raise ValueError(f"unknown sampling method {method!r}: choose one of {', '.join(METHODS)}")
   if variance not in VARIANCES:
     raise ValueError(f"unknown variance {variance!r}: choose one of {', '.join(VARIANCES)}")
-  if method == "ddpm":
-    if num_steps not in (None, T):
-      raise ValueError(f"num_steps={num_steps!r} with method='ddpm': ancestral sampling runs all T={T} steps; "
-                       "use method='ddim' for fewer")
-    num_steps = T
-  num_steps = T if num_steps is None else num_steps
-  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= T:
-    raise ValueError(f"num_steps={num_steps!r} is invalid: it must be an integer in [1, {T}]")
+  if prediction not in diffusion.PREDICTIONS:
+    raise ValueError(f"unknown prediction {prediction!r}: choose one of {', '.join(diffusion.PREDICTIONS)}")
+  chain = timesteps(method, schedule.num_timesteps, num_steps, timestep_spacing)
+  num_steps = len(chain)
   if not isinstance(eta, jax.Array) and not 0.0 <= float(eta) <= 1.0:
     raise ValueError(f"eta={eta!r} is out of range: it must lie in [0, 1]")
   if x_T is not None and tuple(x_T.shape) != shape:
     raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
   if return_trajectory and (trajectory_stride < 1 or num_steps % trajectory_stride):
     raise ValueError(f"trajectory_stride={trajectory_stride!r} must be a positive divisor of num_steps={num_steps}")
-  timesteps = ddim_timesteps(T, num_steps) if method == "ddim" else np.arange(T - 1, -1, -1, dtype=np.int32)
-  x0, traj = _chain(eps_fn, schedule, key, x_T, jnp.asarray(timesteps), jnp.asarray(eta, jnp.float32), jnp.asarray(index_offset, jnp.int32), shape=shape, method=method,
-                    variance=variance, clip_x0=clip_x0, stride=trajectory_stride if return_trajectory else None)
+  x0, traj = _chain(eps_fn, schedule, key, x_T, jnp.asarray(chain), jnp.asarray(eta, jnp.float32),
+                    jnp.asarray(index_offset, jnp.int32), shape=shape, method=method, variance=variance,
+                    clip_x0=clip_x0, prediction=prediction,
+                    stride=trajectory_stride if return_trajectory else None)
   return (x0, traj) if return_trajectory else x0
 
 

@@ -1,5 +1,7 @@
-"""Samplers against exact moments of an analytic ε-predictor, a hand DDIM step, and seed semantics."""
+"""Samplers against exact moments of analytic ε-, v- and x0-predictors, float64 NumPy references
+(a hand DDIM step), DESIGN.md's timestep spacings, and seed semantics."""
 
+import functools
 import os
 import re
 import subprocess
@@ -11,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax.sampling import ddim_timesteps, generate, sample
+from ddpm_jax import diffusion
+from ddpm_jax.sampling import SPACINGS, generate, sample, timesteps
 from ddpm_jax.schedule import make_schedule
 
 T = 1000
@@ -25,6 +28,36 @@ def analytic_eps(x, t):
   """E[ε | x_t] for data x0 ~ N(MU, S²): the optimal noise predictor."""
   ab = jnp.asarray(ABAR, jnp.float32)[t].reshape(-1, *([1] * (x.ndim - 1)))
   return jnp.sqrt(1 - ab) * (x - jnp.sqrt(ab) * MU) / (ab * S**2 + 1 - ab)
+
+
+def _alpha_sigma(x, t):
+  """sqrt(ᾱ_t), sqrt(1 - ᾱ_t) in float32, shaped to broadcast against x."""
+  ab = jnp.asarray(ABAR, jnp.float32)[t].reshape(-1, *([1] * (x.ndim - 1)))
+  return jnp.sqrt(ab), jnp.sqrt(1 - ab)
+
+
+def analytic_x0(x, t):
+  """E[x0 | x_t] for data x0 ~ N(MU, S²): the optimal x0 predictor (Gaussian conditioning)."""
+  a, s = _alpha_sigma(x, t)
+  return MU + a * S**2 * (x - a * MU) / (a * a * S**2 + s * s)
+
+
+def analytic_v(x, t):
+  """E[v | x_t] = sqrt(ᾱ) E[ε | x_t] - sqrt(1 - ᾱ) E[x0 | x_t] for data x0 ~ N(MU, S²), collected into one closed form."""
+  a, s = _alpha_sigma(x, t)
+  return a * s * (1 - S**2) * (x - a * MU) / (a * a * S**2 + s * s) - s * MU
+
+
+ANALYTIC = {"eps": analytic_eps, "v": analytic_v, "x0": analytic_x0}
+
+
+def design_timesteps(method, T, n, spacing):
+  """DESIGN.md's timestep formulas for DDIM, written out literally."""
+  if spacing == "trailing":
+    return np.round(np.arange(T, 0, -T / n)) - 1
+  if spacing == "leading":
+    return (np.arange(n) * (T // n))[::-1]
+  return np.round(np.linspace(0, T - 1, n))[::-1]
 
 
 def exact_moments(method, num_steps=T, eta=1.0, variance="fixed_small"):
@@ -103,8 +136,63 @@ def test_ddim_eta0_is_deterministic_and_one_step_matches_numpy():
 
 
 def test_ddim_timesteps_are_the_books_leading_spacing():
-  np.testing.assert_array_equal(ddim_timesteps(1000, 50), np.arange(0, 1000, 20)[::-1])
-  assert ddim_timesteps(1000, 50)[0] == 980 and ddim_timesteps(1000, 3).tolist() == [666, 333, 0]
+  np.testing.assert_array_equal(timesteps("ddim", 1000, 50), np.arange(0, 1000, 20)[::-1])
+  assert timesteps("ddim", 1000, 50)[0] == 980 and timesteps("ddim", 1000, 3).tolist() == [666, 333, 0]
+
+
+SPACING_CASES = [(1000, 50), (1000, 10), (1000, 1), (1000, 2), (1000, 7), (1000, 333), (1000, 999), (1000, 1000),
+                 (10, 3), (37, 6), (4000, 33), (4000, 4000)]
+
+
+def test_timesteps_follow_the_design_formulas():
+  for T_, n in SPACING_CASES:
+    for method in ("ddim",):
+      for spacing in SPACINGS:
+        want = design_timesteps(method, T_, n, spacing)
+        assert len(want) == n, (T_, n, method, spacing)  # no float-arange overshoot in these cases
+        got = timesteps(method, T_, n, spacing)
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, want, err_msg=f"T={T_} num_steps={n} {method} {spacing}")
+
+
+def test_timesteps_known_cases():
+  # The book's 50-step DDIM: 980, 960, ..., 0.
+  assert timesteps("ddim", 1000, 50).tolist() == list(range(980, -1, -20))
+  # Lin et al. 2024 ("Common diffusion noise schedules and sample steps are flawed"), Table 2, T = 1000, 10 steps,
+  # shifted to 0-based t: the three spacings of diffusers' DDIMScheduler.
+  assert timesteps("ddim", 1000, 10, "leading").tolist() == list(range(900, -1, -100))
+  assert timesteps("ddim", 1000, 10, "trailing").tolist() == list(range(999, 0, -100))
+  assert timesteps("ddim", 1000, 10, "linspace").tolist() == list(range(999, -1, -111))
+  # DDPM visits every t whatever the spacing.
+  for spacing in SPACINGS:
+    np.testing.assert_array_equal(timesteps("ddpm", 1000, None, spacing), np.arange(999, -1, -1))
+  # T = 15, 13 trailing steps: round(15 - 15 k / 13) - 1 for k = 0..12, by hand. The literal float arange
+  # overshoots here with a 14th point that rounds to t = -1; timesteps keeps the 13 the spacing means.
+  assert len(design_timesteps("ddim", 15, 13, "trailing")) == 14
+  assert timesteps("ddim", 15, 13, "trailing").tolist() == [14, 13, 12, 11, 9, 8, 7, 6, 5, 4, 2, 1, 0]
+
+
+def test_timesteps_are_distinct_descending_and_in_range_for_every_count():
+  for T_ in (10, 17, 64):
+    for method in ("ddim",):
+      for spacing in SPACINGS:
+        for n in range(1, T_ + 1):
+          ts = timesteps(method, T_, n, spacing)
+          assert len(ts) == n and ts[0] <= T_ - 1 and ts[-1] >= 0 and (np.diff(ts) < 0).all(), (T_, method, spacing, n)
+        assert len(timesteps(method, T_, None, spacing)) == T_  # None: as many steps as the spacing allows
+
+
+@pytest.mark.parametrize("method, num_steps", [("ddpm", None), ("ddim", 50)])
+def test_eps_v_and_x0_models_give_the_same_samples(method, num_steps):
+  # The three optimal predictors describe one denoiser, and split_prediction's conversions are exact, so with the
+  # same key every sampler must draw the same x_0 up to float32 rounding (default clip_x0=True, DDIM with eta=1).
+  # Measured: <= 6e-7 (a few ulps of |x| < 1; the chains contract rounding); 1e-5 leaves room for other CPUs and
+  # XLA fusion while any wrong conversion moves x_0 by O(0.1).
+  out = {p: np.asarray(sample(ANALYTIC[p], SCHED, jax.random.key(9), (64, 4, 4, 1), method=method, num_steps=num_steps,
+                              prediction=p), np.float64) for p in diffusion.PREDICTIONS}
+  assert out["eps"].std() > 0.1
+  for p in ("v", "x0"):
+    np.testing.assert_allclose(out[p], out["eps"], rtol=0, atol=1e-5, err_msg=p)
 
 
 def test_trajectory_stride_keeps_every_kth_state():
@@ -146,6 +234,17 @@ def test_sample_i_does_not_depend_on_the_batch():
                              rtol=1e-6, atol=1e-6)
 
 
+def test_generate_passes_the_new_sampler_keywords_through():
+  apply = lambda p, x, t: p * x + 0.01 * jnp.cos(x)
+  kw = dict(method="ddim", num_steps=5, timestep_spacing="trailing", prediction="v")
+  key = jax.random.key(4)
+  got = generate(apply, 0.2, SCHED, key, 6, (3, 3, 1), batch_size=6, **kw)
+  np.testing.assert_allclose(got, sample(functools.partial(apply, 0.2), SCHED, key, (6, 3, 3, 1), **kw),
+                             rtol=1e-6, atol=1e-6)
+  assert np.abs(got - generate(apply, 0.2, SCHED, key, 6, (3, 3, 1), batch_size=6, method="ddim",
+                               num_steps=5)).max() > 1e-3  # the keywords changed something
+
+
 def test_sample_i_is_the_same_on_one_and_four_devices():
   code = textwrap.dedent("""
       import jax, jax.numpy as jnp, numpy as np
@@ -173,6 +272,9 @@ def test_sample_i_is_the_same_on_one_and_four_devices():
     (dict(method="ddim", num_steps=10, eta=1.5), "eta=1.5 is out of range"),
     (dict(variance="learned"), "unknown variance 'learned'"),
     (dict(x_T=jnp.zeros((1, 2, 2, 1))), "x_T has shape (1, 2, 2, 1), expected (2, 2, 2, 1)"),
+    (dict(method="ddim", num_steps=10, timestep_spacing="karras"), "unknown timestep_spacing 'karras': choose one of "
+     "leading, trailing, linspace"),
+    (dict(prediction="score"), "unknown prediction 'score': choose one of eps, v, x0"),
     (dict(method="ddim", num_steps=10, return_trajectory=True, trajectory_stride=3), "trajectory_stride=3"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, fragment):
