@@ -1,4 +1,4 @@
-"""Reverse-process samplers (DDPM ancestral, DDIM) as one jit-compiled lax.scan.
+"""Reverse-process samplers (DDPM ancestral, DDIM, DPM-Solver++(2M)) as one jit-compiled lax.scan.
 
 `timesteps` gives the timesteps each method visits (DESIGN.md's "leading",
 "trailing" and "linspace" spacings). Every sampler turns the model's output
@@ -18,21 +18,23 @@ from ddpm_jax import diffusion
 from ddpm_jax.schedule import Schedule
 
 EpsFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
-METHODS = ("ddpm", "ddim")
+METHODS = ("ddpm", "ddim", "dpmpp_2m")
 VARIANCES = ("fixed_small", "fixed_large")
 SPACINGS = ("leading", "trailing", "linspace")
 
 
 def max_num_steps(method: str, num_timesteps: int, spacing: str = "leading") -> int:
   """The most steps `method` can take with `spacing` (and the num_steps that None means)."""
-  return num_timesteps
+  return num_timesteps - 1 if method == "dpmpp_2m" and spacing != "trailing" else num_timesteps
 
 
 def timesteps(method: str, num_timesteps: int, num_steps: Optional[int] = None,
               spacing: str = "leading") -> np.ndarray:
   """The descending int32 timesteps at which `method` calls the model, with DESIGN.md's `spacing`.
 
-  DDPM visits all T; DDIM follows diffusers' DDIMScheduler.
+  DDPM visits all T. DDIM and DPM-Solver++ follow diffusers' schedulers of the
+  same name; DPM-Solver's leading and linspace spacings place num_steps + 1
+  points and drop the last, so they need num_steps <= T - 1.
   """
   T = num_timesteps
   if method not in METHODS:
@@ -42,19 +44,21 @@ def timesteps(method: str, num_timesteps: int, num_steps: Optional[int] = None,
   if method == "ddpm":
     if num_steps not in (None, T):
       raise ValueError(f"num_steps={num_steps!r} with method='ddpm': ancestral sampling runs all T={T} steps; "
-                       "use method='ddim' for fewer")
+                       "use method='ddim' or 'dpmpp_2m' for fewer")
     return np.arange(T - 1, -1, -1, dtype=np.int32)
   top = max_num_steps(method, T, spacing)
   n = top if num_steps is None else num_steps
   if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= top:
-    raise ValueError(f"num_steps={num_steps!r} is invalid: it must be an integer in [1, {top}]")
+    note = f" (method={method!r} with timestep_spacing={spacing!r} needs num_steps + 1 <= T)" if top < T else ""
+    raise ValueError(f"num_steps={num_steps!r} is invalid: it must be an integer in [1, {top}]{note}")
+  points = n + 1 if method == "dpmpp_2m" else n
   if spacing == "trailing":
     # A float arange can overshoot by one point just above 0; the first n are the spacing's.
     ts = np.round(np.arange(T, 0, -T / n))[:n] - 1
   elif spacing == "leading":
-    ts = (np.arange(n) * (T // n))[::-1]
+    ts = (np.arange(points) * (T // points))[::-1][:n]
   else:
-    ts = np.round(np.linspace(0, T - 1, n))[::-1]
+    ts = np.round(np.linspace(0, T - 1, points))[::-1][:n]
   return ts.astype(np.int32)
 
 
@@ -101,6 +105,31 @@ def _ddim_step(predict, schedule, keys, eta, carry, xs):
   return jnp.sqrt(abar_prev) * x0 + direction * eps + sigma * z, x0
 
 
+def _dpmpp_coefficients(schedule: Schedule, ts: jnp.ndarray) -> dict[str, jnp.ndarray]:
+  """Per-step coefficients of DPM-Solver++(2M), x_next = a x + b (c x̂0 + d x̂0_prev); the last step lands on σ = 0."""
+  n = ts.shape[0]
+  alpha, sigma = schedule.sqrt_alphas_cumprod[ts], schedule.sqrt_one_minus_alphas_cumprod[ts]
+  lam = -jnp.log(schedule.sqrt_recipm1_alphas_cumprod[ts])  # λ = log(α / σ)
+  last = jnp.arange(n) == n - 1
+  h = jnp.append(lam[1:] - lam[:-1], 1.0)  # λ_next - λ; the last step's h = ∞ is handled by `last`
+  h_prev = jnp.concatenate([jnp.ones((1,), h.dtype), h[:-1]])
+  second = (jnp.arange(n) > 0) & ~last  # first order on the first and on the last step
+  half_inv_r = jnp.where(second, 0.5 * h / h_prev, 0.0)  # 1 / (2 r) with r = h_prev / h
+  return {
+      "a": jnp.append(sigma[1:], 0.0) / sigma,
+      "b": jnp.append(alpha[1:], 1.0) * jnp.where(last, 1.0, -jnp.expm1(-h)),  # α_next (1 - e^{-h})
+      "c": 1.0 + half_inv_r,
+      "d": -half_inv_r,
+  }
+
+
+def _dpmpp_step(predict, carry, xs):
+  """(x_t, x̂0 of the previous step) -> (x_{t_next}, x̂0) by DPM-Solver++(2M) (Lu et al. 2022)."""
+  x, x0_prev = carry
+  _, x0, _ = predict(x, xs["t"])
+  return xs["a"] * x + xs["b"] * (xs["c"] * x0 + xs["d"] * x0_prev), x0
+
+
 @functools.partial(jax.jit, static_argnames=("eps_fn", "shape", "method", "variance", "clip_x0", "prediction",
                                              "stride"))
 def _chain(eps_fn, schedule, key, x_T, timesteps, eta, index_offset, *, shape, method, variance, clip_x0,
@@ -113,9 +142,12 @@ def _chain(eps_fn, schedule, key, x_T, timesteps, eta, index_offset, *, shape, m
   xs = {"t": timesteps, "stream": jnp.arange(1, n + 1)}
   if method == "ddpm":
     step = functools.partial(_ddpm_step, predict, schedule, keys, variance)
-  else:
+  elif method == "ddim":
     xs["abar_prev"] = jnp.concatenate([schedule.alphas_cumprod[timesteps[1:]], jnp.ones((1,), jnp.float32)])
     step = functools.partial(_ddim_step, predict, schedule, keys, eta)
+  else:
+    xs.update(_dpmpp_coefficients(schedule, timesteps))
+    step = functools.partial(_dpmpp_step, predict)
   body = lambda carry, xs: (step(carry, xs), None)
   carry = (x, jnp.zeros_like(x))  # (x_t, x̂0 of the previous step)
   if stride is None:
@@ -149,8 +181,8 @@ def sample(
 
   `eps_fn(x_t, t)` returns the model output for a batch at int32 timesteps t of
   shape [B]: ε, v or x0 as `prediction` says. `method` is "ddpm" (all T steps,
-  `variance`) or "ddim" (`eta`); `num_steps` (None: `max_num_steps`) and
-  `timestep_spacing` pick the timesteps (see `timesteps`).
+  `variance`), "ddim" (`eta`) or "dpmpp_2m" (deterministic); `num_steps` (None:
+  `max_num_steps`) and `timestep_spacing` pick the timesteps (see `timesteps`).
   Sample b's noise comes from fold_in(key, index_offset + b) alone, so a sample
   does not depend on the batch it is drawn in. With `return_trajectory` also
   returns x after every `trajectory_stride`-th step, stacked on axis 0.
