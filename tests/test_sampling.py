@@ -293,14 +293,16 @@ def test_dpmpp_2m_clips_x0_and_its_last_step_returns_it():
   assert np.abs(np.asarray(x0)).max() <= 1.0
 
 
-@pytest.mark.parametrize("method, num_steps", [("ddpm", None), ("ddim", 50), ("dpmpp_2m", 25)])
-def test_eps_v_and_x0_models_give_the_same_samples(method, num_steps):
+@pytest.mark.parametrize("method, num_steps, clip_x0", [("ddpm", None, True), ("ddim", 50, True),
+                                                     ("ddim", 50, False), ("dpmpp_2m", 25, True)])
+def test_eps_v_and_x0_models_give_the_same_samples(method, num_steps, clip_x0):
   # The three optimal predictors describe one denoiser, and split_prediction's conversions are exact, so with the
-  # same key every sampler must draw the same x_0 up to float32 rounding (default clip_x0=True, DDIM with eta=1).
+  # same key every sampler must draw the same x_0 up to float32 rounding (DDIM with eta=1). DDIM without clipping
+  # is the one sampler that uses split_prediction's ε̂ (the others use x̂0, or ε̂ recomputed from the clipped x̂0).
   # Measured: <= 6e-7 (a few ulps of |x| < 1; the chains contract rounding); 1e-5 leaves room for other CPUs and
   # XLA fusion while any wrong conversion moves x_0 by O(0.1).
   out = {p: np.asarray(sample(ANALYTIC[p], SCHED, jax.random.key(9), (64, 4, 4, 1), method=method, num_steps=num_steps,
-                              prediction=p), np.float64) for p in diffusion.PREDICTIONS}
+                              prediction=p, clip_x0=clip_x0), np.float64) for p in diffusion.PREDICTIONS}
   assert out["eps"].std() > 0.1
   for p in ("v", "x0"):
     np.testing.assert_allclose(out[p], out["eps"], rtol=0, atol=1e-5, err_msg=p)
