@@ -106,7 +106,7 @@ def _ddim_step(predict, schedule, keys, eta, carry, xs):
 
 
 def _dpmpp_coefficients(schedule: Schedule, ts: jnp.ndarray) -> dict[str, jnp.ndarray]:
-  """Per-step coefficients of DPM-Solver++(2M), x_next = a x + b (c x̂0 + d x̂0_prev); the last step lands on σ = 0."""
+  """DPM-Solver++(2M)'s per-step coefficients of x_next = a x + b (c x̂0 + d x̂0_prev); the last lands on σ = 0."""
   n = ts.shape[0]
   alpha, sigma = schedule.sqrt_alphas_cumprod[ts], schedule.sqrt_one_minus_alphas_cumprod[ts]
   lam = -jnp.log(schedule.sqrt_recipm1_alphas_cumprod[ts])  # λ = log(α / σ)
@@ -132,21 +132,21 @@ def _dpmpp_step(predict, carry, xs):
 
 @functools.partial(jax.jit, static_argnames=("eps_fn", "shape", "method", "variance", "clip_x0", "prediction",
                                              "stride"))
-def _chain(eps_fn, schedule, key, x_T, timesteps, eta, index_offset, *, shape, method, variance, clip_x0,
+def _chain(eps_fn, schedule, key, x_T, ts, eta, index_offset, *, shape, method, variance, clip_x0,
            prediction, stride):
   """Runs the reverse chain; returns (x_0, x after every `stride`-th step or None)."""
   keys = example_keys(key, shape[0], index_offset)
   x = _normal(keys, 0, shape[1:]) if x_T is None else x_T.astype(jnp.float32)
   predict = functools.partial(_predict, eps_fn, schedule, prediction, clip_x0)
-  n = timesteps.shape[0]
-  xs = {"t": timesteps, "stream": jnp.arange(1, n + 1)}
+  n = ts.shape[0]
+  xs = {"t": ts, "stream": jnp.arange(1, n + 1)}
   if method == "ddpm":
     step = functools.partial(_ddpm_step, predict, schedule, keys, variance)
   elif method == "ddim":
-    xs["abar_prev"] = jnp.concatenate([schedule.alphas_cumprod[timesteps[1:]], jnp.ones((1,), jnp.float32)])
+    xs["abar_prev"] = jnp.concatenate([schedule.alphas_cumprod[ts[1:]], jnp.ones((1,), jnp.float32)])
     step = functools.partial(_ddim_step, predict, schedule, keys, eta)
   else:
-    xs.update(_dpmpp_coefficients(schedule, timesteps))
+    xs.update(_dpmpp_coefficients(schedule, ts))
     step = functools.partial(_dpmpp_step, predict)
   body = lambda carry, xs: (step(carry, xs), None)
   carry = (x, jnp.zeros_like(x))  # (x_t, x̂0 of the previous step)

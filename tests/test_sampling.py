@@ -43,7 +43,7 @@ def analytic_x0(x, t):
 
 
 def analytic_v(x, t):
-  """E[v | x_t] = sqrt(ᾱ) E[ε | x_t] - sqrt(1 - ᾱ) E[x0 | x_t] for data x0 ~ N(MU, S²), collected into one closed form."""
+  """E[v | x_t] = sqrt(ᾱ) E[ε | x_t] - sqrt(1 - ᾱ) E[x0 | x_t] for data x0 ~ N(MU, S²), as one closed form."""
   a, s = _alpha_sigma(x, t)
   return a * s * (1 - S**2) * (x - a * MU) / (a * a * S**2 + s * s) - s * MU
 
@@ -63,7 +63,9 @@ def design_timesteps(method, T, n, spacing):
     return np.round(np.arange(T, 0, -T / n)) - 1
   if spacing == "leading":
     return (np.arange(n) * (T // n))[::-1] if method == "ddim" else (np.arange(n + 1) * (T // (n + 1)))[::-1][:-1]
-  return np.round(np.linspace(0, T - 1, n))[::-1] if method == "ddim" else np.round(np.linspace(0, T - 1, n + 1))[::-1][:-1]
+  if method == "ddim":
+    return np.round(np.linspace(0, T - 1, n))[::-1]
+  return np.round(np.linspace(0, T - 1, n + 1))[::-1][:-1]
 
 
 def dpmpp_2m_numpy(x_T, ts, x0_model):
@@ -181,7 +183,7 @@ def test_timesteps_follow_the_design_formulas():
     for method in ("ddim", "dpmpp_2m"):
       for spacing in SPACINGS:
         if method == "dpmpp_2m" and spacing != "trailing" and n == T_:
-          continue  # n + 1 points do not fit in T: rejected, see test_timesteps_reject_steps_that_do_not_fit
+          continue  # n + 1 points do not fit in T: rejected (checked in the next tests)
         want = design_timesteps(method, T_, n, spacing)
         assert len(want) == n, (T_, n, method, spacing)  # no float-arange overshoot in these cases
         got = timesteps(method, T_, n, spacing)
@@ -220,7 +222,8 @@ def test_timesteps_are_distinct_descending_and_in_range_for_every_count():
           ts = timesteps(method, T_, n, spacing)
           assert len(ts) == n and ts[0] <= T_ - 1 and ts[-1] >= 0 and (np.diff(ts) < 0).all(), (T_, method, spacing, n)
         if top < T_:
-          with pytest.raises(ValueError, match=re.escape(f"num_steps={T_} is invalid: it must be an integer in [1, {top}]")):
+          message = f"num_steps={T_} is invalid: it must be an integer in [1, {top}]"
+          with pytest.raises(ValueError, match=re.escape(message)):
             timesteps(method, T_, T_, spacing)
         assert len(timesteps(method, T_, None, spacing)) == top  # None: as many steps as the spacing allows
 
@@ -298,7 +301,7 @@ def test_dpmpp_2m_clips_x0_and_its_last_step_returns_it():
 def test_eps_v_and_x0_models_give_the_same_samples(method, num_steps, clip_x0):
   # The three optimal predictors describe one denoiser, and split_prediction's conversions are exact, so with the
   # same key every sampler must draw the same x_0 up to float32 rounding (DDIM with eta=1). DDIM without clipping
-  # is the one sampler that uses split_prediction's ε̂ (the others use x̂0, or ε̂ recomputed from the clipped x̂0).
+  # is the one sampler that uses split_prediction's ε̂ (the others use x̂0, or ε̂ recomputed from clipped x̂0).
   # Measured: <= 6e-7 (a few ulps of |x| < 1; the chains contract rounding); 1e-5 leaves room for other CPUs and
   # XLA fusion while any wrong conversion moves x_0 by O(0.1).
   out = {p: np.asarray(sample(ANALYTIC[p], SCHED, jax.random.key(9), (64, 4, 4, 1), method=method, num_steps=num_steps,
