@@ -138,8 +138,8 @@ def figure_layout(rows: int, cols: int, tile_h: int, tile_w: int, *, title: Opti
 
   Top to bottom: margin, title band, header band, grid, margin; left to right: margin, row-label band, grid,
   margin. A band is line_height + 2·margin pixels high (line_height: the font's, 16 for the 13-pixel default
-  font); the row-label band is the widest label + 2·margin wide. If the title is wider than that, the figure
-  widens to title width + 2·margin and the row labels and grid move right to stay centred.
+  font); the row-label band is the widest label + 2·margin wide. If the title is wider than all that, the
+  figure widens to title width + 2·margin and the row labels and grid move right to stay centred.
   """
   if col_labels is not None and len(col_labels) != cols:
     raise ValueError(f"{len(col_labels)} column labels for {cols} columns")
@@ -206,8 +206,8 @@ def labelled_figure(images: np.ndarray, cols: Optional[int] = None, *, title: Op
                          font_size=font_size, scale=scale)
   figure = np.full((layout.height, layout.width, channels), BACKGROUND, np.uint8)
   figure[layout.grid_top:layout.grid_top + layout.grid_h, layout.grid_left:layout.grid_left + layout.grid_w] = grid
-  mode, ink = ("L", INK) if channels == 1 else ("RGB", (INK,) * 3)
-  canvas = Image.fromarray(figure[..., 0] if channels == 1 else figure, mode)
+  ink = INK if channels == 1 else (INK,) * 3
+  canvas = Image.fromarray(figure[..., 0] if channels == 1 else figure)  # mode L or RGB
   draw, font = ImageDraw.Draw(canvas), load_font(font_size)
   labelled = [(layout.title_box, title)] if title else []
   labelled += list(zip(layout.col_label_boxes, col_labels or ()))
