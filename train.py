@@ -3,8 +3,11 @@
 import os
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+from ddpm_jax import builders, checkpoint, loop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLAGS = flags.FLAGS
@@ -20,25 +23,19 @@ flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process r
 
 def main(argv):
   del argv
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from ddpm_jax.checkpoint import quiet_orbax_info  # pylint: disable=g-import-not-at-top
-
-  quiet_orbax_info()
   if FLAGS.num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from ddpm_jax.experiment import Interrupted, train_and_evaluate  # pylint: disable=g-import-not-at-top
-
+  checkpoint.quiet_orbax_info()
   try:
-    train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.stop_at_step)
+    loop.train(builders.build_training(FLAGS.config, FLAGS.workdir, FLAGS.stop_at_step), FLAGS.workdir)
   except ValueError as e:
     print(f"train.py: error: {e}", file=sys.stderr)
     sys.exit(2)
   except FloatingPointError as e:
     print(f"train.py: error: {e}", file=sys.stderr)
     sys.exit(1)
-  except Interrupted as e:
+  except loop.Interrupted as e:
     print(f"train.py: {e}", file=sys.stderr)
     sys.exit(128 + e.signum)
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ of this checkout
 PRESET_SIZES = {"tiny": 32, "ddpm_cifar10": 32, "book64": 64}
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
+FLOP_TOLERANCE = 0.05  # |peer / JAX - 1| of forward FLOPs; measured 0.98 to 1.04 on the presets
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -90,50 +91,65 @@ def jax_matmul_peak(dtype: str, n: int, repeats: int) -> float:
   return median_rate(lambda: mm(a, b).block_until_ready(), 2 * n ** 3, repeats)
 
 
-def jax_config(preset: str, precision: str, image_size: int):
-  """The cifar10 experiment config with the preset's model in the given precision (AdamW, L1, EMA, clip 1)."""
-  from configs import cifar10  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.unet import preset_config  # pylint: disable=g-import-not-at-top
+def unet_fields(preset: str, precision: str = "fp32") -> dict[str, Any]:
+  """Every field of the preset's UNet as a plain dict (what the PyTorch peer is built from)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
 
-  config = cifar10.get_config()
-  config.image_size = image_size
-  config.model = preset_config(preset, dtype=PRECISIONS[precision])
-  config.optim.optimizer, config.optim.weight_decay = "adamw", 0.0
-  return config
+  from ddpm_jax.unet import UNet, unet_preset  # pylint: disable=g-import-not-at-top
+
+  model = unet_preset(preset, dtype=PRECISIONS[precision])
+  return {f.name: getattr(model, f.name) for f in dataclasses.fields(UNet) if f.name not in ("parent", "name")}
+
+
+def jax_forward_cost(preset: str, batch: int, precision: str, size: int) -> tuple[int, float]:
+  """(parameter count, XLA's forward FLOPs per image) of the JAX preset, from shapes alone (nothing runs)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from ddpm_jax.train_state import init_params  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.unet import count_params, unet_preset  # pylint: disable=g-import-not-at-top
+
+  model = unet_preset(preset, dtype=PRECISIONS[precision])
+  params = jax.eval_shape(lambda: init_params(model, jax.random.key(0), (1, size, size, 3)))
+  x, t = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32), jax.ShapeDtypeStruct((batch,), jnp.int32)
+  cost = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)).lower(params, x, t).compile().cost_analysis()
+  return count_params(params), float((cost[0] if isinstance(cost, list) else cost)["flops"]) / batch
 
 
 def jax_bench(preset: str, batch: int, precision: str, args: argparse.Namespace) -> dict[str, Any]:
-  """JAX numbers for one configuration."""
-  import flax.jax_utils  # pylint: disable=g-import-not-at-top
+  """JAX numbers for one configuration: the train step as train.py runs it on one device, with the DDPM paper's
+  CIFAR-10 recipe (AdamW without decay, lr 2e-4, clip 1, EMA 0.9999, L1, linear schedule)."""
+  import functools  # pylint: disable=g-import-not-at-top
+
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.experiment import schedule_from_config  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import parallel, sampling, training  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.schedule import make_schedule  # pylint: disable=g-import-not-at-top
   from ddpm_jax.train_state import create_train_state  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.training import make_train_step  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.unet import count_params  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.unet import count_params, unet_preset  # pylint: disable=g-import-not-at-top
 
   size = args.image_size or PRESET_SIZES[preset]
-  config = jax_config(preset, precision, size)
-  schedule = schedule_from_config(config)
+  model = unet_preset(preset, dtype=PRECISIONS[precision])
+  tx = training.make_optimizer(learning_rate=2e-4, total_steps=800_000, warmup_steps=5000, lr_schedule="constant",
+                               optimizer="adamw", grad_clip_norm=1.0)
+  schedule = make_schedule("linear", 1000)
   shape = (batch, size, size, 3)
   out: dict[str, Any] = {}
 
   start = time.perf_counter()
-  state = create_train_state(config, jax.random.key(0), (1, size, size, 3))
+  state = create_train_state(model, tx, jax.random.key(0), (1, size, size, 3))
   jax.block_until_ready(state)
   out["init_s"] = time.perf_counter() - start
   out["params"] = count_params(state.params)
 
-  # The train step as train.py runs it: pmapped over this device (pmean included), state donated.
-  step_fn = make_train_step(config, schedule, use_pmap=True)
-  state = flax.jax_utils.replicate(state, devices=jax.local_devices()[:1])
-  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1,) + shape).astype(np.float32))
+  runner = parallel.make_runner(functools.partial(training.train_step, schedule=schedule, ema_decay=0.9999))
+  state = runner.put_state(state)
+  x = runner.put_batch(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32))
   key = jax.random.key(1)
   start = time.perf_counter()
-  compiled = step_fn.lower(state, x, key).compile()
+  compiled = runner.step.lower(state, x, key).compile()
   out["train_compile_s"] = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
@@ -149,19 +165,20 @@ def jax_bench(preset: str, batch: int, precision: str, args: argparse.Namespace)
 
   train_run()  # warm-up
   out["jax_train_images_per_s"] = median_rate(train_run, args.steps * batch, args.repeats)
-  params = flax.jax_utils.unreplicate(holder[0]).params
-  apply_fn = holder[0].apply_fn
+  params = runner.get_state(holder[0]).params
+  apply_fn = model.apply
+  x = jnp.asarray(np.asarray(x).reshape(shape))
   del holder[:], state
 
   # One forward pass of the network (sampling's unit of work).
   fwd = jax.jit(lambda p, x, t: apply_fn({"params": p}, x, t))
   t = jnp.full((batch,), 500, jnp.int32)
   start = time.perf_counter()
-  fwd_compiled = fwd.lower(params, x[0], t).compile()
+  fwd_compiled = fwd.lower(params, x, t).compile()
   out["forward_compile_s"] = time.perf_counter() - start
   fcost = fwd_compiled.cost_analysis()
   out["forward_flops_per_image"] = float((fcost[0] if isinstance(fcost, list) else fcost)["flops"]) / batch
-  fwd_run = lambda: [fwd_compiled(params, x[0], t) for _ in range(args.steps)][-1].block_until_ready()
+  fwd_run = lambda: [fwd_compiled(params, x, t) for _ in range(args.steps)][-1].block_until_ready()
   fwd_run()
   out["jax_forward_images_per_s"] = median_rate(fwd_run, args.steps * batch, args.repeats)
 
@@ -195,27 +212,55 @@ def jax_bench(preset: str, batch: int, precision: str, args: argparse.Namespace)
 # --------------------------------------------------------------------------------------------------- PyTorch peer
 
 
-def torch_bench(preset: str, batch: int, precision: str, jax_params: int, args: argparse.Namespace
-                ) -> Optional[dict[str, Any]]:
+def torch_peer(preset: str, size: int, device: str) -> Any:
+  """The PyTorch model of the preset's architecture, or None when PyTorch is not installed."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  import torch_unet  # beside this script  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(0)
+  return torch_unet.UNet(unet_fields(preset), 3, size).to(device)
+
+
+def check_peer(preset: str, batch: int, precision: str, args: argparse.Namespace) -> dict[str, Any]:
+  """Before anything is timed: the peer must have the JAX preset's parameter count exactly and its forward FLOPs
+  within FLOP_TOLERANCE (the two counters count elementwise work differently); raises RuntimeError otherwise."""
+  size = args.image_size or PRESET_SIZES[preset]
+  jax_params, jax_flops = jax_forward_cost(preset, batch, precision, size)
+  out = {"params": jax_params, "forward_flops_per_image": jax_flops}
+  model = None if args.no_torch else torch_peer(preset, size, "cpu")
+  if model is None:
+    return out
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
+
+  import torch_unet  # pylint: disable=g-import-not-at-top
+
+  n = torch_unet.count_params(model)
+  if n != jax_params:
+    raise RuntimeError(f"the PyTorch peer has {n} parameters, the JAX {preset} {jax_params}: not the same model")
+  with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    model.eval()(torch.zeros(1, 3, size, size), torch.zeros(1, dtype=torch.long))
+  ratio = counter.get_total_flops() / jax_flops
+  if abs(ratio - 1) > FLOP_TOLERANCE:
+    raise RuntimeError(f"the PyTorch peer's forward FLOPs are {ratio:.3f} times the JAX {preset}'s: not the same "
+                       f"model (tolerance {FLOP_TOLERANCE})")
+  out["torch_forward_flops_per_image"] = counter.get_total_flops()
+  return out
+
+
+def torch_bench(preset: str, batch: int, precision: str, args: argparse.Namespace) -> Optional[dict[str, Any]]:
   """The PyTorch peer's numbers, or None when PyTorch is not installed."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
-  from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
-
-  import torch_unet  # beside this script  # pylint: disable=g-import-not-at-top
-
-  from ddpm_jax.unet import preset_config  # pylint: disable=g-import-not-at-top
-
   device = "cuda" if args.device == "gpu" else "cpu"
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   size = args.image_size or PRESET_SIZES[preset]
-  torch.manual_seed(0)
-  model = torch_unet.UNet(preset_config(preset), 3, size).to(device)
-  n = torch_unet.count_params(model)
-  if n != jax_params:
-    raise RuntimeError(f"the PyTorch peer has {n} parameters, the JAX {preset} {jax_params}: not the same model")
+  model = torch_peer(preset, size, device)
   fmt = torch.channels_last if args.torch_channels_last else torch.contiguous_format
   model = model.to(memory_format=fmt)
   ema = [p.detach().clone() for p in model.parameters()]
@@ -249,9 +294,6 @@ def torch_bench(preset: str, batch: int, precision: str, jax_params: int, args: 
   out["torch_train_images_per_s"] = median_rate(train_run, args.steps * batch, args.repeats)
   model.eval()
   t = torch.full((batch,), 500, device=device)
-  with torch.no_grad(), FlopCounterMode(display=False) as counter, autocast():
-    model(x0, t)
-  out["torch_forward_flops_per_image"] = counter.get_total_flops() / batch
 
   def fwd_run():
     with torch.no_grad(), autocast():
@@ -276,11 +318,12 @@ def run_one(preset: str, batch: int, precision: str, peak: float, args: argparse
   print(f"== {preset} batch {batch} {precision} on {args.device}", flush=True)
   res: dict[str, Any] = {"preset": preset, "batch": batch, "precision": precision,
                          "image_size": args.image_size or PRESET_SIZES[preset]}
+  res.update(check_peer(preset, batch, precision, args))  # before any timing
   res.update(jax_bench(preset, batch, precision, args))
   res["matmul_peak_flops_per_s"] = peak
   res["train_flops_per_s"] = res["train_flops_per_image"] * res["jax_train_images_per_s"]
   res["train_fraction_of_peak"] = res["train_flops_per_s"] / peak
-  torch_res = None if args.no_torch else torch_bench(preset, batch, precision, res["params"], args)
+  torch_res = None if args.no_torch else torch_bench(preset, batch, precision, args)
   res["torch_skipped"] = None if torch_res else ("--no_torch" if args.no_torch else "PyTorch is not installed")
   res.update(torch_res or {"torch_train_images_per_s": None, "torch_forward_images_per_s": None,
                            "torch_version": None})

@@ -1,8 +1,9 @@
 """The DDPM paper's CIFAR-10 setup (Ho et al. 2020), with this project's L1 loss (set diffusion.loss=l2 for the paper's)."""
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
-from ddpm_jax.unet import preset_config
+from configs import common
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -11,28 +12,62 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.dataset = "tfds:cifar10"
   config.image_size = 32
-  config.batch_size = 128
+  config.batch_size = 128  # global, over all devices and processes
   config.num_train_steps = 800_000
   config.log_every_steps = 500
   config.checkpoint_every_steps = 10_000
   config.keep_checkpoints = 3
+  config.parallelism = "pmap"  # with several devices: pmap | jit | fsdp
   config.eval_every_steps = 0  # > 0: sample eval_num_samples with the EMA params and report FID, KID and IS
   config.eval_num_samples = 10_000
-  config.eval_batch_size = 100
-  config.inception_weights = ml_collections.config_dict.placeholder(str)  # tools/convert_inception_weights.py
+  config.eval_batch_size = 100  # Inception batch
+  config.inception_weights = placeholder(str)  # the file tools/convert_inception_weights.py writes
   config.fid_num_real = 50_000  # real images in the reference statistics (capped at the split's size)
 
-  config.data = ml_collections.ConfigDict(dict(
-      split="train", data_dir=ml_collections.config_dict.placeholder(str), download=True, channels=3,
-      random_flip=True, shuffle_buffer=50_000))
-  config.model = ml_collections.ConfigDict(preset_config("ddpm_cifar10"))
-  config.diffusion = ml_collections.ConfigDict(dict(
-      schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02, loss="l1"))
-  config.optim = ml_collections.ConfigDict(dict(
-      optimizer="adam", learning_rate=2e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=5000,
-      lr_schedule="constant", grad_clip_norm=1.0, grad_accum_steps=1))
-  config.ema = ml_collections.ConfigDict(dict(decay=0.9999, warmup=False))
-  config.sample = ml_collections.ConfigDict(dict(
-      method="ddpm", num_steps=1000, eta=1.0, variance="fixed_large", clip_x0=True, every_steps=50_000,
-      num_samples=64, batch_size=64))
+  config.data = ml_collections.ConfigDict()
+  config.data.split = "train"
+  config.data.data_dir = placeholder(str)  # TFDS data_dir; None: TFDS's default
+  config.data.download = True
+  config.data.channels = 3
+  config.data.random_flip = True
+  config.data.shuffle_buffer = 50_000
+
+  config.model = common.model("ddpm_cifar10")
+
+  config.diffusion = ml_collections.ConfigDict()
+  config.diffusion.schedule = "linear"
+  config.diffusion.num_timesteps = 1000
+  config.diffusion.beta_start = 1e-4
+  config.diffusion.beta_end = 0.02
+  config.diffusion.loss = "l1"  # the paper's is l2
+  config.diffusion.prediction = "eps"  # eps | v | x0
+  config.diffusion.loss_weighting = "none"  # none | min_snr
+  config.diffusion.min_snr_gamma = 5.0
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.optimizer = "adam"
+  config.optim.learning_rate = 2e-4
+  config.optim.lr_schedule = "constant"
+  config.optim.warmup_steps = 5000
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+  config.optim.weight_decay = 0.0
+  config.optim.grad_clip_norm = 1.0
+  config.optim.grad_accum_steps = 1
+
+  config.ema = ml_collections.ConfigDict()
+  config.ema.decay = 0.9999
+  config.ema.warmup = False
+
+  config.sample = ml_collections.ConfigDict()
+  config.sample.method = "ddpm"  # the paper's 1,000-step ancestral sampler
+  config.sample.num_steps = 1000
+  config.sample.eta = 1.0
+  config.sample.timestep_spacing = "leading"
+  config.sample.variance = "fixed_large"  # σ² = β, as the paper samples
+  config.sample.clip_x0 = True
+  config.sample.every_steps = 50_000
+  config.sample.num_samples = 64
+  config.sample.batch_size = 64
   return config

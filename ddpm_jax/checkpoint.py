@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a TrainState plus the config that produced it.
+"""Orbax checkpoints of a TrainState (params, EMA params, optimizer state) plus the config that produced it.
 
 Orbax writes each step into a temporary folder and renames it when complete,
 so a checkpoint that is half written is never listed as the latest.
@@ -6,15 +6,18 @@ so a checkpoint that is half written is never listed as the latest.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Optional
 
 import flax.serialization
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+
+from ddpm_jax.train_state import TrainState
 
 
 class _DropOrbaxInfo(logging.Filter):
@@ -26,8 +29,6 @@ class _DropOrbaxInfo(logging.Filter):
 
 def quiet_orbax_info() -> None:
   """Keeps orbax's per-save INFO chatter out of the absl log (entry points call this)."""
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-
   absl_logging.get_absl_handler().addFilter(_DropOrbaxInfo())
 
 
@@ -36,12 +37,17 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+ARRAY_ITEMS = ("params", "ema_params", "opt_state")  # a TrainState's arrays, one orbax item each; the step is the
+# checkpoint's own step number
+
+
 def make_manager(workdir: str, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
   """A CheckpointManager over workdir/checkpoints keeping the last `keep` steps."""
   if keep < 1:
     raise ValueError(f"keep_checkpoints={keep!r} is invalid: keep at least 1")
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
-  handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+  handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
+  handlers["config"] = ocp.JsonCheckpointHandler()
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
 
@@ -51,14 +57,19 @@ def all_finite(tree: Any) -> bool:
              if np.issubdtype(np.asarray(x).dtype, np.floating))
 
 
-def save(manager: ocp.CheckpointManager, state: Any, config_json: str) -> None:
-  """Saves a host (unreplicated) TrainState at its step; refuses non-finite values."""
-  state_dict = flax.serialization.to_state_dict(jax.device_get(state))
-  step = int(state_dict["step"])
-  if not all_finite(state_dict):
+def _state_dict(tree: Any) -> Any:
+  """A pytree (flax struct or optax state) as nested dicts of host arrays, as orbax stores it."""
+  return flax.serialization.to_state_dict(jax.device_get(tree))
+
+
+def save(manager: ocp.CheckpointManager, state: TrainState, config: dict) -> None:
+  """Saves a host (unreplicated) TrainState at its step with the run's config; refuses non-finite values."""
+  step = int(state.step)
+  arrays = {name: _state_dict(getattr(state, name)) for name in ARRAY_ITEMS}
+  if not all_finite(arrays):
     raise FloatingPointError(f"refusing to save the checkpoint of step {step}: it holds NaN or Inf values")
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_dict),
-                                             config=ocp.args.JsonSave(json.loads(config_json))))
+  args = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
+  manager.save(step, args=ocp.args.Composite(config=ocp.args.JsonSave(config), **args))
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:
@@ -67,26 +78,45 @@ def _shapes(tree: Any) -> dict[str, tuple]:
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def restore(manager: ocp.CheckpointManager, template: Any, step: Optional[int] = None) -> tuple[Any, dict]:
-  """(TrainState shaped like `template`, saved config dict) at `step` or the latest step.
-
-  A checkpoint whose arrays differ from the template's (another model or
-  optimizer config) is a ValueError naming the first difference.
-  """
+def _step_or_latest(manager: ocp.CheckpointManager, step: Optional[int]) -> int:
+  """`step`, or the manager's latest step; a ValueError when there is none."""
   step = manager.latest_step() if step is None else step
   if step is None:
     raise ValueError(f"no checkpoint in {manager.directory}")
-  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
-                                    flax.serialization.to_state_dict(template))
-  saved, wanted = _shapes(manager.item_metadata(step)["state"]), _shapes(abstract)
-  if saved != wanted:
-    diff = sorted(set(saved) ^ set(wanted)) or sorted(k for k in saved if saved[k] != wanted[k])
-    key = diff[0]
-    raise ValueError(f"checkpoint {step} in {manager.directory} was written by another model or optimizer config: "
-                     f"{key} is {saved.get(key, 'absent')} there and {wanted.get(key, 'absent')} here")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                           config=ocp.args.JsonRestore()))
-  return flax.serialization.from_state_dict(template, restored.state), restored.config
+  return step
+
+
+def _restore_items(manager: ocp.CheckpointManager, step: int, templates: dict[str, Any]) -> dict[str, Any]:
+  """The named items of checkpoint `step`, shaped like their templates; a ValueError naming the first leaf whose
+  shape differs (another model or optimizer config)."""
+  abstract = {name: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
+                                           flax.serialization.to_state_dict(t)) for name, t in templates.items()}
+  metadata = manager.item_metadata(step)
+  for name, tree in abstract.items():
+    saved, wanted = _shapes(metadata[name]), _shapes(tree)
+    if saved != wanted:
+      diff = sorted(set(saved) ^ set(wanted)) or sorted(k for k in saved if saved[k] != wanted[k])
+      raise ValueError(f"checkpoint {step} in {manager.directory} was written by another model or optimizer config: "
+                       f"{name}/{diff[0]} is {saved.get(diff[0], 'absent')} there and "
+                       f"{wanted.get(diff[0], 'absent')} here")
+  args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
+  restored = manager.restore(step, args=ocp.args.Composite(**args))
+  return {name: flax.serialization.from_state_dict(templates[name], restored[name]) for name in templates}
+
+
+def restore_state(manager: ocp.CheckpointManager, template: TrainState, step: Optional[int] = None) -> TrainState:
+  """The TrainState of checkpoint `step` (default the latest), shaped like `template` (e.g. from jax.eval_shape)."""
+  step = _step_or_latest(manager, step)
+  items = _restore_items(manager, step, {name: getattr(template, name) for name in ARRAY_ITEMS})
+  return template.replace(step=jnp.asarray(step, jnp.int32), **items)
+
+
+def restore_params(manager: ocp.CheckpointManager, template: Any, step: Optional[int] = None,
+                   ema: bool = True) -> Any:
+  """Only the EMA parameters (or, with ema=False, the raw ones) of checkpoint `step` (default the latest)."""
+  step = _step_or_latest(manager, step)
+  name = "ema_params" if ema else "params"
+  return _restore_items(manager, step, {name: template})[name]
 
 
 def locate(path: str) -> tuple[str, Optional[int]]:
@@ -98,8 +128,8 @@ def locate(path: str) -> tuple[str, Optional[int]]:
   return path, None
 
 
-def load_config(workdir: str, step: Optional[int] = None) -> dict:
-  """The config saved with a workdir's checkpoint (the latest, or `step`)."""
+def load_config(workdir: str, step: Optional[int] = None) -> tuple[dict, int]:
+  """The config saved with a workdir's checkpoint (the latest, or `step`), and that step."""
   manager = make_manager(workdir, create=False) if os.path.isdir(checkpoint_dir(workdir)) else None
   try:
     steps = manager.all_steps() if manager else []
@@ -110,7 +140,7 @@ def load_config(workdir: str, step: Optional[int] = None) -> dict:
     if step not in steps:
       raise ValueError(f"no checkpoint of step {step} in {checkpoint_dir(workdir)}: it holds steps "
                        f"{', '.join(map(str, sorted(steps)))}")
-    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config, step
   finally:
     if manager:
       manager.close()

@@ -21,14 +21,16 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 from absl import logging
+from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+SHOWN_BAD_FILES = 5  # undecodable files named in the warning; the rest are counted
 
 
 @functools.lru_cache(maxsize=None)
 def _tf():
   """TensorFlow, imported on first use and kept off any accelerator."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # heavy (seconds): only when a pipeline is built
 
   tf.config.set_visible_devices([], "GPU")
   return tf
@@ -42,7 +44,6 @@ class Source:
   (a sequential tf.data.Dataset, this process's split) is set.
   """
 
-  name: str
   size: int
   decode: Callable  # (record, channels) -> uint8 [h, w, channels] tensor
   items: Optional[np.ndarray] = None
@@ -62,7 +63,7 @@ def parse_dataset(spec: str) -> tuple[str, str]:
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
   """scikit-learn's bundled 1,797 8x8 digits (no download): uint8 [N, 8, 8, 1] in 0..255, and int labels [N]."""
-  from sklearn.datasets import load_digits as sklearn_digits  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_digits as sklearn_digits  # pylint: disable=g-import-not-at-top  # heavy
 
   bunch = sklearn_digits()  # pixel values 0..16
   return np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None], bunch.target.astype(np.int32)
@@ -71,7 +72,7 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 def digits_source() -> Source:
   """The embedded digits."""
   images, _ = load_digits()
-  return Source("digits", len(images), convert_channels, items=images)
+  return Source(len(images), convert_channels, items=images)
 
 
 def list_images(root: str) -> list[str]:
@@ -87,8 +88,6 @@ def list_images(root: str) -> list[str]:
 
 def _decodable(path: str) -> bool:
   """Whether PIL can fully decode the file."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
   try:
     with Image.open(path) as im:
       im.load()
@@ -101,15 +100,16 @@ def folder_source(root: str) -> Source:
   """The decodable images under root; undecodable files are skipped with one warning."""
   tf = _tf()
   paths = list_images(root)
-  good = [p for p in paths if _decodable(p)]
-  if len(good) < len(paths):
-    bad = [p for p in paths if p not in set(good)]
-    logging.warning("skipped %d of %d files in %s that could not be decoded, e.g. %s", len(bad), len(paths), root,
-                    bad[0])
+  ok = [_decodable(p) for p in paths]
+  good = [p for p, k in zip(paths, ok) if k]
+  bad = [p for p, k in zip(paths, ok) if not k]
+  if bad:
+    shown = ", ".join(bad[:SHOWN_BAD_FILES]) + (f" and {len(bad) - SHOWN_BAD_FILES} more" if len(bad) > SHOWN_BAD_FILES else "")
+    logging.warning("skipped %d of %d files in %s that could not be decoded: %s", len(bad), len(paths), root, shown)
   if not good:
     raise ValueError(f"dataset folder {root!r} holds no decodable images ({len(paths)} files failed to decode)")
   decode = lambda p, c: decode_image(tf.io.read_file(p), c)
-  return Source(f"folder:{root}", len(good), decode, items=np.array(good))
+  return Source(len(good), decode, items=np.array(good))
 
 
 def _reachable(host: str = "storage.googleapis.com", port: int = 443, timeout: float = 3.0) -> bool:
@@ -125,7 +125,7 @@ def tfds_source(name: str, split: str, data_dir: Optional[str], download: bool, 
                 process_count: int) -> Source:
   """A TFDS split, this process's even share, images left encoded until the pipeline decodes them."""
   _tf()
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # heavy: only for tfds: datasets
 
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -153,7 +153,7 @@ def tfds_source(name: str, split: str, data_dir: Optional[str], download: bool, 
   size = int(ds.cardinality())
   if size < 1:
     raise ValueError(f"TFDS dataset {name!r} split {split!r} is empty for process {process_index} of {process_count}")
-  return Source(f"tfds:{name}", size, decode_image, records=ds.map(lambda ex: ex["image"]))
+  return Source(size, decode_image, records=ds.map(lambda ex: ex["image"]))
 
 
 def decode_image(encoded, channels: int):
@@ -233,18 +233,18 @@ def make_source(dataset: str, *, data_dir: Optional[str] = None, split: str = "t
 
 
 def batch_stream(source: Source, *, seed: int, global_batch: int, image_size: int, channels: int = 3,
-                 random_flip: bool = True, start_step: int = 0, num_devices: int = 1, process_index: int = 0,
-                 process_count: int = 1, shuffle_buffer: int = 50_000) -> Iterator[np.ndarray]:
-  """Endless float32 batches [num_devices, per-device batch, size, size, channels] of this process, from start_step."""
+                 random_flip: bool = True, start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                 shuffle_buffer: int = 50_000) -> Iterator[np.ndarray]:
+  """Endless float32 batches [global_batch / process_count, size, size, channels]: this process's rows of each
+  global batch, from start_step."""
   tf = _tf()
   if channels not in (1, 3):
     raise ValueError(f"channels={channels!r} is invalid: use 1 (grayscale) or 3 (RGB)")
   if image_size < 1:
     raise ValueError(f"image_size={image_size!r} is invalid: it must be a positive integer")
-  devices = num_devices * process_count
-  if global_batch < 1 or global_batch % devices:
-    raise ValueError(f"batch_size={global_batch} is not divisible by the {devices} devices "
-                     f"({process_count} process(es) x {num_devices}): use a multiple of {devices}")
+  if global_batch < 1 or global_batch % process_count:
+    raise ValueError(f"batch_size={global_batch} is not divisible by the {process_count} processes: "
+                     f"use a multiple of {process_count}")
   local = global_batch // process_count
 
   if source.items is not None:
@@ -264,5 +264,4 @@ def batch_stream(source: Source, *, seed: int, global_batch: int, image_size: in
   options.deterministic = True
   ds = ds.with_options(options).map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local, drop_remainder=True)
-  ds = ds.map(lambda b: tf.reshape(b, [num_devices, local // num_devices, image_size, image_size, channels]))
   return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()

@@ -26,7 +26,7 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 def _check_choice(what: str, value: str, allowed: Sequence[str]) -> None:
   """Raises a ValueError naming `value` and the allowed names unless value is one of them."""
   if value not in allowed:
-    raise ValueError(f"unknown {what} {value!r}: choose one of {', '.join(allowed)}")
+    raise ValueError(f"{what}={value!r} is unknown: choose one of {', '.join(allowed)}")
 
 
 def extract(coef: jnp.ndarray, t: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
@@ -116,7 +116,7 @@ def loss_weights(
   for ε, min(SNR, γ) / (SNR + 1) for v, min(SNR, γ) for x0.
   """
   _check_choice("prediction", prediction, PREDICTIONS)
-  _check_choice("loss weighting", weighting, LOSS_WEIGHTINGS)
+  _check_choice("loss_weighting", weighting, LOSS_WEIGHTINGS)
   if weighting == "none":
     return jnp.ones(jnp.shape(t), jnp.float32)
   if not isinstance(min_snr_gamma, jax.Array) and not float(min_snr_gamma) > 0.0:
@@ -149,7 +149,7 @@ def loss_fn(
   With `weights` of shape [B] the result is mean_b(weights[b] * loss[b]).
   """
   if kind not in LOSSES:
-    raise ValueError(f"unknown loss kind {kind!r}: choose one of {', '.join(LOSSES)}")
+    raise ValueError(f"loss={kind!r} is unknown: choose one of {', '.join(LOSSES)}")
   if pred.shape != target.shape:
     raise ValueError(f"pred shape {pred.shape} does not match target shape {target.shape}")
   diff = pred.astype(jnp.float32) - target.astype(jnp.float32)

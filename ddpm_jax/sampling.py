@@ -7,8 +7,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +39,9 @@ def timesteps(method: str, num_timesteps: int, num_steps: Optional[int] = None,
   """
   T = num_timesteps
   if method not in METHODS:
-    raise ValueError(f"unknown sampling method {method!r}: choose one of {', '.join(METHODS)}")
+    raise ValueError(f"method={method!r} is unknown: choose one of {', '.join(METHODS)}")
   if spacing not in SPACINGS:
-    raise ValueError(f"unknown timestep_spacing {spacing!r}: choose one of {', '.join(SPACINGS)}")
+    raise ValueError(f"timestep_spacing={spacing!r} is unknown: choose one of {', '.join(SPACINGS)}")
   if method == "ddpm":
     if num_steps not in (None, T):
       raise ValueError(f"num_steps={num_steps!r} with method='ddpm': ancestral sampling runs all T={T} steps; "
@@ -188,14 +189,9 @@ def sample(
   returns x after every `trajectory_stride`-th step, stacked on axis 0.
   """
   shape = tuple(int(s) for s in shape)
-  if variance not in VARIANCES:
-    raise ValueError(f"unknown variance {variance!r}: choose one of {', '.join(VARIANCES)}")
-  if prediction not in diffusion.PREDICTIONS:
-    raise ValueError(f"unknown prediction {prediction!r}: choose one of {', '.join(diffusion.PREDICTIONS)}")
-  chain = timesteps(method, schedule.num_timesteps, num_steps, timestep_spacing)
+  options = SamplerOptions(method, num_steps, eta, clip_x0, variance, timestep_spacing, prediction)
+  chain = check_options(options, schedule.num_timesteps)
   num_steps = len(chain)
-  if not isinstance(eta, jax.Array) and not 0.0 <= float(eta) <= 1.0:
-    raise ValueError(f"eta={eta!r} is out of range: it must lie in [0, 1]")
   if x_T is not None and tuple(x_T.shape) != shape:
     raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
   if return_trajectory and (trajectory_stride < 1 or num_steps % trajectory_stride):
@@ -207,41 +203,75 @@ def sample(
   return (x0, traj) if return_trajectory else x0
 
 
-def generate(
-    apply_eps: Callable[..., jnp.ndarray],
-    params,
-    schedule: Schedule,
-    key: jax.Array,
-    num_samples: int,
-    image_shape: tuple[int, ...],
-    *,
-    batch_size: int = 64,
-    devices: Optional[list] = None,
-    progress: Optional[Callable[[int, int], None]] = None,
-    **sample_kw,
-) -> np.ndarray:
-  """Draws `num_samples` images in batches, each batch split over `devices` (default: all local ones).
+@dataclasses.dataclass(frozen=True)
+class SamplerOptions:
+  """The sampler's settings apart from the model, the schedule and the noise: `sample`'s keyword arguments."""
 
-  `apply_eps(params, x_t, t)` predicts the noise. Sample i depends only on
-  (key, i), whatever the batch size or device count. `progress(done, total)`
-  is called after each batch.
+  method: str = "ddpm"
+  num_steps: Optional[int] = None
+  eta: float = 1.0
+  clip_x0: bool = True
+  variance: str = "fixed_small"
+  timestep_spacing: str = "leading"
+  prediction: str = "eps"
+
+  def sample(self, eps_fn: EpsFn, schedule: Schedule, key: jax.Array, shape: tuple[int, ...], *,
+             x_T: Optional[jnp.ndarray] = None, return_trajectory: bool = False, trajectory_stride: int = 1,
+             index_offset: int | jnp.ndarray = 0):
+    """`sample` with these settings."""
+    return sample(eps_fn, schedule, key, shape, method=self.method, num_steps=self.num_steps, eta=self.eta,
+                  clip_x0=self.clip_x0, x_T=x_T, return_trajectory=return_trajectory, variance=self.variance,
+                  timestep_spacing=self.timestep_spacing, prediction=self.prediction,
+                  trajectory_stride=trajectory_stride, index_offset=index_offset)
+
+
+def check_options(options: SamplerOptions, num_timesteps: int) -> np.ndarray:
+  """The timesteps the settings visit; a ValueError naming the first setting `sample` cannot run."""
+  if options.variance not in VARIANCES:
+    raise ValueError(f"variance={options.variance!r} is unknown: choose one of {', '.join(VARIANCES)}")
+  if options.prediction not in diffusion.PREDICTIONS:
+    raise ValueError(f"prediction={options.prediction!r} is unknown: choose one of {', '.join(diffusion.PREDICTIONS)}")
+  eta = options.eta
+  if not isinstance(eta, jax.Array) and not 0.0 <= float(eta) <= 1.0:
+    raise ValueError(f"eta={eta!r} is out of range: it must lie in [0, 1]")
+  return timesteps(options.method, num_timesteps, options.num_steps, options.timestep_spacing)
+
+
+def make_generator(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, image_shape: tuple[int, ...],
+                   options: SamplerOptions, *, batch_size: int = 64, devices: Optional[list] = None
+                   ) -> Callable[..., np.ndarray]:
+  """A function (params, key, num_samples, progress=None) -> float samples [N, *image_shape] in [-1, 1].
+
+  `model_fn(params, x_t, t)` is the network. The sampler is compiled once, on
+  the first call, for batches of `batch_size` split over `devices` (default:
+  all local ones); later calls with new params or keys reuse it. Sample i
+  depends only on (key, i), whatever the batch size or device count.
+  `progress(done, total)` is called after each batch.
   """
-  if num_samples < 1 or batch_size < 1:
-    raise ValueError(f"num_samples={num_samples} and batch_size={batch_size} must both be >= 1")
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} is invalid: it must be >= 1")
   devices = list(devices or jax.local_devices())
-  per_device = -(-min(batch_size, num_samples) // len(devices))
+  per_device = -(-batch_size // len(devices))
   mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
   spec = jax.sharding.PartitionSpec
+  shape = (per_device,) + tuple(image_shape)
 
-  def shard(p, k, offsets):
-    return sample(functools.partial(apply_eps, p), schedule, k, (per_device,) + tuple(image_shape),
-                  index_offset=offsets[0], **sample_kw)
+  def shard(params, key, offsets):
+    return options.sample(functools.partial(model_fn, params), schedule, key, shape, index_offset=offsets[0])
 
   run = jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=(spec(), spec(), spec("batch")), out_specs=spec("batch")))
-  step = per_device * len(devices)
-  out = []
-  for start in range(0, num_samples, step):
-    out.append(np.asarray(run(params, key, start + per_device * np.arange(len(devices), dtype=np.int32))))
-    if progress is not None:
-      progress(min(start + step, num_samples), num_samples)
-  return np.concatenate(out)[:num_samples]
+  per_call = per_device * len(devices)
+
+  def generate(params: Any, key: jax.Array, num_samples: int,
+               progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+    """`num_samples` samples drawn with `params` from `key`."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+      raise ValueError(f"num_samples={num_samples!r} is invalid: it must be an integer >= 1")
+    out = []
+    for start in range(0, num_samples, per_call):
+      out.append(np.asarray(run(params, key, start + per_device * np.arange(len(devices), dtype=np.int32))))
+      if progress is not None:
+        progress(min(start + per_call, num_samples), num_samples)
+    return np.concatenate(out)[:num_samples]
+
+  return generate

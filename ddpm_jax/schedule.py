@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -124,7 +125,7 @@ def schedule_from_betas(betas: np.ndarray) -> Schedule:
       posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
       posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
   )
-  return Schedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in arrays.items()})
+  return Schedule(**{k: jax.device_put(np.asarray(v, np.float32)) for k, v in arrays.items()})  # cast on the host
 
 
 def make_schedule(

@@ -1,9 +1,6 @@
-"""The optimizer, the pure train step and its jit/pmap wrappers."""
+"""The optimizer from explicit arguments and the pure train step."""
 
 from __future__ import annotations
-
-import functools
-from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -11,61 +8,72 @@ import optax
 
 from ddpm_jax import diffusion
 from ddpm_jax.schedule import Schedule
-
-if TYPE_CHECKING:
-  from ddpm_jax.train_state import TrainState
+from ddpm_jax.train_state import TrainState
 
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def learning_rate_schedule(optim, num_train_steps: int) -> optax.Schedule:
-  """Linear warmup from 0, then constant or cosine decay to 0 at num_train_steps."""
-  if optim.lr_schedule not in LR_SCHEDULES:
-    raise ValueError(f"optim.lr_schedule={optim.lr_schedule!r} is unknown: choose one of {', '.join(LR_SCHEDULES)}")
-  if not optim.learning_rate > 0:
-    raise ValueError(f"optim.learning_rate={optim.learning_rate!r} is invalid: it must be > 0")
-  if optim.warmup_steps < 0:
-    raise ValueError(f"optim.warmup_steps={optim.warmup_steps!r} is invalid: it must be >= 0")
-  lr, warmup = float(optim.learning_rate), int(optim.warmup_steps)
-  if optim.lr_schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(num_train_steps, warmup + 1), 0.0)
+def learning_rate_schedule(*, learning_rate: float, total_steps: int, warmup_steps: int = 0,
+                           lr_schedule: str = "cosine") -> optax.Schedule:
+  """Linear warmup from 0 over warmup_steps, then constant, or cosine decay to 0 at total_steps."""
+  if lr_schedule not in LR_SCHEDULES:
+    raise ValueError(f"lr_schedule={lr_schedule!r} is unknown: choose one of {', '.join(LR_SCHEDULES)}")
+  if not learning_rate > 0:
+    raise ValueError(f"learning_rate={learning_rate!r} is invalid: it must be > 0")
+  if warmup_steps < 0:
+    raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: it must be >= 0")
+  lr, warmup = float(learning_rate), int(warmup_steps)
+  if lr_schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1), 0.0)
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
 
 
-def make_optimizer(optim, num_train_steps: int) -> optax.GradientTransformation:
-  """Adam or AdamW with the learning-rate schedule, optional global-norm clipping and gradient accumulation."""
-  if optim.optimizer not in OPTIMIZERS:
-    raise ValueError(f"optim.optimizer={optim.optimizer!r} is unknown: choose one of {', '.join(OPTIMIZERS)}")
-  if optim.grad_clip_norm < 0:
-    raise ValueError(f"optim.grad_clip_norm={optim.grad_clip_norm!r} is invalid: use 0 (off) or a positive norm")
-  if optim.grad_accum_steps < 1:
-    raise ValueError(f"optim.grad_accum_steps={optim.grad_accum_steps!r} is invalid: it must be >= 1")
-  schedule = learning_rate_schedule(optim, num_train_steps // optim.grad_accum_steps)
-  kw = dict(learning_rate=schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps)
-  if optim.optimizer == "adamw":
-    opt = optax.inject_hyperparams(optax.adamw)(weight_decay=optim.weight_decay, **kw)
+def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int = 0, lr_schedule: str = "cosine",
+                   optimizer: str = "adamw", b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   weight_decay: float = 0.0, grad_clip_norm: float = 1.0,
+                   grad_accum_steps: int = 1) -> optax.GradientTransformation:
+  """Adam or AdamW with the learning-rate schedule, optional global-norm clipping and gradient accumulation.
+
+  `total_steps` counts train steps (micro-steps under accumulation); the
+  schedule spans the total_steps // grad_accum_steps updates they apply.
+  """
+  if optimizer not in OPTIMIZERS:
+    raise ValueError(f"optimizer={optimizer!r} is unknown: choose one of {', '.join(OPTIMIZERS)}")
+  if grad_clip_norm < 0:
+    raise ValueError(f"grad_clip_norm={grad_clip_norm!r} is invalid: use 0 (off) or a positive norm")
+  if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+    raise ValueError(f"grad_accum_steps={grad_accum_steps!r} is invalid: it must be an integer >= 1")
+  schedule = learning_rate_schedule(learning_rate=learning_rate, total_steps=total_steps // grad_accum_steps,
+                                    warmup_steps=warmup_steps, lr_schedule=lr_schedule)
+  kw = dict(learning_rate=schedule, b1=b1, b2=b2, eps=eps)
+  if optimizer == "adamw":
+    opt = optax.inject_hyperparams(optax.adamw)(weight_decay=weight_decay, **kw)
   else:
     opt = optax.inject_hyperparams(optax.adam)(**kw)
-  tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), opt) if optim.grad_clip_norm > 0 else opt
-  return optax.MultiSteps(tx, optim.grad_accum_steps) if optim.grad_accum_steps > 1 else tx
+  tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), opt) if grad_clip_norm > 0 else opt
+  return optax.MultiSteps(tx, grad_accum_steps) if grad_accum_steps > 1 else tx
 
 
-def ema_decay(decay: float, warmup: bool, num_updates: jnp.ndarray) -> jnp.ndarray:
-  """The EMA decay after `num_updates` updates: `decay`, or min(decay, (1 + n) / (10 + n)) with warmup."""
-  n = num_updates.astype(jnp.float32)
-  return jnp.minimum(decay, (1.0 + n) / (10.0 + n)) if warmup else jnp.asarray(decay, jnp.float32)
+def _current_lr(opt_state: optax.OptState) -> jnp.ndarray:
+  """The learning rate that inject_hyperparams recorded in the optimizer state."""
+  return optax.tree_utils.tree_get(opt_state, "learning_rate", filtering=lambda _, v: isinstance(v, jax.Array))
 
 
-def train_step(state: TrainState, batch: jnp.ndarray, key: jax.Array, *, schedule: Schedule, loss_kind: str = "l1",
-               ema: float = 0.9999, ema_warmup: bool = False, axis_name: str | None = None
+def train_step(state: TrainState, batch: jnp.ndarray, key: jax.Array, *, schedule: Schedule, loss: str = "l1",
+               ema_decay: float = 0.9999, ema_warmup: bool = False, prediction: str = "eps",
+               loss_weighting: str = "none", min_snr_gamma: float = 5.0, axis_name: str | None = None
                ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
-  """One optimisation step on this device's batch [b, H, W, C].
+  """One optimisation step on a batch [b, H, W, C] of images in [-1, 1]; returns the new state and metrics.
 
-  Example i of device d has global index d·b + i; its timestep and noise come
-  from that index folded into this step's key, so they do not depend on how the
-  global batch is split over devices or hosts. Gradients and metrics are
-  averaged over `axis_name` when given.
+  The network learns `prediction` (ε, v or x0) under the `loss` (l1 or l2)
+  of each example, weighted by `loss_weighting` ("none" or "min_snr" with
+  γ = min_snr_gamma).
+
+  Example i of the batch on device d (of `axis_name`, when given) has global
+  index d·b + i; its timestep and noise come from that index folded into this
+  step's key, so they do not depend on how the global batch is split over
+  devices or hosts. Gradients and metrics are averaged over `axis_name`.
   """
   b = batch.shape[0]
   device = jax.lax.axis_index(axis_name) if axis_name else 0
@@ -75,38 +83,17 @@ def train_step(state: TrainState, batch: jnp.ndarray, key: jax.Array, *, schedul
   noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), batch.shape[1:]))(example_keys)
   dropout_key = jax.random.fold_in(dropout_key, device)
   x_t = diffusion.q_sample(schedule, batch, t, noise)
+  target = diffusion.prediction_target(schedule, batch, t, noise, prediction)
+  weights = diffusion.loss_weights(schedule, t, prediction=prediction, weighting=loss_weighting,
+                                   min_snr_gamma=min_snr_gamma)
 
   def loss_of(params):
     pred = state.apply_fn({"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key})
-    return diffusion.loss_fn(pred, noise, loss_kind)
+    return diffusion.loss_fn(pred, target, loss, weights)
 
-  loss, grads = jax.value_and_grad(loss_of)(state.params)
+  value, grads = jax.value_and_grad(loss_of)(state.params)
   if axis_name:
-    loss, grads = jax.lax.pmean((loss, grads), axis_name)
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  if isinstance(state.tx, optax.MultiSteps):  # the EMA follows only the steps that apply an update
-    updated, num_updates = state.tx.has_updated(opt_state), opt_state.gradient_step
-  else:
-    updated, num_updates = True, state.step + 1
-  decay = ema_decay(ema, ema_warmup, num_updates)
-  ema_params = jax.tree_util.tree_map(lambda e, p: jnp.where(updated, decay * e + (1 - decay) * p, e),
-                                      state.ema_params, params)
-  metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
-                 lr=optax.tree_utils.tree_get(opt_state, "learning_rate", filtering=lambda _, v: isinstance(v, jax.Array)))
-  return state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state), metrics
-
-
-def make_train_step(config, schedule: Schedule, use_pmap: bool) -> Callable[..., Any]:
-  """train_step bound to the config: jit on one device, or pmap over axis 'batch' across all devices and hosts.
-
-  The returned function takes (state, batch, key): with jit the batch is
-  [B, H, W, C]; with pmap it is [local devices, b, H, W, C], the state is
-  replicated over local devices and the key is shared.
-  """
-  step = functools.partial(train_step, schedule=schedule, loss_kind=config.diffusion.loss, ema=config.ema.decay,
-                           ema_warmup=config.ema.warmup)
-  if not use_pmap:
-    return jax.jit(step, donate_argnums=0)
-  return jax.pmap(functools.partial(step, axis_name="batch"), axis_name="batch", in_axes=(0, 0, None),
-                  donate_argnums=0)
+    value, grads = jax.lax.pmean((value, grads), axis_name)
+  new_state = state.apply_gradients(grads, ema_decay=ema_decay, ema_warmup=ema_warmup)
+  metrics = dict(loss=value, grad_norm=optax.tree.norm(grads), lr=_current_lr(new_state.opt_state))
+  return new_state, metrics

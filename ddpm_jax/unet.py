@@ -17,7 +17,21 @@ TOPOLOGIES = ("ddpm", "book")
 BLOCK_ORDERS = ("pre", "post")
 ATTN_NORMS = ("group", "layer")
 DOWNSAMPLES = ("conv", "space_to_depth")
-UPSAMPLES = ("nearest", "conv_transpose")
+INIT_SCHEMES = ("flax", "ddpm")
+
+
+def initializers(scheme: str) -> tuple[Any, Any]:
+  """(default kernel initializer, initializer of the layers that end a residual branch) of an init scheme.
+
+  "flax": Flax's defaults (LeCun normal) everywhere. "ddpm": the DDPM
+  reference's fan-average uniform variance scaling (scale 1), with zeros for
+  the second conv of each residual block, the attention output projection and
+  the final conv, so that every block starts as the identity.
+  """
+  if scheme == "ddpm":
+    return nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"), nn.initializers.zeros
+  default = nn.linear.default_kernel_init
+  return default, default
 
 
 def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
@@ -49,23 +63,26 @@ class ResBlock(nn.Module):
   groups: int
   order: str = "pre"
   dropout: float = 0.0
+  init_scheme: str = "flax"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, train: bool) -> jnp.ndarray:
-    conv = functools.partial(nn.Conv, self.out_ch, (3, 3), dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = functools.partial(nn.GroupNorm, num_groups=self.groups, dtype=self.dtype, param_dtype=self.param_dtype)
-    shift = nn.Dense(self.out_ch, dtype=self.dtype, param_dtype=self.param_dtype)(nn.silu(temb))[:, None, None, :]
+    kernel, last = initializers(self.init_scheme)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = functools.partial(nn.Conv, self.out_ch, (3, 3), **kw)
+    norm = functools.partial(nn.GroupNorm, num_groups=self.groups, **kw)
+    shift = nn.Dense(self.out_ch, kernel_init=kernel, **kw)(nn.silu(temb))[:, None, None, :]
     drop = nn.Dropout(self.dropout, deterministic=not train)
     if self.order == "pre":  # DDPM: norm -> act -> conv
-      h = conv()(nn.silu(norm()(x))) + shift
-      h = conv()(drop(nn.silu(norm()(h))))
+      h = conv(kernel_init=kernel)(nn.silu(norm()(x))) + shift
+      h = conv(kernel_init=last)(drop(nn.silu(norm()(h))))
     else:  # the book: conv -> norm -> act
-      h = nn.silu(norm()(conv()(x))) + shift
-      h = nn.silu(norm()(conv()(drop(h))))
+      h = nn.silu(norm()(conv(kernel_init=kernel)(x))) + shift
+      h = nn.silu(norm()(conv(kernel_init=last)(drop(h))))
     if x.shape[-1] != self.out_ch:
-      x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype)(x)
+      x = nn.Conv(self.out_ch, (1, 1), kernel_init=kernel, **kw)(x)
     return x + h
 
 
@@ -77,22 +94,25 @@ class AttentionBlock(nn.Module):
   norm: str = "group"
   qkv_bias: bool = True
   groups: int = 32
+  init_scheme: str = "flax"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kernel, last = initializers(self.init_scheme)
     b, hh, ww, c = x.shape
     hd = self.head_dim or c // self.num_heads
     if self.norm == "group":
       h = nn.GroupNorm(num_groups=self.groups, dtype=self.dtype, param_dtype=self.param_dtype)(x)
     else:
       h = nn.LayerNorm(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)(x)
-    qkv = nn.Dense(3 * self.num_heads * hd, use_bias=self.qkv_bias, dtype=self.dtype,
+    qkv = nn.Dense(3 * self.num_heads * hd, use_bias=self.qkv_bias, kernel_init=kernel, dtype=self.dtype,
                    param_dtype=self.param_dtype)(h.reshape(b, hh * ww, c))
     q, k, v = jnp.split(qkv.reshape(b, hh * ww, 3, self.num_heads, hd), 3, axis=2)
     out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
-    out = nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype)(out.reshape(b, hh * ww, self.num_heads * hd))
+    out = nn.Dense(c, kernel_init=last, dtype=self.dtype, param_dtype=self.param_dtype)(
+        out.reshape(b, hh * ww, self.num_heads * hd))
     return x + out.reshape(b, hh, ww, c)
 
 
@@ -124,8 +144,8 @@ class UNet(nn.Module):
   block_order: str = "pre"
   double_temb_silu: bool = False  # the book applies SiLU to the embedding twice
   downsample: str = "conv"
-  upsample: str = "nearest"
   topology: str = "ddpm"
+  init_scheme: str = "flax"  # "ddpm": the DDPM reference's initialisation (see initializers())
   out_channels: Optional[int] = None  # None: as many as the input
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -134,7 +154,7 @@ class UNet(nn.Module):
     """Raises ValueError for settings, or an NHWC input shape, this network cannot take."""
     for field, value, allowed in (("topology", self.topology, TOPOLOGIES), ("block_order", self.block_order, BLOCK_ORDERS),
                                   ("attn_norm", self.attn_norm, ATTN_NORMS), ("downsample", self.downsample, DOWNSAMPLES),
-                                  ("upsample", self.upsample, UPSAMPLES)):
+                                  ("init_scheme", self.init_scheme, INIT_SCHEMES)):
       if value not in allowed:
         raise ValueError(f"UNet {field}={value!r} is unknown: choose one of {', '.join(allowed)}")
     if not self.channel_mult or self.num_res_blocks < 1 or self.base_channels < 1:
@@ -166,15 +186,16 @@ class UNet(nn.Module):
       raise ValueError(f"t must be a scalar or of shape [{x.shape[0]}] (the batch), got shape {t.shape}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     ch = self.base_channels
+    kernel, _ = initializers(self.init_scheme)
     temb = timestep_embedding(t, ch)
-    temb = nn.Dense(4 * ch, name="temb_dense_0", **kw)(temb)
-    temb = nn.Dense(4 * ch, name="temb_dense_1", **kw)(nn.silu(temb))
+    temb = nn.Dense(4 * ch, kernel_init=kernel, name="temb_dense_0", **kw)(temb)
+    temb = nn.Dense(4 * ch, kernel_init=kernel, name="temb_dense_1", **kw)(nn.silu(temb))
     if self.double_temb_silu:
       temb = nn.silu(temb)
-    res = lambda name, width, h: ResBlock(width, self.norm_groups, self.block_order, self.dropout, name=name,
-                                          **kw)(h, temb, train)
+    res = lambda name, width, h: ResBlock(width, self.norm_groups, self.block_order, self.dropout, self.init_scheme,
+                                          name=name, **kw)(h, temb, train)
     attn = lambda name, h: AttentionBlock(self.num_heads, self.head_dim, self.attn_norm, self.attn_qkv_bias,
-                                          self.norm_groups, name=name, **kw)(h)
+                                          self.norm_groups, self.init_scheme, name=name, **kw)(h)
     body = self._ddpm_body if self.topology == "ddpm" else self._book_body
     h = body(x.astype(self.dtype), res, attn, kw)
     return h.astype(x.dtype)
@@ -187,15 +208,14 @@ class UNet(nn.Module):
 
   def _down(self, name: str, h: jnp.ndarray, width: int, kw: dict) -> jnp.ndarray:
     """Halves the resolution, ending at `width` channels."""
+    kernel, _ = initializers(self.init_scheme)
     if self.downsample == "conv":
-      return nn.Conv(width, (3, 3), strides=(2, 2), name=name, **kw)(h)
-    return nn.Conv(width, (1, 1), name=name, **kw)(space_to_depth(h))
+      return nn.Conv(width, (3, 3), strides=(2, 2), kernel_init=kernel, name=name, **kw)(h)
+    return nn.Conv(width, (1, 1), kernel_init=kernel, name=name, **kw)(space_to_depth(h))
 
   def _up(self, name: str, h: jnp.ndarray, width: int, kw: dict) -> jnp.ndarray:
-    """Doubles the resolution, ending at `width` channels."""
-    if self.upsample == "nearest":
-      return nn.Conv(width, (3, 3), name=name, **kw)(upsample_nearest(h))
-    return nn.ConvTranspose(width, (2, 2), strides=(2, 2), name=name, **kw)(h)
+    """Doubles the resolution (nearest neighbour), then a 3x3 conv to `width` channels."""
+    return nn.Conv(width, (3, 3), kernel_init=initializers(self.init_scheme)[0], name=name, **kw)(upsample_nearest(h))
 
   def _level(self, h, level: int, width: int, blocks: int, skips: list, res, attn, up: bool):
     """One resolution level's residual blocks (each maybe followed by attention): the encoder pushes a skip
@@ -212,7 +232,8 @@ class UNet(nn.Module):
   def _ddpm_body(self, x, res, attn, kw):
     """The DDPM paper's encoder, middle, decoder and head."""
     widths = [self.base_channels * m for m in self.channel_mult]
-    h = nn.Conv(self.base_channels, (3, 3), name="stem", **kw)(x)
+    kernel, last = initializers(self.init_scheme)
+    h = nn.Conv(self.base_channels, (3, 3), kernel_init=kernel, name="stem", **kw)(x)
     skips = [h]
     for level, width in enumerate(widths):
       h = self._level(h, level, width, self.num_res_blocks, skips, res, attn, up=False)
@@ -225,77 +246,63 @@ class UNet(nn.Module):
       if level != 0:
         h = self._up(f"up_{level}_upsample", h, h.shape[-1], kw)
     h = nn.silu(nn.GroupNorm(num_groups=self.norm_groups, name="head_norm", **kw)(h))
-    return nn.Conv(self.out_channels or x.shape[-1], (3, 3), name="head_conv", **kw)(h)
+    return nn.Conv(self.out_channels or x.shape[-1], (3, 3), kernel_init=last, name="head_conv", **kw)(h)
 
   def _book_body(self, x, res, attn, kw):
     """The book's encoder, middle and decoder at twice the width, and global-skip head."""
     widths = [self.base_channels * m for m in self.channel_mult]
-    r = h = nn.Conv(self.base_channels, (3, 3), name="stem", **kw)(x)
+    kernel, last = initializers(self.init_scheme)
+    r = h = nn.Conv(self.base_channels, (3, 3), kernel_init=kernel, name="stem", **kw)(x)
     skips = []
     for level, width in enumerate(widths):
       h = self._level(h, level, width, self.num_res_blocks, skips, res, attn, up=False)
       if level != len(widths) - 1:
         h = self._down(f"down_{level}_downsample", h, widths[level + 1], kw)
       else:
-        h = nn.Conv(2 * width, (3, 3), name=f"down_{level}_widen", **kw)(h)
+        h = nn.Conv(2 * width, (3, 3), kernel_init=kernel, name=f"down_{level}_widen", **kw)(h)
     h = res("mid_res_1", 2 * widths[-1], attn("mid_attn", res("mid_res_0", 2 * widths[-1], h)))
     for level in reversed(range(len(widths))):
       h = self._level(h, level, 2 * widths[level], self.num_res_blocks, skips, res, attn, up=True)
       if level != 0:
         h = self._up(f"up_{level}_upsample", h, 2 * widths[level - 1], kw)
       else:
-        h = nn.Conv(self.base_channels, (3, 3), name=f"up_{level}_narrow", **kw)(h)
+        h = nn.Conv(self.base_channels, (3, 3), kernel_init=kernel, name=f"up_{level}_narrow", **kw)(h)
     h = res("head_res", self.base_channels, jnp.concatenate([h, r], axis=-1))
-    return nn.Conv(self.out_channels or x.shape[-1], (1, 1), name="head_conv", **kw)(h)
+    return nn.Conv(self.out_channels or x.shape[-1], (1, 1), kernel_init=last, name="head_conv", **kw)(h)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The DDPM paper's CIFAR-10 model (Ho et al. 2020): 35,746,307 parameters.
     "ddpm_cifar10": dict(base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
                          dropout=0.1, norm_groups=32, num_heads=1, attn_norm="group", attn_qkv_bias=True,
-                         block_order="pre", downsample="conv", upsample="nearest", topology="ddpm"),
+                         block_order="pre", downsample="conv", topology="ddpm", init_scheme="ddpm"),
     # The book's 64x64 flowers model (Learn Generative AI with PyTorch, ch. 15): 133,417,219 parameters.
     "book64": dict(base_channels=128, channel_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
                    up_attn_resolutions=(64,), attn_every_block=False, num_heads=4, head_dim=32, attn_norm="layer",
                    attn_qkv_bias=False, dropout=0.0, norm_groups=8, block_order="post", double_temb_silu=True,
-                   downsample="space_to_depth", upsample="nearest", topology="book"),
+                   downsample="space_to_depth", topology="book"),
     # A CPU-sized DDPM-style model for tests and the offline default.
     "tiny": dict(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
                  dropout=0.0, norm_groups=8, num_heads=2, attn_norm="group", attn_qkv_bias=True,
-                 block_order="pre", downsample="conv", upsample="nearest", topology="ddpm"),
+                 block_order="pre", downsample="conv", topology="ddpm"),
 }
 
 
 def unet_preset(name: str, **overrides: Any) -> UNet:
-  """A UNet from a named preset, with any field overridden."""
+  """A UNet from a named preset, with any field overridden (dtypes as dtypes or their names)."""
   if name not in PRESETS:
     raise ValueError(f"unknown UNet preset {name!r}: choose one of {', '.join(PRESETS)}")
   fields = {f.name for f in dataclasses.fields(UNet)} - {"parent", "name"}
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise ValueError(f"unknown UNet field(s) {', '.join(unknown)}: allowed are {', '.join(sorted(fields))}")
-  return UNet(**{**PRESETS[name], **overrides})
-
-
-def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
-  """Every field of a preset (with overrides) as a plain dict, for ml_collections configs."""
-  model = unet_preset(name, **overrides)
-  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(UNet) if f.name not in ("parent", "name")}
-  fields.update(dtype=jnp.dtype(model.dtype).name, param_dtype=jnp.dtype(model.param_dtype).name)
-  return {"preset": name, **fields}
-
-
-def unet_from_config(model_config: Any) -> UNet:
-  """A UNet from a config mapping: 'preset' plus any fields, dtypes given by name."""
-  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(model_config).items()}  # JSON gives lists
-  name = fields.pop("preset", "tiny")
   for key in ("dtype", "param_dtype"):
-    if isinstance(fields.get(key), str):
+    if isinstance(overrides.get(key), str):
       try:
-        fields[key] = jnp.dtype(fields[key])
+        overrides[key] = jnp.dtype(overrides[key])
       except TypeError:
-        raise ValueError(f"model.{key}={fields[key]!r} is not a dtype: use float32 or bfloat16") from None
-  return unet_preset(name, **fields)
+        raise ValueError(f"UNet {key}={overrides[key]!r} is not a dtype: use float32 or bfloat16") from None
+  return UNet(**{**PRESETS[name], **overrides})
 
 
 def count_params(params: Any) -> int:

@@ -9,8 +9,11 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
-  """Subprocesses started by tests share XLA's persistent compilation cache, so each program compiles once."""
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
+  """This process and the subprocesses started by tests share XLA's persistent compilation cache, so each program
+  compiles once."""
+  path = str(tmp_path_factory.mktemp("xla_cache"))
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  jax.config.update("jax_compilation_cache_dir", path)
 
 
 @pytest.fixture(scope="session")

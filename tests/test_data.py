@@ -18,15 +18,15 @@ def take(it, n):
 
 
 def array_source(images):
-  return data.Source("test", len(images), data.convert_channels, items=images)
+  return data.Source(len(images), data.convert_channels, items=images)
 
 
 @pytest.mark.parametrize("name, size", [("cifar10", 32), ("oxford_flowers102", 64)])
 def test_tfds_batches_have_the_configured_shape_dtype_and_range(name, size):
   with tfds.testing.mock_data(num_examples=20):
     source = data.make_source(f"tfds:{name}")
-    (batch,) = take(data.batch_stream(source, seed=0, global_batch=8, image_size=size, num_devices=2), 1)
-  assert batch.shape == (2, 4, size, size, 3) and batch.dtype == np.float32
+    (batch,) = take(data.batch_stream(source, seed=0, global_batch=8, image_size=size), 1)
+  assert batch.shape == (8, size, size, 3) and batch.dtype == np.float32
   assert batch.min() >= -1.0 and batch.max() <= 1.0 and batch.std() > 0.1
 
 
@@ -34,12 +34,12 @@ def test_flip_happens_on_about_half_the_images():
   img = np.zeros((400, 8, 8, 1), np.uint8)
   img[:, :, :4] = 255  # bright left half
   (batch,) = take(data.batch_stream(array_source(img), seed=3, global_batch=400, image_size=8, channels=1), 1)
-  flipped = (batch[0, :, :, :4].mean((1, 2, 3)) < 0).mean()
+  flipped = (batch[:, :, :4].mean((1, 2, 3)) < 0).mean()
   # Binomial(400, 0.5): s.d. of the fraction is 0.025; allow 4 s.d.
   assert abs(flipped - 0.5) < 0.1
   (kept,) = take(data.batch_stream(array_source(img), seed=3, global_batch=400, image_size=8, channels=1,
                                    random_flip=False), 1)
-  assert (kept[0, :, :, :4] > 0.99).all()
+  assert (kept[:, :, :4] > 0.99).all()
 
 
 def test_resize_short_side_then_center_crop_keeps_the_center():
@@ -47,7 +47,7 @@ def test_resize_short_side_then_center_crop_keeps_the_center():
   ramp = (2 * rows + cols).astype(np.uint8)[None, :, :, None]  # a linear ramp, 48x32
   (batch,) = take(data.batch_stream(array_source(ramp), seed=0, global_batch=1, image_size=16, channels=1,
                                     random_flip=False), 1)
-  out = (batch[0, 0, :, :, 0] + 1) * 127.5
+  out = (batch[0, :, :, 0] + 1) * 127.5
   # Short side 32 -> 16 halves both axes (24x16); the crop drops 4 rows top and bottom. Output pixel (i, j)
   # samples the input at (2(i+4) + 0.5, 2j + 0.5), where the ramp is 2·row + col; columns 0 and 15 touch
   # the border, where the antialiasing filter is clamped.
@@ -76,12 +76,24 @@ def test_image_folder_skips_corrupt_files_with_one_warning(tmp_path, caplog):
   assert source.size == 7
   warnings = [r for r in caplog.records if "could not be decoded" in r.getMessage()]
   assert len(warnings) == 1 and "skipped 1 of 8 files" in warnings[0].getMessage()
+  assert warnings[0].getMessage().endswith(os.path.join(str(tmp_path), "nested", "corrupt.png"))
   # Three epochs' worth of batches, the grayscale file expanded to RGB.
   for batch in take(data.batch_stream(source, seed=1, global_batch=7, image_size=16), 3):
-    assert batch.shape == (1, 7, 16, 16, 3) and -1 <= batch.min() and batch.max() <= 1
-    assert sum(np.allclose(im[..., 0], im[..., 1]) and np.allclose(im[..., 1], im[..., 2]) for im in batch[0]) == 1
+    assert batch.shape == (7, 16, 16, 3) and -1 <= batch.min() and batch.max() <= 1
+    assert sum(np.allclose(im[..., 0], im[..., 1]) and np.allclose(im[..., 1], im[..., 2]) for im in batch) == 1
   gray = take(data.batch_stream(source, seed=1, global_batch=7, image_size=16, channels=1), 1)[0]
-  assert gray.shape == (1, 7, 16, 16, 1)
+  assert gray.shape == (7, 16, 16, 1)
+
+
+def test_many_undecodable_files_are_counted_and_the_first_five_named(tmp_path, caplog):
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "good.png")
+  for k in range(7):
+    (tmp_path / f"bad{k}.png").write_bytes(b"not a png")
+  with caplog.at_level(logging.WARNING):
+    assert data.make_source(f"folder:{tmp_path}").size == 1
+  (message,) = [r.getMessage() for r in caplog.records if "could not be decoded" in r.getMessage()]
+  assert "skipped 7 of 8 files" in message and message.endswith("bad4.png and 2 more")
+  assert all(f"bad{k}.png" in message for k in range(5)) and "bad5" not in message
 
 
 def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
@@ -107,7 +119,7 @@ def test_digits_load_offline():
 
 def stream(seed, start_step=0):
   return data.batch_stream(data.make_source("digits"), seed=seed, global_batch=64, image_size=8, channels=1,
-                           start_step=start_step, num_devices=2)
+                           start_step=start_step)
 
 
 def test_order_is_seeded_and_resume_continues_the_straight_run():
@@ -141,8 +153,8 @@ def test_two_processes_read_disjoint_halves_of_each_global_batch():
 def test_two_process_batches_concatenate_to_the_single_process_batch():
   source = data.make_source("digits")
   kw = dict(seed=2, global_batch=64, image_size=8, channels=1, start_step=27)
-  single = take(data.batch_stream(source, num_devices=4, **kw), 2)
-  parts = [take(data.batch_stream(source, num_devices=2, process_index=p, process_count=2, **kw), 2)
+  single = take(data.batch_stream(source, **kw), 2)
+  parts = [take(data.batch_stream(source, process_index=p, process_count=2, **kw), 2)
            for p in (0, 1)]
   for s in range(2):
     np.testing.assert_array_equal(np.concatenate([parts[0][s], parts[1][s]]), single[s])
@@ -168,6 +180,6 @@ def test_bad_dataset_strings(spec):
     data.parse_dataset(spec)
 
 
-def test_batch_not_divisible_by_devices():
-  with pytest.raises(ValueError, match=re.escape("batch_size=10 is not divisible by the 4 devices (1 process(es) x 4)")):
-    data.batch_stream(data.make_source("digits"), seed=0, global_batch=10, image_size=8, num_devices=4)
+def test_batch_not_divisible_by_processes():
+  with pytest.raises(ValueError, match=re.escape("batch_size=10 is not divisible by the 4 processes")):
+    data.batch_stream(data.make_source("digits"), seed=0, global_batch=10, image_size=8, process_count=4)

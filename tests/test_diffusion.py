@@ -109,11 +109,11 @@ def test_min_snr_weights_against_numpy():
 
 def test_prediction_helpers_reject_bad_names():
   x, t = jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32)
-  with pytest.raises(ValueError, match="^unknown prediction 'score': choose one of eps, v, x0$"):
+  with pytest.raises(ValueError, match="^prediction='score' is unknown: choose one of eps, v, x0$"):
     d.split_prediction(SCHED, x, t, x, "score")
-  with pytest.raises(ValueError, match="^unknown prediction 'score': choose one of eps, v, x0$"):
+  with pytest.raises(ValueError, match="^prediction='score' is unknown: choose one of eps, v, x0$"):
     d.prediction_target(SCHED, x, t, x, "score")
-  with pytest.raises(ValueError, match="^unknown loss weighting 'snr': choose one of none, min_snr$"):
+  with pytest.raises(ValueError, match="^loss_weighting='snr' is unknown: choose one of none, min_snr$"):
     d.loss_weights(SCHED, t, prediction="eps", weighting="snr")
   with pytest.raises(ValueError, match="^min_snr_gamma=0.0 is invalid: it must be positive$"):
     d.loss_weights(SCHED, t, prediction="eps", weighting="min_snr", min_snr_gamma=0.0)
@@ -182,7 +182,7 @@ def test_losses_against_numpy():
 
 def test_loss_rejects_bad_arguments():
   x = jnp.zeros((2, 3))
-  with pytest.raises(ValueError, match="^unknown loss kind 'huber': choose one of l1, l2$"):
+  with pytest.raises(ValueError, match="^loss='huber' is unknown: choose one of l1, l2$"):
     d.loss_fn(x, x, "huber")
   with pytest.raises(ValueError, match=r"^pred shape \(2, 3\) does not match target shape \(3, 2\)$"):
     d.loss_fn(x, x.T)

@@ -11,23 +11,29 @@ import pytest
 from PIL import Image
 
 import configs.default as default_config
-from ddpm_jax import checkpoint
+from ddpm_jax import builders, checkpoint
 from ddpm_jax.data import load_digits
 from ddpm_jax.train_state import create_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def save_checkpoint(config, path):
+  """Writes a step-0 checkpoint of the config's model at path."""
+  state = create_train_state(builders.build_model(config), builders.build_optimizer(config), jax.random.key(0),
+                             (1,) + builders.image_shape(config))
+  manager = checkpoint.make_manager(str(path))
+  checkpoint.save(manager, state, config.to_dict())
+  manager.wait_until_finished()
+  manager.close()
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   config = default_config.get_config()
   config.model.base_channels, config.model.channel_mult = 8, (1, 2)
-  state = create_train_state(config, jax.random.key(0), (1, 8, 8, 1))
   path = tmp_path_factory.mktemp("run")
-  manager = checkpoint.make_manager(str(path))
-  checkpoint.save(manager, state, config.to_json())
-  manager.wait_until_finished()
-  manager.close()
+  save_checkpoint(config, path)
   return path
 
 
@@ -45,11 +51,15 @@ def test_sample_writes_grid_npz_and_figures(workdir, tmp_path):
   assert "sampled 11/11" in res.stdout
   arr = np.load(tmp_path / "s.npz")["images"]
   assert arr.shape == (11, 8, 8, 1) and arr.dtype == np.uint8 and arr.std() > 0
-  # The grid: ceil(sqrt(11)) = 4 columns, 3 rows of 8-pixel images with 2-pixel gaps, enlarged 4x.
-  assert Image.open(out).size == (4 * (4 * 10 + 2), 4 * (3 * 10 + 2))
-  assert Image.open(tmp_path / "s_forward.png").size == (4 * (6 * 10 + 2), 4 * (4 * 10 + 2))
-  assert Image.open(tmp_path / "s_ten.png").size == (4 * (5 * 10 + 2), 4 * (2 * 10 + 2))
-  assert Image.open(tmp_path / "s_trajectory.png").size == (4 * (5 * 10 + 2), 4 * (4 * 10 + 2))
+  # The grid: ceil(sqrt(11)) = 4 columns, 3 rows of 8-pixel images enlarged 8x to 64 (the least factor reaching
+  # 64 pixels a side), with 2-pixel borders.
+  assert Image.open(out).size == (4 * 66 + 2, 3 * 66 + 2)
+  # Figures: the same tiles and borders, a 6-pixel margin all round, and 28-pixel bands for the title and the
+  # column headers (a 16-pixel text line with 6 pixels above and below).
+  figure = lambda rows, cols, bands: (cols * 66 + 2 + 12, rows * 66 + 2 + 12 + 28 * bands)
+  assert Image.open(tmp_path / "s_forward.png").size == figure(4, 6, 2)
+  assert Image.open(tmp_path / "s_ten.png").size == figure(2, 5, 1)
+  assert Image.open(tmp_path / "s_trajectory.png").size == figure(4, 5, 2)
   assert "t = 800, 600, 400, 200, 0" in res.stdout
   result = json.loads((workdir / "eval_step_0.json").read_text())
   assert result["num_samples"] == 11 and result["step"] == 0 and result["method"] == "ddim"
@@ -71,6 +81,17 @@ def test_checkpoint_of_another_model_is_a_clear_error(workdir, tmp_path):
   assert res.returncode == 2
   last = res.stderr.strip().splitlines()[-1]
   assert last.startswith("sample.py: error: checkpoint 0 in ") and "was written by another model or optimizer" in last
+  assert "ema_params/" in last  # only the EMA parameters are read
+
+
+def test_sampling_reads_only_the_ema_params_so_another_optimizer_section_works(workdir, tmp_path):
+  # Adam has no weight-decay state and MultiSteps wraps the state in another structure: restoring the optimizer
+  # state under this config would fail; sampling never reads it.
+  res = run_sample(f"--workdir={workdir}", f"--config={ROOT}/configs/default.py", "--config.model.base_channels=8",
+                   "--config.model.channel_mult=(1,2)", "--config.optim.optimizer=adam",
+                   "--config.optim.grad_accum_steps=4", "--num_samples=2", "--steps=2", f"--out={tmp_path}/x.png")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert np.load(tmp_path / "x.npz")["images"].shape == (2, 8, 8, 1)
 
 
 def test_eval_of_a_folder_dataset_reports_fid_with_the_given_weights(tmp_path, inception_weights):
@@ -80,11 +101,7 @@ def test_eval_of_a_folder_dataset_reports_fid_with_the_given_weights(tmp_path, i
     Image.fromarray(digit[:, :, 0]).save(images / f"{i}.png")
   config = default_config.get_config()
   config.dataset = f"folder:{images}"
-  state = create_train_state(config, jax.random.key(0), (1, 8, 8, 1))
-  manager = checkpoint.make_manager(str(tmp_path / "run"))
-  checkpoint.save(manager, state, config.to_json())
-  manager.wait_until_finished()
-  manager.close()
+  save_checkpoint(config, tmp_path / "run")
   # --config gives a locked config without the key: the flag must still reach the evaluator.
   res = run_sample(f"--workdir={tmp_path / 'run'}", f"--config={ROOT}/configs/default.py",
                    f"--config.dataset=folder:{images}", "--num_samples=4", "--steps=2", f"--out={tmp_path}/s.png",

@@ -16,11 +16,9 @@ import numpy as np
 import pytest
 
 import configs.default as default_config
-from ddpm_jax import checkpoint
+from ddpm_jax import builders, checkpoint
 from ddpm_jax.data import load_digits
-from ddpm_jax.experiment import schedule_from_config
 from ddpm_jax.train_state import create_train_state
-from ddpm_jax.training import make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The smallest model worth training: widths 8 and 16, 8x8 digits, batch 16.
@@ -53,12 +51,17 @@ def run_train(workdir, *flags, devices=1, timeout=300, env_extra=None, backgroun
   return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def new_state(config):
+  return create_train_state(builders.build_model(config), builders.build_optimizer(config), jax.random.key(0),
+                            (1,) + builders.image_shape(config))
+
+
 def restore_host_state(workdir, config, step=None):
-  template = create_train_state(config, jax.random.key(0), (1, 8, 8, 1))
+  template = jax.eval_shape(lambda: new_state(config))
   manager = checkpoint.make_manager(str(workdir), create=False)
-  state, saved = checkpoint.restore(manager, template, step)
+  state = checkpoint.restore_state(manager, template, step)
   manager.close()
-  return jax.device_get(state), saved
+  return jax.device_get(state)
 
 
 def assert_trees_equal(a, b):
@@ -68,11 +71,10 @@ def assert_trees_equal(a, b):
 
 def test_eight_devices_equal_one_device():
   code = textwrap.dedent("""
-      import jax, jax.numpy as jnp, numpy as np, flax.jax_utils as ju
+      import jax, jax.numpy as jnp, numpy as np
       import configs.default as d
+      from ddpm_jax import builders, parallel
       from ddpm_jax.train_state import create_train_state
-      from ddpm_jax.training import make_train_step
-      from ddpm_jax.experiment import schedule_from_config
       assert jax.local_device_count() == 8
       c = d.get_config()
       c.model.base_channels, c.model.channel_mult, c.optim.warmup_steps, c.ema.decay = 8, (1, 2), 0, 0.5
@@ -80,15 +82,17 @@ def test_eight_devices_equal_one_device():
       # whose sign Adam's first step (lr·g/(|g|+eps)) would turn into ±lr. With eps = 1 the update is
       # lr·g/(|g|+1) ≈ lr·g: linear in g, so the comparison sees float32 differences, not signs of noise.
       c.optim.eps = 1.0
-      s = create_train_state(c, jax.random.key(0), (1, 8, 8, 1))
+      s = jax.device_get(create_train_state(builders.build_model(c), builders.build_optimizer(c), jax.random.key(0),
+                                            (1, 8, 8, 1)))
       batch = np.asarray(jax.random.uniform(jax.random.key(1), (16, 8, 8, 1), minval=-1, maxval=1))
       key = jax.random.key(2)
-      replicated = ju.replicate(s)  # before the jit step donates s
-      one, m1 = make_train_step(c, schedule_from_config(c), False)(s, jnp.asarray(batch), key)
-      eight, m8 = make_train_step(c, schedule_from_config(c), True)(replicated, batch.reshape(8, 2, 8, 8, 1), key)
-      eight = ju.unreplicate(eight)
+      step = builders.build_train_step(c, builders.build_schedule(c))
+      one, m1 = jax.jit(step)(s, jnp.asarray(batch), key)
+      runner = parallel.make_runner(step)
+      eight, m8 = runner.step(runner.put_state(s), runner.put_batch(batch), key)
+      eight, m8 = runner.get_state(eight), runner.get_metrics(m8)
       for k in ("loss", "grad_norm"):
-        np.testing.assert_allclose(m8[k][0], m1[k], rtol=1e-5)
+        np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5)
       for a, b in zip(jax.tree_util.tree_leaves((one.params, one.ema_params, one.opt_state)),
                       jax.tree_util.tree_leaves((eight.params, eight.ema_params, eight.opt_state))):
         # Only the reduction order differs: float32 rounding of gradients (|g| < 1) and of updates (< 1e-3).
@@ -103,8 +107,8 @@ def test_eight_devices_equal_one_device():
 
 def test_loss_falls_well_below_the_zero_predictor_within_300_steps():
   config = small_config(**{"optim.warmup_steps": 20})
-  state = create_train_state(config, jax.random.key(0), (1, 8, 8, 1))
-  step = make_train_step(config, schedule_from_config(config), False)
+  state = new_state(config)
+  step = jax.jit(builders.build_train_step(config, builders.build_schedule(config)))
   digits = jnp.asarray(load_digits()[0][:64] / 127.5 - 1, jnp.float32)  # a fixed dataset of 64 images
   key = jax.random.key(1)
   losses = []
@@ -132,8 +136,8 @@ def test_resume_is_bit_identical(tmp_path):
   last = json.loads(open(tmp_path / "straight" / "metrics.jsonl").read().splitlines()[-1])
   assert last["step"] == 12 and 0 <= last["eval/confident_fraction"] <= 1 and last["eval/frechet_distance"] > 0
   config = small_config()
-  a, _ = restore_host_state(tmp_path / "straight", config, 12)
-  b, _ = restore_host_state(tmp_path / "resumed", config, 12)
+  a = restore_host_state(tmp_path / "straight", config, 12)
+  b = restore_host_state(tmp_path / "resumed", config, 12)
   assert int(a.step) == int(b.step) == 12
   assert_trees_equal((a.params, a.ema_params, a.opt_state), (b.params, b.ema_params, b.opt_state))
   # The metrics log continues where it stopped.
@@ -152,7 +156,7 @@ def test_sigterm_leaves_a_restorable_checkpoint_at_the_step_reached(tmp_path):
   assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
   reached = int(re.search(r"stopped by SIGTERM at step (\d+); checkpoint saved", err).group(1))
   assert reached >= 10
-  state, _ = restore_host_state(tmp_path, small_config())
+  state = restore_host_state(tmp_path, small_config())
   assert int(state.step) == reached and checkpoint.all_finite(state.params)
 
 
@@ -169,7 +173,7 @@ def test_nan_loss_stops_with_the_step_and_no_nan_checkpoint(tmp_path):
   manager.close()
   assert latest is None or latest < bad_step
   if latest is not None:
-    state, _ = restore_host_state(tmp_path, small_config(**{"optim.learning_rate": 1e30, "optim.grad_clip_norm": 0.0}))
+    state = restore_host_state(tmp_path, small_config(**{"optim.learning_rate": 1e30, "optim.grad_clip_norm": 0.0}))
     assert checkpoint.all_finite(state.params) and checkpoint.all_finite(state.ema_params)
 
 
@@ -187,7 +191,7 @@ def test_bad_config_fails_before_compiling_with_one_line_and_exit_2(tmp_path, fl
   assert "Traceback" not in out.stderr and "train_step" not in out.stderr
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("train.py: error: ") and fragment in last, last
-  assert "Compiling" not in out.stderr.replace("Compiling jit(", "")  # nothing but trivial host ops compiled
+  assert "Compiling" not in out.stderr  # JAX_LOG_COMPILES logs every compilation: there is none
   assert not (tmp_path / "checkpoints").exists() and time.time() - start < 60
 
 
@@ -210,8 +214,8 @@ def test_two_processes_of_two_devices_match_one_process_of_four(tmp_path):
     assert p.returncode == 0, err[-3000:]
   assert "on 4 device(s) in 2 process(es)" in outs[0][1]
   config = small_config(**{"ema.decay": 0.5, "optim.eps": 1.0})
-  a, _ = restore_host_state(tmp_path / "single", config, 3)
-  b, _ = restore_host_state(tmp_path / "multi", config, 3)
+  a = restore_host_state(tmp_path / "single", config, 3)
+  b = restore_host_state(tmp_path / "multi", config, 3)
   for x, y in zip(jax.tree_util.tree_leaves((a.params, a.ema_params, a.opt_state)),
                   jax.tree_util.tree_leaves((b.params, b.ema_params, b.opt_state))):
     # The same per-example noise and data; only the all-reduce order differs (float32 rounding).

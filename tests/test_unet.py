@@ -148,3 +148,29 @@ def test_bad_settings_and_inputs_raise_clear_errors(build, shape, fragment):
   with pytest.raises(ValueError, match="^" + re.escape(fragment)):
     model = build()
     jax.eval_shape(lambda: _init(model, shape))
+
+
+def test_ddpm_cifar10_uses_the_reference_initialisation():
+  assert unet_preset("ddpm_cifar10").init_scheme == "ddpm" and unet_preset("tiny").init_scheme == "flax"
+  model = unet_preset("ddpm_cifar10", base_channels=32, channel_mult=(1, 2), attn_resolutions=(4,))
+  params = _init(model, (1, 8, 8, 3))["params"]
+  flat = {"/".join(k): v for k, v in __import__("flax").traverse_util.flatten_dict(params).items()}
+  # The layers that end a residual branch start at zero: each block's second conv, the attention output
+  # projection, the head conv.
+  zero = [k for k in flat if re.search(r"(_res_\d+|mid_res_\d)/Conv_1/kernel$|_attn(_\d+)?/Dense_1/kernel$|"
+                                       r"^head_conv/kernel$", k)]
+  # Residual blocks: 2 levels x (2 down + 3 up) + 2 in the middle; attention at 4x4 (level 1): 2 down + 3 up
+  # + 1 in the middle; one head.
+  assert len(zero) == (2 * 5 + 2) + (2 + 3 + 1) + 1, zero
+  for k in zero:
+    assert not np.any(np.asarray(flat[k])), k
+  # Every other kernel: uniform with variance 1 / fan_avg, so bounded by sqrt(3 / fan_avg) = sqrt(6 / (in + out)).
+  for k, w in flat.items():
+    if k.endswith("kernel") and k not in zero:
+      w = np.asarray(w)
+      receptive = int(np.prod(w.shape[:-2])) if w.ndim > 2 else 1
+      fan_in, fan_out = receptive * w.shape[-2], receptive * w.shape[-1]
+      bound = np.sqrt(6 / (fan_in + fan_out))
+      assert np.abs(w).max() <= bound, k
+      if w.size >= 2000:  # enough values for the standard deviation to be within 5% of bound / sqrt(3)
+        assert abs(w.std() / (bound / np.sqrt(3)) - 1) < 0.05, (k, w.std(), bound)

@@ -1,0 +1,164 @@
+"""The training loop: built parts in, checkpoints, metrics and periodic hooks out; resumable and preemptible."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import numpy as np
+from absl import logging
+
+from ddpm_jax import checkpoint
+from ddpm_jax.parallel import Runner
+from ddpm_jax.reporting import MetricWriter, format_eta
+from ddpm_jax.train_state import TrainState
+
+
+class Interrupted(Exception):
+  """Training stopped on a signal after saving a checkpoint."""
+
+  def __init__(self, step: int, signum: int):
+    super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved")
+    self.step, self.signum = step, signum
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """Work done every `every` steps and at the last step, given (step, host EMA params, metric writer)."""
+
+  every: int
+  run: Callable[[int, Any, MetricWriter], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+  """Everything a run needs, built: the loop reads no config."""
+
+  create_state: Callable[[], TrainState]  # a fresh state at step 0; jax.eval_shape of it is the restore template
+  runner: Runner
+  batches: Callable[[int], Iterator[np.ndarray]]  # this process's host batches from a start step on
+  key: jax.Array  # the train steps' key (each step folds in its number)
+  num_train_steps: int
+  end_step: int  # num_train_steps, or an earlier stop (the schedules still span num_train_steps)
+  batch_size: int  # global, for images/s
+  log_every: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  config: dict  # saved with every checkpoint and as config.json
+  hooks: tuple[Hook, ...] = ()
+
+
+def prefetch(iterator: Iterator[Any], put: Callable[[Any], Any], size: int = 2) -> Iterator[Any]:
+  """Yields put(item) while the next `size` - 1 items are already being transferred."""
+  queue: collections.deque = collections.deque()
+  for item in iterator:
+    queue.append(put(item))
+    if len(queue) == size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def check_finite(rows: list[tuple[int, dict[str, float]]], latest_checkpoint: Optional[int]) -> None:
+  """Raises FloatingPointError naming the first step whose loss is NaN or Inf, and what was kept."""
+  for step, m in rows:
+    if not np.isfinite(m["loss"]):
+      kept = (f"the latest checkpoint, of step {latest_checkpoint}, predates it" if latest_checkpoint is not None
+              else "no checkpoint was written")
+      raise FloatingPointError(f"loss is {m['loss']} at step {step}: training stopped; {kept} (try a lower "
+                               "optim.learning_rate or optim.grad_clip_norm=1.0)")
+
+
+def _restore_or_create(manager, create_state: Callable[[], TrainState]) -> TrainState:
+  """The latest checkpoint's state, restored into the shapes alone (nothing to compile), or a fresh one."""
+  if manager.latest_step() is None:
+    return create_state()
+  state = checkpoint.restore_state(manager, jax.eval_shape(create_state))
+  logging.info("resumed from the checkpoint of step %d in %s", int(state.step), manager.directory)
+  return state
+
+
+def _catch_signals(received: list[int]) -> dict:
+  """Records SIGTERM / SIGINT in `received` instead of dying (main thread only); returns the previous handlers."""
+  if threading.current_thread() is not threading.main_thread():
+    return {}
+  return {sig: signal.signal(sig, lambda signum, _: received.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def train(training: Training, workdir: str) -> TrainState:
+  """Trains from workdir's latest checkpoint (or from scratch) to training.end_step; returns the host state."""
+  t = training
+  lead = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
+  writer = None
+  received: list[int] = []
+  handlers = {}
+  batches = None
+  try:
+    state = _restore_or_create(manager, t.create_state)
+    if lead:
+      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(t.config, f, indent=2)
+    start = int(state.step)
+    if start >= t.end_step:
+      logging.info("nothing to do: the checkpoint is at step %d, the run ends at step %d", start, t.end_step)
+      return state
+    batches = prefetch(t.batches(start), t.runner.put_batch)
+    run_state = t.runner.put_state(state)
+    handlers = _catch_signals(received)
+    writer = MetricWriter(workdir) if lead else None
+    pending: list[tuple[int, Any]] = []
+    t_last, n_last = time.time(), start
+    logging.info("training from step %d to %d on %d device(s) in %d process(es), global batch %d", start,
+                 t.end_step, jax.device_count(), jax.process_count(), t.batch_size)
+    for step in range(start, t.end_step):
+      run_state, metrics = t.runner.step(run_state, next(batches), t.key)
+      done = step + 1
+      pending.append((done, metrics))
+      if step == start:
+        jax.block_until_ready(metrics)
+        logging.info("first step (compile included) took %.1f s", time.time() - t_last)
+        t_last, n_last = time.time(), done
+      stop = bool(received)
+      log_now = done % t.log_every == 0 or done == t.end_step
+      save_now = done % t.checkpoint_every == 0 or done == t.end_step or stop
+      if log_now or save_now:
+        rows = [(s, t.runner.get_metrics(m)) for s, m in pending]
+        pending.clear()
+        check_finite(rows, manager.latest_step())
+        if log_now and lead:
+          now = time.time()
+          rate = (done - n_last) / max(now - t_last, 1e-9)
+          t_last, n_last = now, done
+          mean = {k: float(np.mean([r[k] for _, r in rows])) for k in rows[-1][1]}
+          writer.write(done, {**mean, "steps_per_s": rate, "images_per_s": rate * t.batch_size})
+          print(f"step {done}/{t.end_step} | loss {mean['loss']:.4f} | grad_norm {mean['grad_norm']:.3f} | "
+                f"lr {mean['lr']:.2e} | {rate:.2f} steps/s, {rate * t.batch_size:.0f} img/s | "
+                f"ETA {format_eta((t.end_step - done) / max(rate, 1e-9))}", flush=True)
+      if save_now:
+        checkpoint.save(manager, t.runner.get_state(run_state), t.config)
+      due = [h for h in t.hooks if h.every and (done % h.every == 0 or done == t.end_step)]
+      if lead and due:
+        ema_params = t.runner.get_state(run_state).ema_params
+        for hook in due:
+          hook.run(done, ema_params, writer)
+      if stop:
+        manager.wait_until_finished()
+        raise Interrupted(done, received[0])
+    return t.runner.get_state(run_state)
+  finally:
+    batches = None  # finalize the tf.data iterator now, not during interpreter shutdown
+    manager.wait_until_finished()
+    manager.close()
+    if writer:
+      writer.close()
+    for sig, handler in handlers.items():
+      signal.signal(sig, handler)
