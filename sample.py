@@ -8,15 +8,14 @@ import sys
 import jax
 import ml_collections
 from absl import app, flags
-from ml_collections import config_flags
 
-from ddpm_jax import builders, checkpoint, data, evaluation, figures, images, sampling
+from ddpm_jax import builders, checkpoint, data, evaluation, figures, images, loop, plots, runtime, sampling
 from ddpm_jax.reporting import progress_printer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of a training run: its latest checkpoint is used.")
 flags.DEFINE_string("checkpoint", None, "A checkpoint step folder (WORKDIR/checkpoints/STEP) instead of --workdir.")
-config_flags.DEFINE_config_file("config", None, "Optional config; by default the one saved with the checkpoint.")
+builders.define_config_flag("sample.py", None, "Optional config; by default the one saved with the checkpoint.")
 flags.DEFINE_integer("num_samples", 64, "How many samples to draw.")
 flags.DEFINE_integer("batch_size", None, "Samples per batch (split over local devices); default config.sample.")
 flags.DEFINE_enum("method", None, list(sampling.METHODS), "Sampler; default config.sample.method.")
@@ -24,11 +23,15 @@ flags.DEFINE_integer("steps", None, "Model calls of ddim / dpmpp_2m; default con
 flags.DEFINE_float("eta", None, "DDIM eta in [0, 1]; default config.sample.eta.")
 flags.DEFINE_enum("timestep_spacing", None, list(sampling.SPACINGS),
                   "Timesteps of ddim / dpmpp_2m; default config.sample.timestep_spacing.")
+flags.DEFINE_string("compilation_cache", runtime.default_cache_dir(), "Folder of XLA's persistent compilation "
+                    "cache (shared with train.py); '' turns it off.")
 flags.DEFINE_integer("seed", 0, "Sample i depends only on (seed, i).")
 flags.DEFINE_bool("use_ema", True, "Sample with the EMA parameters (false: the raw ones).")
 flags.DEFINE_string("out", "samples.png", "PNG grid path; the uint8 NHWC array goes beside it as .npz.")
 flags.DEFINE_integer("scale", None, "Enlarge each image of the grid and figures by this integer factor "
                      "(default: the smallest reaching 64 pixels a side; 1: as they are).")
+flags.DEFINE_bool("plot", False, "Only draw the training curves of --workdir's metrics.jsonl into "
+                  "WORKDIR/curves.png (loss raw and smoothed, learning rate, evaluation metrics).")
 flags.DEFINE_bool("figures", False, "Also write the book's figures: forward diffusion, 10 samples, a trajectory.")
 flags.DEFINE_bool("eval", False, "Score the samples (digits: classifier confidence, class balance, feature "
                   "Fréchet distance; other datasets: FID, KID, IS) and write WORKDIR/eval_step_STEP.json.")
@@ -38,10 +41,17 @@ flags.DEFINE_string("inception_weights", None, "FID Inception weights (tools/con
 
 def main(argv):
   del argv
-  checkpoint.quiet_orbax_info()
+  checkpoint.quiet_orbax()
+  runtime.enable_compilation_cache(FLAGS.compilation_cache)
   try:
     if not (FLAGS.workdir or FLAGS.checkpoint):
       raise ValueError("give --workdir (latest checkpoint) or --checkpoint WORKDIR/checkpoints/STEP")
+    if FLAGS.plot:
+      workdir = checkpoint.locate(FLAGS.checkpoint or FLAGS.workdir)[0]
+      out = os.path.join(workdir, loop.CURVES)
+      plots.plot_training_curves(os.path.join(workdir, "metrics.jsonl"), out)
+      print(f"wrote {out}")
+      return
     if FLAGS.num_samples < 1:
       raise ValueError(f"--num_samples={FLAGS.num_samples} is invalid: it must be >= 1")
     workdir, step = checkpoint.locate(FLAGS.checkpoint or FLAGS.workdir)
@@ -84,7 +94,10 @@ def main(argv):
   except ValueError as e:
     print(f"sample.py: error: {e}", file=sys.stderr)
     sys.exit(2)
+  except checkpoint.CheckpointError as e:
+    print(f"sample.py: error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=builders.flags_parser("sample.py", None))

@@ -5,17 +5,18 @@ import sys
 
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
-from ddpm_jax import builders, checkpoint, loop
+from ddpm_jax import builders, checkpoint, loop, runtime
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", os.path.join(HERE, "configs", "default.py"),
-                                "Experiment config file; fields override as --config.key=value.")
+DEFAULT_CONFIG = os.path.join(HERE, "configs", "default.py")
+builders.define_config_flag("train.py", DEFAULT_CONFIG, "Experiment config file; fields override as --config.key=value.")
 flags.DEFINE_string("workdir", "runs/default", "Checkpoints, metrics, samples and the config go here.")
 flags.DEFINE_integer("stop_at_step", None, "Stop (with a checkpoint) at this step; schedules still span "
                      "config.num_train_steps.")
+flags.DEFINE_string("compilation_cache", runtime.default_cache_dir(), "Folder of XLA's persistent compilation "
+                    "cache, so that a second run of the same config starts in seconds; '' turns it off.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process (multi-host) runs.")
 flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
 flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process run.")
@@ -26,13 +27,14 @@ def main(argv):
   if FLAGS.num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  checkpoint.quiet_orbax_info()
+  checkpoint.quiet_orbax()
+  runtime.enable_compilation_cache(FLAGS.compilation_cache)
   try:
     loop.train(builders.build_training(FLAGS.config, FLAGS.workdir, FLAGS.stop_at_step), FLAGS.workdir)
   except ValueError as e:
     print(f"train.py: error: {e}", file=sys.stderr)
     sys.exit(2)
-  except FloatingPointError as e:
+  except (FloatingPointError, checkpoint.CheckpointError) as e:
     print(f"train.py: error: {e}", file=sys.stderr)
     sys.exit(1)
   except loop.Interrupted as e:
@@ -41,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=builders.flags_parser("train.py", DEFAULT_CONFIG))

@@ -9,14 +9,20 @@ model, optimizer, schedule, train step, data stream, sampler and evaluator.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
+import importlib.util
 import os
+import sys
+import tempfile
 from typing import Any, Callable, Iterator, Optional
 
 import jax
 import ml_collections
 import numpy as np
 import optax
+from absl import flags
+from ml_collections import config_flags
 
 from ddpm_jax import checkpoint, data, diffusion, evaluation, images, loop, parallel, sampling, training
 from ddpm_jax.evaluation import Evaluator
@@ -91,6 +97,90 @@ def sampler_options(config: ml_collections.ConfigDict, **overrides: Any) -> samp
   return sampling.SamplerOptions(method=s["method"], num_steps=s["num_steps"] if s["method"] != "ddpm" else None,
                                  eta=s["eta"], clip_x0=s["clip_x0"], variance=s["variance"],
                                  timestep_spacing=s["timestep_spacing"], prediction=config.diffusion.prediction)
+
+
+def _config_path(argv: list[str], default: Optional[str]) -> Optional[str]:
+  """The --config file named on the command line (without a ':argument' suffix), else `default`."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1].split(":")[0]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":")[0]
+  return default
+
+
+def _config_keys(path: str) -> list[str]:
+  """Every dotted key of the config a file's get_config() returns."""
+  spec = importlib.util.spec_from_file_location("ddpm_jax_config_file", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      yield from (walk(value, f"{prefix}{key}.") if isinstance(value, ml_collections.ConfigDict)
+                  else [f"{prefix}{key}"])
+  return list(walk(module.get_config(), ""))
+
+
+def flag_error(argv: list[str], error: Exception, default_config: Optional[str]) -> str:
+  """One line saying what is wrong with a command line whose parsing raised `error`."""
+  if isinstance(error, SyntaxError):
+    return f"config file {error.filename} has a syntax error at line {error.lineno}: {error.msg}"
+  path = _config_path(argv, default_config)
+  if path and not os.path.isfile(path):
+    return f"config file {path!r} does not exist"
+  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  if overrides and path and isinstance(error, (AttributeError, KeyError)):
+    keys = _config_keys(path)
+    for key in overrides:
+      if key not in keys:
+        near = difflib.get_close_matches(key, keys, n=3, cutoff=0.0)
+        return f"unknown config key {key!r} (--config.{key}): {os.path.basename(path)} has no such key; nearest: " \
+               f"{', '.join(near)}"
+  text = str(error).strip().splitlines()
+  return text[0] if isinstance(error, flags.Error) and text else f"{type(error).__name__}: {' '.join(text)[:300]}"
+
+
+def _exit_on_flag_error(program: str, argv: list[str], error: Exception, default_config: Optional[str]) -> None:
+  """Prints the one-line explanation of a command-line problem and exits with code 2."""
+  print(f"{program}: error: {flag_error(argv, error, default_config)}", file=sys.stderr)
+  sys.exit(2)
+
+
+def define_config_flag(program: str, default: Optional[str], help_text: str) -> None:
+  """--config (a config file, fields overridable as --config.key=value); a problem with the default file or an
+  override (ml_collections applies them while defining the flag) ends the program with one line and exit 2."""
+  try:
+    config_flags.DEFINE_config_file("config", default, help_text)
+  except Exception as e:  # config files can raise anything while they load
+    _exit_on_flag_error(program, sys.argv, e, default)
+
+
+def flags_parser(program: str, default_config: Optional[str]) -> Callable[[list[str]], list[str]]:
+  """absl's flag parser, with any problem in the flags or the config file reported in one line and exit code 2."""
+
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      rest = flags.FLAGS(argv)
+      config = flags.FLAGS["config"].value
+      if config is not None:
+        list(config.keys())  # a config file that failed to load reports it on first access
+      return rest
+    except Exception as e:  # config files can raise anything while they load
+      _exit_on_flag_error(program, argv, e, default_config)
+  return parse
+
+
+def check_workdir(workdir: str) -> None:
+  """Raises ValueError unless workdir is (or can be made) a folder this process can write in."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"workdir {workdir!r} is a file, not a folder: give a folder path")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from None
 
 
 def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, process_count: int = 1,
@@ -203,10 +293,11 @@ def build_training(config: ml_collections.ConfigDict, workdir: str,
                    stop_at_step: Optional[int] = None) -> loop.Training:
   """Validates the config and builds every part of its training run; reads the dataset, writes nothing."""
   validate(config, device_count=jax.device_count(), process_count=jax.process_count(), stop_at_step=stop_at_step)
+  check_workdir(workdir)
+  source = build_source(config, jax.process_index(), jax.process_count())  # a missing dataset fails before any JAX
   model, schedule, tx = build_model(config), build_schedule(config), build_optimizer(config)
   init_key, train_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
   input_shape = (1,) + image_shape(config)
-  source = build_source(config, jax.process_index(), jax.process_count())
   hooks = []
   if config.sample.every_steps or config.eval_every_steps:
     generate = build_generator(config, model, schedule, sampler_options(config))
@@ -230,12 +321,27 @@ def build_training(config: ml_collections.ConfigDict, workdir: str,
       hooks=tuple(hooks))
 
 
-def restore_sampling_params(config: ml_collections.ConfigDict, workdir: str, step: int, ema: bool = True) -> Any:
-  """Only the EMA (or raw) parameters of a workdir's checkpoint `step`, for the config's model."""
+def _params_template(config: ml_collections.ConfigDict) -> Any:
+  """The shapes and dtypes of the config's model parameters (nothing is computed)."""
   model = build_model(config)
-  template = jax.eval_shape(lambda: init_params(model, jax.random.key(0), (1,) + image_shape(config)))
+  return jax.eval_shape(lambda: init_params(model, jax.random.key(0), (1,) + image_shape(config)))
+
+
+def restore_sampling_params(config: ml_collections.ConfigDict, workdir: str, step: int, ema: bool = True) -> Any:
+  """Only the EMA (or raw) parameters of a workdir's checkpoint `step`, for the config's model.
+
+  A checkpoint that cannot be read raises CheckpointError naming the intact
+  steps that could be used instead.
+  """
+  template = _params_template(config)
   manager = checkpoint.make_manager(workdir, create=False)
   try:
-    return checkpoint.restore_params(manager, template, step, ema=ema)
+    try:
+      return checkpoint.restore_params(manager, template, step, ema=ema)
+    except checkpoint.CheckpointError as e:
+      good = checkpoint.intact_steps(manager, lambda s: checkpoint.restore_params(manager, template, s, ema=ema))
+      hint = (f"intact: {', '.join(map(str, good))} (use --checkpoint {checkpoint.checkpoint_dir(workdir)}/{good[0]})"
+              if good else "no checkpoint of this run can be read")
+      raise checkpoint.CheckpointError(f"{e}; {hint}") from None
   finally:
     manager.close()

@@ -6,8 +6,14 @@ so a checkpoint that is half written is never listed as the latest.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import logging
 import os
+import shutil
+import sys
+import threading
 from typing import Any, Optional
 
 import flax.serialization
@@ -20,16 +26,27 @@ from absl import logging as absl_logging
 from ddpm_jax.train_state import TrainState
 
 
-class _DropOrbaxInfo(logging.Filter):
-  """Passes warnings and errors, and INFO records from anything but orbax."""
+class _OrbaxFilter(logging.Filter):
+  """Passes everything but orbax's INFO chatter and its errors: a failed save or restore reaches the user as one
+  CheckpointError line instead of orbax's tracebacks from each of its threads."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+    return "orbax" not in record.pathname or record.levelno == logging.WARNING
 
 
-def quiet_orbax_info() -> None:
-  """Keeps orbax's per-save INFO chatter out of the absl log (entry points call this)."""
-  absl_logging.get_absl_handler().addFilter(_DropOrbaxInfo())
+def _closed_loop_echo(error: BaseException) -> bool:
+  """Whether an error is asyncio's "Event loop is closed", raised when tensorstore completes a read or write for an
+  orbax call that already failed and closed its loop: an echo of an error already reported."""
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def quiet_orbax() -> None:
+  """Keeps orbax's per-save INFO chatter out of the absl log, and the echoes of a failed orbax call off stderr
+  (entry points call this)."""
+  absl_logging.get_absl_handler().addFilter(_OrbaxFilter())
+  unraisable, thread_hook = sys.unraisablehook, threading.excepthook
+  sys.unraisablehook = lambda u: None if _closed_loop_echo(u.exc_value) else unraisable(u)
+  threading.excepthook = lambda a: None if _closed_loop_echo(a.exc_value) else thread_hook(a)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -62,14 +79,60 @@ def _state_dict(tree: Any) -> Any:
   return flax.serialization.to_state_dict(jax.device_get(tree))
 
 
+class CheckpointError(Exception):
+  """A checkpoint could not be written or read (a run-time failure, not bad input)."""
+
+
+def _cause(error: BaseException) -> str:
+  """A short reason for an I/O failure: disk full, no permission, or the first line of the error."""
+  text = f"{type(error).__name__}: {error}"
+  if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "RESOURCE_EXHAUSTED" in text:
+    return "the disk is full"
+  if getattr(error, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in text \
+      or "Read-only file system" in text:
+    return "no permission to write there (or a read-only file system)"
+  first = text.strip().splitlines()[0]
+  return first if len(first) <= 300 else first[:300] + " ..."
+
+
+def _remove_partial(manager: ocp.CheckpointManager) -> None:
+  """Waits for orbax's writer threads, then deletes the temporary folders of saves that did not complete."""
+  with contextlib.suppress(Exception):  # the failure is reported by the caller
+    manager.wait_until_finished()
+  if jax.process_index():  # one process clears up: another may still be writing its shards
+    return
+  for partial in glob.glob(os.path.join(str(manager.directory), "*.orbax-checkpoint-tmp*")):
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def close(manager: ocp.CheckpointManager) -> None:
+  """Finishes pending saves, closes the manager and removes what a failed save left behind."""
+  _remove_partial(manager)
+  with contextlib.suppress(Exception):
+    manager.close()
+  _remove_partial(manager)
+
+
 def save(manager: ocp.CheckpointManager, state: TrainState, config: dict) -> None:
-  """Saves a host (unreplicated) TrainState at its step with the run's config; refuses non-finite values."""
+  """Saves a host (unreplicated) TrainState at its step with the run's config and waits until it is on disk.
+
+  Refuses non-finite values (FloatingPointError); a failed write removes its
+  temporary folder and raises CheckpointError naming the step, the path, the
+  cause and the checkpoints kept.
+  """
   step = int(state.step)
   arrays = {name: _state_dict(getattr(state, name)) for name in ARRAY_ITEMS}
   if not all_finite(arrays):
     raise FloatingPointError(f"refusing to save the checkpoint of step {step}: it holds NaN or Inf values")
   args = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
-  manager.save(step, args=ocp.args.Composite(config=ocp.args.JsonSave(config), **args))
+  try:
+    manager.save(step, args=ocp.args.Composite(config=ocp.args.JsonSave(config), **args))
+    manager.wait_until_finished()
+  except Exception as e:  # orbax and tensorstore raise many types; every one means the write failed
+    _remove_partial(manager)
+    kept = sorted(s for s in manager.all_steps() if s != step)
+    raise CheckpointError(f"could not write the checkpoint of step {step} to {manager.directory}: {_cause(e)}; "
+                          f"kept: {', '.join(map(str, kept)) or 'no checkpoint'}") from e
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:
@@ -91,7 +154,10 @@ def _restore_items(manager: ocp.CheckpointManager, step: int, templates: dict[st
   shape differs (another model or optimizer config)."""
   abstract = {name: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
                                            flax.serialization.to_state_dict(t)) for name, t in templates.items()}
-  metadata = manager.item_metadata(step)
+  try:
+    metadata = manager.item_metadata(step)
+  except Exception as e:  # a damaged or missing metadata file
+    raise CheckpointError(f"checkpoint {step} in {manager.directory} could not be read: {_cause(e)}") from e
   for name, tree in abstract.items():
     saved, wanted = _shapes(metadata[name]), _shapes(tree)
     if saved != wanted:
@@ -100,7 +166,12 @@ def _restore_items(manager: ocp.CheckpointManager, step: int, templates: dict[st
                        f"{name}/{diff[0]} is {saved.get(diff[0], 'absent')} there and "
                        f"{wanted.get(diff[0], 'absent')} here")
   args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
-  restored = manager.restore(step, args=ocp.args.Composite(**args))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**args))
+  except Exception as e:  # tensorstore reports a truncated or missing file in many ways
+    raise CheckpointError(f"checkpoint {step} in {manager.directory} could not be read: {_cause(e)}") from e
+  if not all_finite({name: restored[name] for name in templates}):
+    raise CheckpointError(f"checkpoint {step} in {manager.directory} holds NaN or Inf values: it is damaged")
   return {name: flax.serialization.from_state_dict(templates[name], restored[name]) for name in templates}
 
 
@@ -123,9 +194,24 @@ def locate(path: str) -> tuple[str, Optional[int]]:
   """A workdir or one of its checkpoint step folders -> (workdir, step or None for the latest)."""
   path = os.path.abspath(path)
   parent, leaf = os.path.split(path)
-  if leaf.isdigit() and os.path.basename(parent) == "checkpoints":
+  if os.path.basename(parent) == "checkpoints":
+    if not leaf.isdigit():
+      raise ValueError(f"{path} is not a checkpoint step folder: give WORKDIR/checkpoints/STEP with a numeric STEP, "
+                       "or the workdir")
     return os.path.dirname(parent), int(leaf)
   return path, None
+
+
+def intact_steps(manager: ocp.CheckpointManager, restore: Any) -> list[int]:
+  """The steps, newest first, for which restore(step) succeeds."""
+  good = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restore(step)
+      good.append(step)
+    except CheckpointError:
+      pass
+  return good
 
 
 def load_config(workdir: str, step: Optional[int] = None) -> tuple[dict, int]:

@@ -36,6 +36,12 @@ def _tf():
   return tf
 
 
+def _plain(fn: Callable) -> Callable:
+  """fn for tf.data.Dataset.map without autograph: it is plain TensorFlow already, and autograph's converted
+  copies are temporary files that a killed process leaves behind."""
+  return _tf().autograph.experimental.do_not_convert(fn)
+
+
 @dataclass(frozen=True)
 class Source:
   """Records and how to turn one into a uint8 HWC image.
@@ -153,7 +159,7 @@ def tfds_source(name: str, split: str, data_dir: Optional[str], download: bool, 
   size = int(ds.cardinality())
   if size < 1:
     raise ValueError(f"TFDS dataset {name!r} split {split!r} is empty for process {process_index} of {process_count}")
-  return Source(size, decode_image, records=ds.map(lambda ex: ex["image"]))
+  return Source(size, decode_image, records=ds.map(_plain(lambda ex: ex["image"])))
 
 
 def decode_image(encoded, channels: int):
@@ -216,9 +222,9 @@ def sequential_records(source: Source, seed: int, start: int, shuffle_buffer: in
 
   def epoch(e):
     ds = source.records.shuffle(buffer, seed=_epoch_seed(seed, e), reshuffle_each_iteration=False)
-    return ds.enumerate().map(lambda i, r: (e, i, r))
+    return ds.enumerate().map(_plain(lambda i, r: (e, i, r)))
 
-  return tf.data.Dataset.range(first_epoch, 2**40).flat_map(epoch).skip(offset)
+  return tf.data.Dataset.range(first_epoch, 2**40).flat_map(_plain(epoch)).skip(offset)
 
 
 def make_source(dataset: str, *, data_dir: Optional[str] = None, split: str = "train", download: bool = True,
@@ -252,7 +258,7 @@ def batch_stream(source: Source, *, seed: int, global_batch: int, image_size: in
     positions = tf.data.Dataset.from_generator(
         lambda: indexed_positions(source.size, seed, start_step, global_batch, process_index, process_count),
         output_signature=(tf.TensorSpec([local], tf.int64),) * 3)
-    ds = positions.unbatch().map(lambda e, i, k: (e, i, tf.gather(items, k)))
+    ds = positions.unbatch().map(_plain(lambda e, i, k: (e, i, tf.gather(items, k))))
   else:
     ds = sequential_records(source, seed, start_step * local, shuffle_buffer)
 
@@ -262,6 +268,6 @@ def batch_stream(source: Source, *, seed: int, global_batch: int, image_size: in
 
   options = tf.data.Options()
   options.deterministic = True
-  ds = ds.with_options(options).map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.with_options(options).map(_plain(prepare), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -15,10 +16,13 @@ import jax
 import numpy as np
 from absl import logging
 
-from ddpm_jax import checkpoint
+from ddpm_jax import checkpoint, plots
 from ddpm_jax.parallel import Runner
 from ddpm_jax.reporting import MetricWriter, format_eta
 from ddpm_jax.train_state import TrainState
+
+
+CURVES = "curves.png"  # the training-curve plot a finished run leaves in its workdir
 
 
 class Interrupted(Exception):
@@ -77,12 +81,34 @@ def check_finite(rows: list[tuple[int, dict[str, float]]], latest_checkpoint: Op
 
 
 def _restore_or_create(manager, create_state: Callable[[], TrainState]) -> TrainState:
-  """The latest checkpoint's state, restored into the shapes alone (nothing to compile), or a fresh one."""
-  if manager.latest_step() is None:
+  """The newest intact checkpoint's state, restored into the shapes alone (nothing to compile), or a fresh one.
+
+  A checkpoint that cannot be read is reported and the next older one tried;
+  when none can be read, CheckpointError.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
     return create_state()
-  state = checkpoint.restore_state(manager, jax.eval_shape(create_state))
-  logging.info("resumed from the checkpoint of step %d in %s", int(state.step), manager.directory)
-  return state
+  template = jax.eval_shape(create_state)
+  damaged = []
+  for step in steps:
+    try:
+      state = checkpoint.restore_state(manager, template, step)
+    except checkpoint.CheckpointError as e:
+      print(f"warning: {e}; trying an older checkpoint", file=sys.stderr, flush=True)
+      damaged.append(step)
+      continue
+    logging.info("resumed from the checkpoint of step %d in %s", step, manager.directory)
+    if damaged:  # moved aside, not deleted: the run will write these steps again
+      for bad in damaged:
+        os.rename(os.path.join(str(manager.directory), str(bad)),
+                  os.path.join(str(manager.directory), f"{bad}.damaged"))
+      manager.reload()
+      print(f"resuming from checkpoint {step}, the newest intact one; the damaged "
+            f"{', '.join(f'{b}.damaged' for b in damaged)} stay in {manager.directory}", file=sys.stderr, flush=True)
+    return state
+  raise checkpoint.CheckpointError(f"no checkpoint in {manager.directory} can be read (steps "
+                                   f"{', '.join(map(str, steps))}): move the folder away to start afresh")
 
 
 def _catch_signals(received: list[int]) -> dict:
@@ -153,11 +179,14 @@ def train(training: Training, workdir: str) -> TrainState:
       if stop:
         manager.wait_until_finished()
         raise Interrupted(done, received[0])
+    if lead:
+      writer.close()
+      writer = None
+      plots.plot_training_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, CURVES))
     return t.runner.get_state(run_state)
   finally:
     batches = None  # finalize the tf.data iterator now, not during interpreter shutdown
-    manager.wait_until_finished()
-    manager.close()
+    checkpoint.close(manager)
     if writer:
       writer.close()
     for sig, handler in handlers.items():

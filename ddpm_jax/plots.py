@@ -9,6 +9,7 @@ import os
 from typing import Optional, Sequence, Union
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from ddpm_jax.images import Box, load_font
 
@@ -232,8 +233,6 @@ def plot_training_curves(metrics: Union[str, Sequence[dict]], out_png: str, *, w
   logarithmic when the finite losses are positive and span more than a factor of ten. Non-finite values are
   not drawn; a series with one point is drawn as a dot.
   """
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
-
   rows = read_metrics(metrics) if isinstance(metrics, (str, os.PathLike)) else list(metrics)
   if not rows:
     raise ValueError("no metrics rows to plot")

@@ -1,0 +1,176 @@
+"""Failures a user meets: damaged checkpoints, full disks, bad config files and workdirs, failed starts."""
+
+import contextlib
+import errno
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+
+import configs.default as default_config
+from ddpm_jax import builders, checkpoint, loop
+from ddpm_jax.train_state import create_train_state
+from test_training import SMALL, run_train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_run(tmp_path, steps=(2, 4)):
+  """A workdir with checkpoints of the small model at `steps`; returns (workdir, config, create_state)."""
+  config = default_config.get_config()
+  config.model.base_channels, config.model.channel_mult, config.batch_size = 8, (1, 2), 16
+  create = lambda: create_train_state(builders.build_model(config), builders.build_optimizer(config),
+                                      jax.random.key(0), (1, 8, 8, 1))
+  state = create()
+  manager = checkpoint.make_manager(str(tmp_path))
+  for step in steps:
+    checkpoint.save(manager, state.replace(step=jax.numpy.asarray(step)), config.to_dict())
+  manager.close()
+  return tmp_path, config, create
+
+
+def truncate_a_data_file(step_dir):
+  """Cuts the largest file under a checkpoint step folder to half its size, as a crash or bad disk would."""
+  files = [p for p in glob.glob(os.path.join(step_dir, "**", "*"), recursive=True) if os.path.isfile(p)]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+
+
+def run_entry(script, *args, env_extra=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **(env_extra or {}))
+  return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+def one_error_line(res, program):
+  """The last stderr line, after checking that nothing but log lines precede it (no traceback)."""
+  assert "Traceback" not in res.stderr and "Event loop is closed" not in res.stderr, res.stderr[-3000:]
+  last = res.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"{program}: error: "), last
+  return last[len(f"{program}: error: "):]
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys):
+  workdir, _, create = small_run(tmp_path)
+  truncate_a_data_file(os.path.join(workdir, "checkpoints", "4"))
+  manager = checkpoint.make_manager(str(workdir))
+  state = loop._restore_or_create(manager, create)  # pylint: disable=protected-access
+  manager.close()
+  assert int(state.step) == 2
+  err = capsys.readouterr().err
+  assert f"warning: checkpoint 4 in {workdir}/checkpoints could not be read: " in err
+  assert "resuming from checkpoint 2, the newest intact one; the damaged 4.damaged stay in" in err
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4.damaged"]  # kept for inspection, out of the way
+
+
+def test_sample_names_the_intact_checkpoints_when_the_latest_is_damaged(tmp_path):
+  workdir, _, _ = small_run(tmp_path)
+  truncate_a_data_file(os.path.join(workdir, "checkpoints", "4", "ema_params"))
+  res = run_entry("sample.py", f"--workdir={workdir}", f"--out={tmp_path}/s.png", "--num_samples=2")
+  assert res.returncode == 1
+  line = one_error_line(res, "sample.py")
+  assert line.startswith(f"checkpoint 4 in {workdir}/checkpoints could not be read: ")
+  assert line.endswith(f"; intact: 2 (use --checkpoint {workdir}/checkpoints/2)")
+
+
+def test_a_failed_write_names_the_step_path_cause_and_what_was_kept(tmp_path, monkeypatch):
+  workdir, config, create = small_run(tmp_path, steps=(2,))
+  manager = checkpoint.make_manager(str(workdir))
+
+  def full_disk(step, args):
+    os.makedirs(os.path.join(str(manager.directory), f"{step}.orbax-checkpoint-tmp-123"))
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(manager, "save", full_disk)
+  with pytest.raises(checkpoint.CheckpointError) as info:
+    checkpoint.save(manager, create().replace(step=jax.numpy.asarray(4)), config.to_dict())
+  assert str(info.value) == (f"could not write the checkpoint of step 4 to {workdir}/checkpoints: the disk is full; "
+                             "kept: 2")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]  # the partial folder is gone
+  manager.close()
+
+
+@contextlib.contextmanager
+def small_tmpfs(path, size):
+  """A tmpfs of `size` mounted at path, or a skip where mounting is not allowed."""
+  os.makedirs(path, exist_ok=True)
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                    check=False).returncode:
+    pytest.skip("mounting a tmpfs is not allowed here (the mocked write above covers the path)")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", str(path)], check=False)
+
+
+def test_a_full_disk_stops_training_at_that_save_with_one_line_and_exit_1(tmp_path):
+  with small_tmpfs(tmp_path / "checkpoints", "64k"):  # smaller than one checkpoint of the small model
+    res = run_train(tmp_path, "--stop_at_step=10", "--config.checkpoint_every_steps=5")
+    assert res.returncode == 1, res.stderr[-3000:]
+    line = one_error_line(res, "train.py")
+    assert line == (f"could not write the checkpoint of step 5 to {tmp_path}/checkpoints: the disk is full; "
+                    "kept: no checkpoint")
+    assert os.listdir(tmp_path / "checkpoints") == []
+  assert [json.loads(r)["step"] for r in open(tmp_path / "metrics.jsonl")] == [5]  # stopped at that save
+
+
+def test_a_failed_start_leaves_an_existing_run_untouched_and_fails_fast(tmp_path):
+  (tmp_path / "config.json").write_text('{"mine": true}')
+  start = time.time()
+  res = run_train(tmp_path, f"--config.dataset=folder:{tmp_path}/typo", env_extra={"JAX_LOG_COMPILES": "1"})
+  assert res.returncode == 2
+  assert one_error_line(res, "train.py") == f"dataset folder '{tmp_path}/typo' does not exist or is not a folder"
+  assert "Compiling" not in res.stderr and time.time() - start < 30
+  assert sorted(os.listdir(tmp_path)) == ["config.json"] and (tmp_path / "config.json").read_text() == '{"mine": true}'
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.nope=1"], "unknown config key 'nope' (--config.nope): default.py has no such key; nearest: "),
+    (["--config.optim.learnin_rate=1"], "unknown config key 'optim.learnin_rate' (--config.optim.learnin_rate): "
+     "default.py has no such key; nearest: optim.learning_rate, "),
+    (["--config={tmp}/missing.py"], "config file '{tmp}/missing.py' does not exist"),
+    (["--config={tmp}/broken.py"], "config file {tmp}/broken.py has a syntax error at line 2: "),
+    (["--workdir={tmp}/afile"], "workdir '{tmp}/afile' is a file, not a folder: give a folder path"),
+])
+def test_config_file_and_workdir_problems_end_with_one_line_and_exit_2(tmp_path, args, message):
+  (tmp_path / "broken.py").write_text("def get_config():\n  return (\n")
+  (tmp_path / "afile").write_text("")
+  res = run_entry("train.py", f"--workdir={tmp_path}/run", *[a.format(tmp=tmp_path) for a in args])
+  assert res.returncode == 2
+  assert one_error_line(res, "train.py").startswith(message.format(tmp=tmp_path))
+
+
+def test_a_workdir_that_cannot_be_written_is_a_clear_error(tmp_path, monkeypatch):
+  def read_only(**kwargs):
+    raise OSError(errno.EROFS, "Read-only file system")
+
+  monkeypatch.setattr(builders.tempfile, "TemporaryFile", read_only)
+  with pytest.raises(ValueError, match=f"^workdir '{tmp_path}' is not writable: Read-only file system$"):
+    builders.check_workdir(str(tmp_path))
+
+
+def test_small_ones(tmp_path):
+  with pytest.raises(ValueError, match="best is not a checkpoint step folder: give WORKDIR/checkpoints/STEP"):
+    checkpoint.locate(str(tmp_path / "checkpoints" / "best"))
+  with pytest.raises(FloatingPointError, match="at step 7: training stopped; no checkpoint was written"):
+    loop.check_finite([(7, {"loss": float("nan")})], None)
+  with pytest.raises(FloatingPointError, match="the latest checkpoint, of step 5, predates it"):
+    loop.check_finite([(7, {"loss": float("inf")})], 5)
+  res = run_entry("sample.py", f"--workdir={tmp_path}", "--num_samples=-5")
+  assert res.returncode == 2 and "sampling" not in res.stdout
+  assert one_error_line(res, "sample.py") == "--num_samples=-5 is invalid: it must be >= 1"
+
+
+def test_the_input_pipeline_leaves_no_autograph_files_when_killed(tmp_path):
+  code = ("import os; from ddpm_jax import data; "
+          "s = data.batch_stream(data.make_source('digits'), seed=0, global_batch=8, image_size=8, channels=1); "
+          "next(s); os._exit(0)")  # like kill -9: no clean-up runs
+  env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path))
+  assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
+  assert not list(tmp_path.glob("__autograph_generated_file*")), os.listdir(tmp_path)
