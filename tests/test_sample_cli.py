@@ -111,3 +111,19 @@ def test_eval_of_a_folder_dataset_reports_fid_with_the_given_weights(tmp_path, i
   assert (result["evaluator"], result["num_samples"], result["num_real"]) == ("inception", 4, 8)
   assert result["fid"] > 0 and 1 <= result["inception_score"] <= 1008
   assert "eval: 4 samples vs 8 real: FID" in res.stdout
+
+
+def test_v_prediction_with_min_snr_trains_and_samples_with_dpm_solver(tmp_path):
+  from test_training import run_train  # pylint: disable=g-import-not-at-top
+
+  res = run_train(tmp_path, "--stop_at_step=4", "--config.diffusion.prediction=v",
+                  "--config.diffusion.loss_weighting=min_snr")
+  assert res.returncode == 0, res.stderr[-3000:]
+  (row,) = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert row["step"] == 4 and 0 < row["loss"] < 2
+  # The checkpoint's config says v: sample.py converts the output without being told.
+  assert json.loads((tmp_path / "config.json").read_text())["diffusion"]["prediction"] == "v"
+  res = run_sample(f"--workdir={tmp_path}", "--method=dpmpp_2m", "--steps=20", "--num_samples=4",
+                   f"--out={tmp_path}/v.png")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "with dpmpp_2m" in res.stdout and np.load(tmp_path / "v.npz")["images"].shape == (4, 8, 8, 1)
