@@ -57,6 +57,12 @@ def main(argv):
     workdir, step = checkpoint.locate(FLAGS.checkpoint or FLAGS.workdir)
     saved, step = checkpoint.load_config(workdir, step)
     config = FLAGS.config or ml_collections.ConfigDict(saved)
+    trained = saved.get("diffusion", {}).get("prediction", "eps")
+    if config.diffusion.prediction != trained:  # the checkpoint knows what its network predicts
+      print(f"sample.py: the checkpoint's network predicts {trained!r}; using that, not the --config's "
+            f"{config.diffusion.prediction!r}", file=sys.stderr)
+      with config.unlocked():
+        config.diffusion.prediction = trained
     if FLAGS.inception_weights:
       with config.unlocked():  # a --config file's dict is locked
         config.inception_weights = FLAGS.inception_weights
@@ -94,7 +100,7 @@ def main(argv):
   except ValueError as e:
     print(f"sample.py: error: {e}", file=sys.stderr)
     sys.exit(2)
-  except checkpoint.CheckpointError as e:
+  except OSError as e:  # a run-time failure writing the outputs
     print(f"sample.py: error: {e}", file=sys.stderr)
     sys.exit(1)
 

@@ -34,7 +34,7 @@ def main(argv):
   except ValueError as e:
     print(f"train.py: error: {e}", file=sys.stderr)
     sys.exit(2)
-  except (FloatingPointError, checkpoint.CheckpointError) as e:
+  except (FloatingPointError, checkpoint.CheckpointError, OSError) as e:  # run-time failures
     print(f"train.py: error: {e}", file=sys.stderr)
     sys.exit(1)
   except loop.Interrupted as e:

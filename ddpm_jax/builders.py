@@ -24,7 +24,7 @@ import optax
 from absl import flags
 from ml_collections import config_flags
 
-from ddpm_jax import checkpoint, data, diffusion, evaluation, images, loop, parallel, sampling, training
+from ddpm_jax import checkpoint, data, diffusion, evaluation, images, inception, loop, parallel, sampling, training
 from ddpm_jax.evaluation import Evaluator
 from ddpm_jax.reporting import MetricWriter
 from ddpm_jax.schedule import Schedule, make_schedule
@@ -47,7 +47,8 @@ def _section(name: str):
 
 def _positive_int(config: ml_collections.ConfigDict, key: str) -> None:
   """Raises unless config[key] is an integer >= 1."""
-  value = config[key]
+  section, _, name = key.rpartition(".")
+  value = (config[section] if section else config)[name]
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ValueError(f"config.{key}={value!r} is invalid: it must be an integer >= 1")
 
@@ -93,10 +94,13 @@ def build_train_step(config: ml_collections.ConfigDict, schedule: Schedule) -> C
 
 def sampler_options(config: ml_collections.ConfigDict, **overrides: Any) -> sampling.SamplerOptions:
   """The sampler settings of config.sample (fields overridable), with the run's prediction target."""
-  s = {**config.sample, **{k: v for k, v in overrides.items() if v is not None}}
-  return sampling.SamplerOptions(method=s["method"], num_steps=s["num_steps"] if s["method"] != "ddpm" else None,
-                                 eta=s["eta"], clip_x0=s["clip_x0"], variance=s["variance"],
-                                 timestep_spacing=s["timestep_spacing"], prediction=config.diffusion.prediction)
+  given = {k: v for k, v in overrides.items() if v is not None}
+  s = {**config.sample, **given}
+  # ddpm runs all T steps: the config's step count (for its own sampler) does not apply unless given here.
+  steps = s["num_steps"] if s["method"] != "ddpm" or "num_steps" in given else None
+  return sampling.SamplerOptions(method=s["method"], num_steps=steps, eta=s["eta"], clip_x0=s["clip_x0"],
+                                 variance=s["variance"], timestep_spacing=s.get("timestep_spacing", "leading"),
+                                 prediction=config.diffusion.get("prediction", "eps"))
 
 
 def _config_path(argv: list[str], default: Optional[str]) -> Optional[str]:
@@ -172,12 +176,17 @@ def flags_parser(program: str, default_config: Optional[str]) -> Callable[[list[
 
 
 def check_workdir(workdir: str) -> None:
-  """Raises ValueError unless workdir is (or can be made) a folder this process can write in."""
+  """Raises ValueError unless workdir is a folder this process can write in, or can be made one (it is not made
+  here: a start that fails later leaves nothing behind)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"workdir {workdir!r} is a file, not a folder: give a folder path")
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f"workdir {workdir!r} cannot be made: {existing!r} is a file")
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=workdir):
+    with tempfile.TemporaryFile(dir=existing):
       pass
   except OSError as e:
     raise ValueError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from None
@@ -190,7 +199,8 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, proces
   if missing:
     raise ValueError(f"config has no {missing[0]!r}: every config needs {', '.join(REQUIRED)}")
   for key in ("batch_size", "num_train_steps", "checkpoint_every_steps", "log_every_steps", "image_size",
-              "keep_checkpoints"):
+              "keep_checkpoints", "eval_num_samples", "eval_batch_size", "fid_num_real", "data.shuffle_buffer",
+              "sample.num_samples", "sample.batch_size"):
     _positive_int(config, key)
   if stop_at_step is not None and stop_at_step < 1:
     raise ValueError(f"stop_at_step={stop_at_step!r} is invalid: it must be >= 1")
@@ -219,7 +229,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, proces
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       raise ValueError(f"{key}={value!r} is invalid: use 0 (off) or a number of steps")
   if config.eval_every_steps and config.dataset != "digits":
-    evaluation.inception.check_weights_path(config.inception_weights or "")
+    inception.check_weights_path(config.inception_weights or "")
 
 
 def validate_sampler(options: sampling.SamplerOptions, num_timesteps: int, prefix: str = "") -> None:
@@ -255,11 +265,13 @@ def build_batches(config: ml_collections.ConfigDict, source: data.Source, proces
       process_index=process_index, process_count=process_count, shuffle_buffer=config.data.shuffle_buffer)
 
 
-def build_evaluator(config: ml_collections.ConfigDict, workdir: str) -> Evaluator:
-  """The digits judge for the embedded digits, Inception FID / KID / IS for any other dataset."""
+def build_evaluator(config: ml_collections.ConfigDict, workdir: str,
+                    source: Optional[data.Source] = None) -> Evaluator:
+  """The digits judge for the embedded digits, Inception FID / KID / IS against `source` (default: the config's
+  dataset, read now) for any other dataset."""
   if config.dataset == "digits":
     return evaluation.digits_evaluator(workdir, config.seed)
-  source = build_source(config)
+  source = source or build_source(config)
   num_real = min(config.fid_num_real, source.size)
   real = lambda: data.batch_stream(source, seed=0, global_batch=config.eval_batch_size, image_size=config.image_size,
                                    channels=config.data.channels, random_flip=False)
@@ -304,7 +316,8 @@ def build_training(config: ml_collections.ConfigDict, workdir: str,
     hooks.append(loop.Hook(config.sample.every_steps,
                            _sample_grid_hook(workdir, generate, sample_key, config.sample.num_samples)))
     if config.eval_every_steps:
-      hooks.append(loop.Hook(config.eval_every_steps, _eval_hook(generate, build_evaluator(config, workdir),
+      evaluate = build_evaluator(config, workdir, source if jax.process_count() == 1 else None)
+      hooks.append(loop.Hook(config.eval_every_steps, _eval_hook(generate, evaluate,
                                                                  sample_key, config.eval_num_samples)))
   return loop.Training(
       create_state=lambda: create_train_state(model, tx, init_key, input_shape),
@@ -338,10 +351,10 @@ def restore_sampling_params(config: ml_collections.ConfigDict, workdir: str, ste
   try:
     try:
       return checkpoint.restore_params(manager, template, step, ema=ema)
-    except checkpoint.CheckpointError as e:
+    except checkpoint.CheckpointReadError as e:
       good = checkpoint.intact_steps(manager, lambda s: checkpoint.restore_params(manager, template, s, ema=ema))
       hint = (f"intact: {', '.join(map(str, good))} (use --checkpoint {checkpoint.checkpoint_dir(workdir)}/{good[0]})"
               if good else "no checkpoint of this run can be read")
-      raise checkpoint.CheckpointError(f"{e}; {hint}") from None
+      raise checkpoint.CheckpointReadError(f"{e}; {hint}") from None
   finally:
     manager.close()

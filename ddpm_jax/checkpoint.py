@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from typing import Any, Optional
 
 import flax.serialization
@@ -80,7 +81,11 @@ def _state_dict(tree: Any) -> Any:
 
 
 class CheckpointError(Exception):
-  """A checkpoint could not be written or read (a run-time failure, not bad input)."""
+  """A checkpoint could not be written (a run-time failure)."""
+
+
+class CheckpointReadError(ValueError):
+  """A checkpoint could not be read: damaged, or written by another layout (DESIGN.md: bad input, exit 2)."""
 
 
 def _cause(error: BaseException) -> str:
@@ -101,8 +106,13 @@ def _remove_partial(manager: ocp.CheckpointManager) -> None:
     manager.wait_until_finished()
   if jax.process_index():  # one process clears up: another may still be writing its shards
     return
-  for partial in glob.glob(os.path.join(str(manager.directory), "*.orbax-checkpoint-tmp*")):
-    shutil.rmtree(partial, ignore_errors=True)
+  pattern = os.path.join(str(manager.directory), "*.orbax-checkpoint-tmp*")
+  for _ in range(20):  # tensorstore's writer threads can still be closing files: retry for up to 2 s
+    for partial in glob.glob(pattern):
+      shutil.rmtree(partial, ignore_errors=True)
+    if not glob.glob(pattern):
+      return
+    time.sleep(0.1)
 
 
 def close(manager: ocp.CheckpointManager) -> None:
@@ -157,7 +167,12 @@ def _restore_items(manager: ocp.CheckpointManager, step: int, templates: dict[st
   try:
     metadata = manager.item_metadata(step)
   except Exception as e:  # a damaged or missing metadata file
-    raise CheckpointError(f"checkpoint {step} in {manager.directory} could not be read: {_cause(e)}") from e
+    raise CheckpointReadError(f"checkpoint {step} in {manager.directory} could not be read: {_cause(e)}") from e
+  missing = [name for name in abstract if name not in metadata or metadata[name] is None]
+  if missing:
+    raise CheckpointReadError(f"checkpoint {step} in {manager.directory} has no {missing[0]!r} item: it was written "
+                              "by an older ddpm_jax (one 'state' item) or is damaged; sample it with that release "
+                              "or train again")
   for name, tree in abstract.items():
     saved, wanted = _shapes(metadata[name]), _shapes(tree)
     if saved != wanted:
@@ -169,9 +184,9 @@ def _restore_items(manager: ocp.CheckpointManager, step: int, templates: dict[st
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**args))
   except Exception as e:  # tensorstore reports a truncated or missing file in many ways
-    raise CheckpointError(f"checkpoint {step} in {manager.directory} could not be read: {_cause(e)}") from e
+    raise CheckpointReadError(f"checkpoint {step} in {manager.directory} could not be read: {_cause(e)}") from e
   if not all_finite({name: restored[name] for name in templates}):
-    raise CheckpointError(f"checkpoint {step} in {manager.directory} holds NaN or Inf values: it is damaged")
+    raise CheckpointReadError(f"checkpoint {step} in {manager.directory} holds NaN or Inf values: it is damaged")
   return {name: flax.serialization.from_state_dict(templates[name], restored[name]) for name in templates}
 
 
@@ -209,7 +224,7 @@ def intact_steps(manager: ocp.CheckpointManager, restore: Any) -> list[int]:
     try:
       restore(step)
       good.append(step)
-    except CheckpointError:
+    except CheckpointReadError:
       pass
   return good
 
@@ -226,7 +241,11 @@ def load_config(workdir: str, step: Optional[int] = None) -> tuple[dict, int]:
     if step not in steps:
       raise ValueError(f"no checkpoint of step {step} in {checkpoint_dir(workdir)}: it holds steps "
                        f"{', '.join(map(str, sorted(steps)))}")
-    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config, step
+    try:
+      return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config, step
+    except Exception as e:  # a damaged or missing config file
+      raise CheckpointReadError(f"the config of checkpoint {step} in {checkpoint_dir(workdir)} could not be read: "
+                                f"{_cause(e)}") from e
   finally:
     if manager:
       manager.close()

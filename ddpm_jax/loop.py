@@ -83,8 +83,10 @@ def check_finite(rows: list[tuple[int, dict[str, float]]], latest_checkpoint: Op
 def _restore_or_create(manager, create_state: Callable[[], TrainState]) -> TrainState:
   """The newest intact checkpoint's state, restored into the shapes alone (nothing to compile), or a fresh one.
 
-  A checkpoint that cannot be read is reported and the next older one tried;
-  when none can be read, CheckpointError.
+  A checkpoint that cannot be read is reported and the next older one tried
+  (moved aside as STEP.damaged once an intact one is found); when none can be
+  read, CheckpointReadError. With several processes a damaged checkpoint is an
+  error instead: they could disagree on which one to resume from.
   """
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
@@ -94,21 +96,27 @@ def _restore_or_create(manager, create_state: Callable[[], TrainState]) -> Train
   for step in steps:
     try:
       state = checkpoint.restore_state(manager, template, step)
-    except checkpoint.CheckpointError as e:
+    except checkpoint.CheckpointReadError as e:
+      if jax.process_count() > 1:
+        raise checkpoint.CheckpointReadError(f"{e}; move it aside on every host to resume from an older one") from e
       print(f"warning: {e}; trying an older checkpoint", file=sys.stderr, flush=True)
       damaged.append(step)
       continue
     logging.info("resumed from the checkpoint of step %d in %s", step, manager.directory)
     if damaged:  # moved aside, not deleted: the run will write these steps again
       for bad in damaged:
-        os.rename(os.path.join(str(manager.directory), str(bad)),
-                  os.path.join(str(manager.directory), f"{bad}.damaged"))
+        target = os.path.join(str(manager.directory), f"{bad}.damaged")
+        k = 1
+        while os.path.exists(target):  # damaged before: keep every copy
+          target = os.path.join(str(manager.directory), f"{bad}.damaged.{k}")
+          k += 1
+        os.rename(os.path.join(str(manager.directory), str(bad)), target)
       manager.reload()
       print(f"resuming from checkpoint {step}, the newest intact one; the damaged "
             f"{', '.join(f'{b}.damaged' for b in damaged)} stay in {manager.directory}", file=sys.stderr, flush=True)
     return state
-  raise checkpoint.CheckpointError(f"no checkpoint in {manager.directory} can be read (steps "
-                                   f"{', '.join(map(str, steps))}): move the folder away to start afresh")
+  raise checkpoint.CheckpointReadError(f"no checkpoint in {manager.directory} can be read (steps "
+                                       f"{', '.join(map(str, steps))}): move the folder away to start afresh")
 
 
 def _catch_signals(received: list[int]) -> dict:

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import jax
 import pytest
@@ -15,7 +14,7 @@ import pytest
 import configs.default as default_config
 from ddpm_jax import builders, checkpoint, loop
 from ddpm_jax.train_state import create_train_state
-from test_training import SMALL, run_train
+from test_training import run_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,7 +72,7 @@ def test_sample_names_the_intact_checkpoints_when_the_latest_is_damaged(tmp_path
   workdir, _, _ = small_run(tmp_path)
   truncate_a_data_file(os.path.join(workdir, "checkpoints", "4", "ema_params"))
   res = run_entry("sample.py", f"--workdir={workdir}", f"--out={tmp_path}/s.png", "--num_samples=2")
-  assert res.returncode == 1
+  assert res.returncode == 2  # DESIGN.md: a corrupt checkpoint is bad input
   line = one_error_line(res, "sample.py")
   assert line.startswith(f"checkpoint 4 in {workdir}/checkpoints could not be read: ")
   assert line.endswith(f"; intact: 2 (use --checkpoint {workdir}/checkpoints/2)")
@@ -120,14 +119,15 @@ def test_a_full_disk_stops_training_at_that_save_with_one_line_and_exit_1(tmp_pa
   assert [json.loads(r)["step"] for r in open(tmp_path / "metrics.jsonl")] == [5]  # stopped at that save
 
 
-def test_a_failed_start_leaves_an_existing_run_untouched_and_fails_fast(tmp_path):
+def test_a_failed_start_leaves_an_existing_run_untouched_and_makes_no_workdir(tmp_path):
   (tmp_path / "config.json").write_text('{"mine": true}')
-  start = time.time()
   res = run_train(tmp_path, f"--config.dataset=folder:{tmp_path}/typo", env_extra={"JAX_LOG_COMPILES": "1"})
   assert res.returncode == 2
   assert one_error_line(res, "train.py") == f"dataset folder '{tmp_path}/typo' does not exist or is not a folder"
-  assert "Compiling" not in res.stderr and time.time() - start < 30
+  assert "Compiling" not in res.stderr  # reported before the model is built: nothing compiled
   assert sorted(os.listdir(tmp_path)) == ["config.json"] and (tmp_path / "config.json").read_text() == '{"mine": true}'
+  res = run_train(tmp_path / "new" / "run", f"--config.dataset=folder:{tmp_path}/typo")
+  assert res.returncode == 2 and not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("args, message", [

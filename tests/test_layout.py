@@ -1,7 +1,11 @@
 """The package's shape: one module reads configs, imports flow one way, configs are plain data."""
 
 import ast
+import dataclasses
 import pathlib
+
+from configs import common
+from ddpm_jax.unet import UNet
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -55,10 +59,5 @@ def test_configs_import_nothing_from_the_library():
 
 
 def test_the_config_model_section_lists_every_unet_field():
-  import dataclasses  # pylint: disable=g-import-not-at-top
-
-  from configs import common  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.unet import UNet  # pylint: disable=g-import-not-at-top
-
   fields = {f.name for f in dataclasses.fields(UNet)} - {"parent", "name"}
   assert set(common.model("tiny")) - {"preset"} == fields

@@ -1,21 +1,24 @@
 """sample.py end to end on a tiny checkpoint written by the test, and its errors."""
 
+import functools
 import json
 import os
 import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 import configs.default as default_config
-from ddpm_jax import builders, checkpoint
+from ddpm_jax import builders, checkpoint, images, sampling
 from ddpm_jax.data import load_digits
 from ddpm_jax.train_state import create_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_MODEL = ["--config.model.base_channels=8", "--config.model.channel_mult=(1,2)"]
 
 
 def save_checkpoint(config, path):
@@ -123,7 +126,24 @@ def test_v_prediction_with_min_snr_trains_and_samples_with_dpm_solver(tmp_path):
   assert row["step"] == 4 and 0 < row["loss"] < 2
   # The checkpoint's config says v: sample.py converts the output without being told.
   assert json.loads((tmp_path / "config.json").read_text())["diffusion"]["prediction"] == "v"
-  res = run_sample(f"--workdir={tmp_path}", "--method=dpmpp_2m", "--steps=20", "--num_samples=4",
-                   f"--out={tmp_path}/v.png")
+  flags = ["--method=dpmpp_2m", "--steps=20", "--num_samples=4"]
+  res = run_sample(f"--workdir={tmp_path}", *flags, f"--out={tmp_path}/v.png")
   assert res.returncode == 0, res.stderr[-3000:]
-  assert "with dpmpp_2m" in res.stdout and np.load(tmp_path / "v.npz")["images"].shape == (4, 8, 8, 1)
+  got = np.load(tmp_path / "v.npz")["images"]
+  assert "with dpmpp_2m" in res.stdout and got.shape == (4, 8, 8, 1)
+  # A --config that says eps does not override what the checkpoint's network predicts.
+  res = run_sample(f"--workdir={tmp_path}", f"--config={ROOT}/configs/default.py", *SMALL_MODEL, *flags,
+                   f"--out={tmp_path}/c.png")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "the checkpoint's network predicts 'v'; using that" in res.stderr
+  np.testing.assert_array_equal(np.load(tmp_path / "c.npz")["images"], got)
+  # The samples are the v-conversion's, and the eps conversion of the same network gives others.
+  config = ml_collections.ConfigDict(json.loads((tmp_path / "config.json").read_text()))
+  params = builders.restore_sampling_params(config, str(tmp_path), 4)
+  eps_fn = functools.partial(builders.model_fn(builders.build_model(config)), params)
+  draw = lambda prediction: images.to_uint8(sampling.sample(
+      eps_fn, builders.build_schedule(config), jax.random.key(0), (4, 8, 8, 1), method="dpmpp_2m", num_steps=20,
+      prediction=prediction))
+  # float32 rounding may flip a pixel across a uint8 level, rarely: at most 1 level apart, almost all equal.
+  assert np.abs(draw("v").astype(int) - got).max() <= 1 and (draw("v") == got).mean() > 0.99
+  assert (draw("eps") != got).mean() > 0.5
