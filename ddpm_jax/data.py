@@ -199,6 +199,17 @@ def _epoch_seed(seed: int, epoch):
   return tf.cast(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64)
 
 
+def flip_coins(seed: int, epoch: np.ndarray, index: np.ndarray) -> np.ndarray:
+  """A fair, stateless coin per (seed, epoch, position in epoch): splitmix64 of the three, top bit."""
+  with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+    x = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.asarray(epoch).astype(np.uint64) * np.uint64(1_000_003)
+         + np.asarray(index).astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9))
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+  return (x >> np.uint64(63)).astype(bool)
+
+
 def indexed_positions(size: int, seed: int, start_step: int, global_batch: int, process_index: int,
                       process_count: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """Per step: (epoch, position in epoch, record index) arrays of this process's slice of the global batch."""
@@ -227,6 +238,22 @@ def sequential_records(source: Source, seed: int, start: int, shuffle_buffer: in
   return tf.data.Dataset.range(first_epoch, 2**40).flat_map(_plain(epoch)).skip(offset)
 
 
+def in_memory(source: Source, image_size: int, channels: int) -> bool:
+  """Whether the source holds decoded uint8 images of exactly this size and channel count (no resizing needed)."""
+  items = source.items
+  return (items is not None and items.dtype == np.uint8 and items.ndim == 4
+          and items.shape[1:] == (image_size, image_size, channels))
+
+
+def _array_batches(items: np.ndarray, positions: Iterator, seed: int, random_flip: bool) -> Iterator[np.ndarray]:
+  """Batches gathered from in-memory uint8 images, scaled to [-1, 1] and flipped by flip_coins, as tf.data would."""
+  for epoch, index, records in positions:
+    batch = items[records].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    if random_flip:
+      batch = np.where(flip_coins(seed, epoch, index)[:, None, None, None], batch[:, :, ::-1], batch)
+    yield batch
+
+
 def make_source(dataset: str, *, data_dir: Optional[str] = None, split: str = "train", download: bool = True,
                 process_index: int = 0, process_count: int = 1) -> Source:
   """The Source a dataset string names (for TFDS, this process's even split)."""
@@ -242,8 +269,8 @@ def batch_stream(source: Source, *, seed: int, global_batch: int, image_size: in
                  random_flip: bool = True, start_step: int = 0, process_index: int = 0, process_count: int = 1,
                  shuffle_buffer: int = 50_000) -> Iterator[np.ndarray]:
   """Endless float32 batches [global_batch / process_count, size, size, channels]: this process's rows of each
-  global batch, from start_step."""
-  tf = _tf()
+  global batch, from start_step. Decoded in-memory images already of the target size and channels (the embedded
+  digits) are gathered with NumPy; everything else goes through tf.data."""
   if channels not in (1, 3):
     raise ValueError(f"channels={channels!r} is invalid: use 1 (grayscale) or 3 (RGB)")
   if image_size < 1:
@@ -253,18 +280,24 @@ def batch_stream(source: Source, *, seed: int, global_batch: int, image_size: in
                      f"use a multiple of {process_count}")
   local = global_batch // process_count
 
-  if source.items is not None:
+  positions = lambda: indexed_positions(source.size, seed, start_step, global_batch, process_index, process_count)
+  if in_memory(source, image_size, channels):
+    return _array_batches(source.items, positions(), seed, random_flip)
+  tf = _tf()
+  if source.items is not None:  # flips decided by flip_coins, as in _array_batches
     items = tf.constant(source.items)
-    positions = tf.data.Dataset.from_generator(
-        lambda: indexed_positions(source.size, seed, start_step, global_batch, process_index, process_count),
-        output_signature=(tf.TensorSpec([local], tf.int64),) * 3)
-    ds = positions.unbatch().map(_plain(lambda e, i, k: (e, i, tf.gather(items, k))))
+    flipped = lambda: ((e, i, k, flip_coins(seed, e, i)) for e, i, k in positions())
+    ds = tf.data.Dataset.from_generator(flipped, output_signature=(tf.TensorSpec([local], tf.int64),) * 3
+                                        + (tf.TensorSpec([local], tf.bool),))
+    ds = ds.unbatch().map(_plain(lambda e, i, k, f: (f, tf.gather(items, k))))
   else:
-    ds = sequential_records(source, seed, start_step * local, shuffle_buffer)
+    def coin(epoch, index, record):
+      u = tf.random.stateless_uniform([], seed=tf.stack([_epoch_seed(seed, epoch), index]))
+      return u < 0.5, record
+    ds = sequential_records(source, seed, start_step * local, shuffle_buffer).map(_plain(coin))
 
-  def prepare(epoch, index, record):
-    u = tf.random.stateless_uniform([], seed=tf.stack([_epoch_seed(seed, epoch), index]))
-    return preprocess(source.decode(record, channels), image_size, channels, tf.logical_and(random_flip, u < 0.5))
+  def prepare(flip, record):
+    return preprocess(source.decode(record, channels), image_size, channels, tf.logical_and(random_flip, flip))
 
   options = tf.data.Options()
   options.deterministic = True

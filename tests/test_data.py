@@ -183,3 +183,25 @@ def test_bad_dataset_strings(spec):
 def test_batch_not_divisible_by_processes():
   with pytest.raises(ValueError, match=re.escape("batch_size=10 is not divisible by the 4 processes")):
     data.batch_stream(data.make_source("digits"), seed=0, global_batch=10, image_size=8, process_count=4)
+
+
+@pytest.mark.parametrize("random_flip", [False, True])
+def test_in_memory_digits_skip_tf_data_and_give_the_same_batches(monkeypatch, random_flip):
+  source = data.make_source("digits")
+  kw = dict(seed=4, global_batch=64, image_size=8, channels=1, random_flip=random_flip, start_step=27,
+            process_index=1, process_count=2)
+  assert data.in_memory(source, 8, 1) and not data.in_memory(source, 16, 1) and not data.in_memory(source, 8, 3)
+  fast = take(data.batch_stream(source, **kw), 3)
+  assert all(isinstance(b, np.ndarray) and b.shape == (32, 8, 8, 1) for b in fast)
+  monkeypatch.setattr(data, "in_memory", lambda *args: False)  # the tf.data pipeline, as for any other source
+  for a, b in zip(fast, take(data.batch_stream(source, **kw), 3)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_flip_coins_are_fair_and_stateless():
+  epoch, index = np.repeat(np.arange(4), 5000), np.tile(np.arange(5000), 4)
+  coins = data.flip_coins(7, epoch, index)
+  # Binomial(20000, 0.5): s.d. of the fraction 0.0035; allow 4 s.d. Each (epoch, index) keeps its coin.
+  assert abs(coins.mean() - 0.5) < 0.014
+  np.testing.assert_array_equal(coins[::7], data.flip_coins(7, epoch[::7], index[::7]))
+  assert (coins != data.flip_coins(8, epoch, index)).mean() > 0.4  # another seed, other coins
