@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 500
   config.checkpoint_every_steps = 10_000
   config.keep_checkpoints = 3
-  config.parallelism = "pmap"  # with several devices: pmap (jit and fsdp: issue #13)
+  config.parallelism = "pmap"  # several devices: pmap | jit (mesh, state replicated) | fsdp (state sharded)
   config.eval_every_steps = 0  # > 0: sample eval_num_samples with the EMA params and report FID, KID and IS
   config.eval_num_samples = 10_000
   config.eval_batch_size = 100  # Inception batch

@@ -33,7 +33,6 @@ from ddpm_jax.unet import UNet, unet_preset
 
 REQUIRED = ("seed", "batch_size", "num_train_steps", "checkpoint_every_steps", "log_every_steps", "image_size",
             "dataset")
-PARALLELISMS = ("pmap",)
 
 
 @contextlib.contextmanager
@@ -205,7 +204,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, proces
   if stop_at_step is not None and stop_at_step < 1:
     raise ValueError(f"stop_at_step={stop_at_step!r} is invalid: it must be >= 1")
   data.parse_dataset(config.dataset)
-  _choice("parallelism", config.parallelism, PARALLELISMS)
+  _choice("parallelism", config.parallelism, parallel.MODES)
   if config.batch_size % device_count:
     raise ValueError(f"batch_size={config.batch_size} is not divisible by the {device_count} devices: "
                      f"use a multiple of {device_count}")
@@ -321,10 +320,9 @@ def build_training(config: ml_collections.ConfigDict, workdir: str,
                                                                  sample_key, config.eval_num_samples)))
   return loop.Training(
       create_state=lambda: create_train_state(model, tx, init_key, input_shape),
-      runner=parallel.make_runner(build_train_step(config, schedule)),
+      runner=parallel.make_runner(build_train_step(config, schedule), config.parallelism),
       batches=build_batches(config, source, jax.process_index(), jax.process_count()),
       key=train_key,
-      num_train_steps=config.num_train_steps,
       end_step=min(config.num_train_steps, stop_at_step or config.num_train_steps),
       batch_size=config.batch_size,
       log_every=config.log_every_steps,

@@ -49,7 +49,6 @@ class Training:
   runner: Runner
   batches: Callable[[int], Iterator[np.ndarray]]  # this process's host batches from a start step on
   key: jax.Array  # the train steps' key (each step folds in its number)
-  num_train_steps: int
   end_step: int  # num_train_steps, or an earlier stop (the schedules still span num_train_steps)
   batch_size: int  # global, for images/s
   log_every: int

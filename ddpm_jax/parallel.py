@@ -1,4 +1,5 @@
-"""Placing a pure train step on the devices: jit on one device, pmap over all devices of all processes."""
+"""Placing a pure train step on the devices: jit on one device; on several, pmap, or jit over a 1-D mesh with the
+state replicated ("jit") or sharded ("fsdp")."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ddpm_jax.train_state import TrainState
 
 AXIS = "batch"  # the pmap axis name that train_step averages gradients over
+MESH_AXIS = "data"  # the 1-D mesh of the jit and fsdp modes
+MODES = ("pmap", "jit", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,16 +39,24 @@ def _first(tree: Any) -> Any:
   return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
 
 
-def make_runner(step_fn: Callable[..., tuple[TrainState, dict]]) -> Runner:
-  """`step_fn(state, batch, key, axis_name=...)` placed on every device: jit when there is one, else pmap.
+def _host(tree: Any) -> Any:
+  """Every leaf of a pytree of (possibly sharded, possibly multi-process) global arrays as a whole host array."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
 
-  With pmap the state is replicated on this process's devices and its rows
-  of the global batch are split evenly over them.
-  """
-  if jax.device_count() == 1:
-    return Runner(step=jax.jit(step_fn, donate_argnums=0), put_state=jax.device_put, put_batch=jax.device_put,
-                  get_state=jax.device_get,
-                  get_metrics=lambda m: {k: float(v) for k, v in jax.device_get(m).items()})
+
+def fsdp_spec(shape: tuple[int, ...], devices: int) -> PartitionSpec:
+  """Shards an array along its largest axis that the device count divides (the first such, on ties); replicated
+  when none does."""
+  axes = [a for a in sorted(range(len(shape)), key=lambda a: -shape[a]) if shape[a] % devices == 0]
+  if not axes:
+    return PartitionSpec()
+  return PartitionSpec(*[MESH_AXIS if a == axes[0] else None for a in range(len(shape))])
+
+
+def _pmap_runner(step_fn: Callable) -> Runner:
+  """The step pmapped over this process's devices (and every process's, as one axis)."""
   n = jax.local_device_count()
 
   def put_batch(batch: np.ndarray) -> np.ndarray:
@@ -55,3 +68,42 @@ def make_runner(step_fn: Callable[..., tuple[TrainState, dict]]) -> Runner:
   step = jax.pmap(functools.partial(step_fn, axis_name=AXIS), axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=0)
   return Runner(step=step, put_state=replicate, put_batch=put_batch, get_state=_first,
                 get_metrics=lambda m: {k: float(v) for k, v in _first(m).items()})
+
+
+def _mesh_runner(step_fn: Callable, sharded: bool) -> Runner:
+  """The step jitted over a 1-D mesh of every device: the batch split along it, the state replicated or sharded."""
+  mesh = Mesh(np.array(jax.devices()), (MESH_AXIS,))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  rows = NamedSharding(mesh, PartitionSpec(MESH_AXIS))
+  n = len(jax.devices())
+  layout = lambda state: jax.tree_util.tree_map(
+      lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), n)) if sharded else replicated, state)
+  compiled: dict[str, Callable] = {}
+
+  def put_state(state: TrainState) -> Any:
+    shardings = layout(state)
+    if "step" not in compiled:  # the state's layout fixes the step's shardings: compiled for the first state
+      compiled["step"] = jax.jit(step_fn, in_shardings=(shardings, rows, replicated),
+                                 out_shardings=(shardings, replicated), donate_argnums=0)
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda index: np.asarray(x)[index]),
+        state, shardings)
+
+  return Runner(step=lambda state, batch, key: compiled["step"](state, batch, key), put_state=put_state,
+                put_batch=lambda batch: jax.make_array_from_process_local_data(rows, batch),
+                get_state=_host, get_metrics=lambda m: {k: float(v) for k, v in _host(m).items()})
+
+
+def make_runner(step_fn: Callable[..., tuple[TrainState, dict]], mode: str = "pmap") -> Runner:
+  """`step_fn(state, batch, key, axis_name=...)` placed on every device: plain jit when there is one, else `mode`:
+  "pmap" (state replicated per device), "jit" (one program over a mesh, state replicated) or "fsdp" (the same,
+  parameters, EMA and optimizer state sharded along their largest axis the device count divides)."""
+  if mode not in MODES:
+    raise ValueError(f"parallelism={mode!r} is unknown: choose one of {', '.join(MODES)}")
+  if jax.device_count() == 1:
+    return Runner(step=jax.jit(step_fn, donate_argnums=0), put_state=jax.device_put, put_batch=jax.device_put,
+                  get_state=jax.device_get,
+                  get_metrics=lambda m: {k: float(v) for k, v in jax.device_get(m).items()})
+  if mode == "pmap":
+    return _pmap_runner(step_fn)
+  return _mesh_runner(step_fn, sharded=mode == "fsdp")

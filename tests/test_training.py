@@ -227,3 +227,45 @@ def test_two_processes_of_two_devices_match_one_process_of_four(tmp_path):
                   jax.tree_util.tree_leaves((b.params, b.ema_params, b.opt_state))):
     # The same per-example noise and data; only the all-reduce order differs (float32 rounding).
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_pmap_jit_and_fsdp_on_four_devices_match_one_device():
+  code = textwrap.dedent("""
+      import jax, jax.numpy as jnp, numpy as np
+      import configs.default as d
+      from ddpm_jax import builders, parallel
+      from ddpm_jax.train_state import create_train_state
+      assert jax.device_count() == 4
+      c = d.get_config()
+      c.model.base_channels, c.model.channel_mult, c.optim.warmup_steps, c.ema.decay = 8, (1, 2), 0, 0.5
+      c.optim.eps = 1.0  # Adam's update linear in the gradient (see test_eight_devices_equal_one_device)
+      s = jax.device_get(create_train_state(builders.build_model(c), builders.build_optimizer(c), jax.random.key(0),
+                                            (1, 8, 8, 1)))
+      batches = np.asarray(jax.random.uniform(jax.random.key(1), (3, 16, 8, 8, 1), minval=-1, maxval=1))
+      key = jax.random.key(2)
+      step = builders.build_train_step(c, builders.build_schedule(c))
+      one = s
+      for b in batches:
+        one, _ = jax.jit(step)(one, jnp.asarray(b), key)
+      for mode in ("pmap", "jit", "fsdp"):
+        runner = parallel.make_runner(step, mode)
+        placed = runner.put_state(s)
+        if mode == "fsdp":  # the largest kernels are split over the 4 devices, not replicated
+          kernel = placed.params["down_1_res_0"]["Conv_0"]["kernel"]
+          assert kernel.sharding.spec == ("data", None, None, None) or "data" in tuple(kernel.sharding.spec), \\
+              kernel.sharding
+          assert kernel.addressable_shards[0].data.size * 4 == kernel.size
+        for b in batches:
+          placed, m = runner.step(placed, runner.put_batch(b), key)
+        got = runner.get_state(placed)
+        assert int(got.step) == 3
+        for a, b in zip(jax.tree_util.tree_leaves((one.params, one.ema_params, one.opt_state)),
+                        jax.tree_util.tree_leaves((got.params, got.ema_params, got.opt_state))):
+          # Only the reduction order of the batch mean differs: float32 rounding.
+          np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        print("OK", mode)
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == ["OK", "pmap", "OK", "jit", "OK", "fsdp"]
