@@ -32,8 +32,8 @@ echo "check_min_versions: Python $(python -c 'import platform; print(platform.py
 python -m pip list --format=freeze | grep -iE '^(jax|jaxlib|flax|optax|orbax-checkpoint|tensorflow(-cpu|-datasets)?|tensorflow_cpu|tensorboard|numpy|ml.collections|absl-py|pillow|scikit-learn|importlib.resources)==' | sed 's/^/  /'
 
 # The package under test is this checkout (pytest's pythonpath is "."); the venv's copy only proves it installs.
-# The two deselected tests start 8 devices or 2 processes; every other test runs.
+# The two deselected tests start 4 simulated devices or 2 processes; every other test runs.
 if [ "$#" -eq 0 ]; then
-  set -- tests -k "not eight_devices_equal_one_device and not two_processes_of_two_devices"
+  set -- tests -k "not on_four_devices_match_one_device and not two_processes_of_two_devices"
 fi
 python -m pytest -q -p no:cacheprovider "$@"
