@@ -63,6 +63,8 @@ def make_manager(workdir: str, keep: int = 3, create: bool = True) -> ocp.Checkp
   """A CheckpointManager over workdir/checkpoints keeping the last `keep` steps."""
   if keep < 1:
     raise ValueError(f"keep_checkpoints={keep!r} is invalid: keep at least 1")
+  if create:  # a start removes what a failed save's late writer threads (or kill -9) left behind
+    _remove_leftovers(checkpoint_dir(workdir))
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
   handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
   handlers["config"] = ocp.JsonCheckpointHandler()
@@ -104,9 +106,15 @@ def _remove_partial(manager: ocp.CheckpointManager) -> None:
   """Waits for orbax's writer threads, then deletes the temporary folders of saves that did not complete."""
   with contextlib.suppress(Exception):  # the failure is reported by the caller
     manager.wait_until_finished()
-  if jax.process_index():  # one process clears up: another may still be writing its shards
+  _remove_leftovers(str(manager.directory))
+
+
+def _remove_leftovers(directory: str) -> None:
+  """Deletes the temporary folders of unfinished saves in a checkpoint folder (process 0 only: another process may
+  still be writing its shards); orbax never lists them as checkpoints."""
+  if jax.process_index():
     return
-  pattern = os.path.join(str(manager.directory), "*.orbax-checkpoint-tmp*")
+  pattern = os.path.join(directory, "*.orbax-checkpoint-tmp*")
   for _ in range(20):  # tensorstore's writer threads can still be closing files: retry for up to 2 s
     for partial in glob.glob(pattern):
       shutil.rmtree(partial, ignore_errors=True)
