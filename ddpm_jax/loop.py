@@ -176,13 +176,15 @@ def train(training: Training, workdir: str) -> TrainState:
           print(f"step {done}/{t.end_step} | loss {mean['loss']:.4f} | grad_norm {mean['grad_norm']:.3f} | "
                 f"lr {mean['lr']:.2e} | {rate:.2f} steps/s, {rate * t.batch_size:.0f} img/s | "
                 f"ETA {format_eta((t.end_step - done) / max(rate, 1e-9))}", flush=True)
-      if save_now:
-        checkpoint.save(manager, t.runner.get_state(run_state), t.config)
       due = [h for h in t.hooks if h.every and (done % h.every == 0 or done == t.end_step)]
-      if lead and due:
-        ema_params = t.runner.get_state(run_state).ema_params
+      # One host copy serves the save and the hooks; every process makes it (with several processes it can be a
+      # collective), only process 0 runs the hooks.
+      host = t.runner.get_state(run_state) if save_now or due else None
+      if save_now:
+        checkpoint.save(manager, host, t.config)
+      if lead:
         for hook in due:
-          hook.run(done, ema_params, writer)
+          hook.run(done, host.ema_params, writer)
       if stop:
         manager.wait_until_finished()
         raise Interrupted(done, received[0])
