@@ -20,13 +20,16 @@ flags.DEFINE_string("compilation_cache", runtime.default_cache_dir(), "Folder of
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process (multi-host) runs.")
 flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
 flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process run.")
+flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds after which the processes of a multi-process run give up on "
+                     "one that stopped answering (it died) and end with an error instead of waiting for it.")
 
 
 def main(argv):
   del argv
   if FLAGS.num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                               heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
   checkpoint.quiet_orbax()
   runtime.enable_compilation_cache(FLAGS.compilation_cache)
   try:

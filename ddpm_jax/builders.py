@@ -282,19 +282,24 @@ def build_evaluator(config: ml_collections.ConfigDict, workdir: str,
 def _sample_grid_hook(workdir: str, generate: Callable, key: jax.Array, num_samples: int) -> Callable:
   """A loop hook writing a grid of EMA samples to workdir/samples/step_N.png and TensorBoard."""
 
-  def run(step: int, ema_params: Any, writer: MetricWriter) -> None:
-    samples = generate(ema_params, key, num_samples)
+  def run(step: int, ema_params: Any, writer: Optional[MetricWriter]) -> None:
+    samples = generate(ema_params, key, num_samples)  # every process takes part
+    if writer is None:
+      return
     grid = images.make_grid(images.to_uint8(samples), scale=None)
     images.save_png(os.path.join(workdir, "samples", f"step_{step:08d}.png"), grid)
     writer.write_image(step, "samples", grid)
   return run
 
 
-def _eval_hook(generate: Callable, evaluate: Evaluator, key: jax.Array, num_samples: int) -> Callable:
+def _eval_hook(generate: Callable, evaluate: Optional[Evaluator], key: jax.Array, num_samples: int) -> Callable:
   """A loop hook scoring EMA samples and logging the numbers as eval/*."""
 
-  def run(step: int, ema_params: Any, writer: MetricWriter) -> None:
-    result = evaluate(generate(ema_params, key, num_samples))
+  def run(step: int, ema_params: Any, writer: Optional[MetricWriter]) -> None:
+    samples = generate(ema_params, key, num_samples)  # every process takes part; process 0 alone scores them
+    if writer is None:
+      return
+    result = evaluate(samples)
     writer.write(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
     print(f"eval at step {step}: {evaluation.report(result)}", flush=True)
   return run
@@ -315,7 +320,10 @@ def build_training(config: ml_collections.ConfigDict, workdir: str,
     hooks.append(loop.Hook(config.sample.every_steps,
                            _sample_grid_hook(workdir, generate, sample_key, config.sample.num_samples)))
     if config.eval_every_steps:
-      evaluate = build_evaluator(config, workdir, source if jax.process_count() == 1 else None)
+      # Process 0 alone scores samples (and computes any FID reference statistics, once); the others wait at the
+      # loop's barrier. Its evaluator reads the whole dataset, not the process's share.
+      evaluate = (build_evaluator(config, workdir, source if jax.process_count() == 1 else None)
+                  if jax.process_index() == 0 else None)
       hooks.append(loop.Hook(config.eval_every_steps, _eval_hook(generate, evaluate,
                                                                  sample_key, config.eval_num_samples)))
   return loop.Training(

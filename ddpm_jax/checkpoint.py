@@ -15,6 +15,7 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Optional
 
 import flax.serialization
@@ -29,10 +30,18 @@ from ddpm_jax.train_state import TrainState
 
 class _OrbaxFilter(logging.Filter):
   """Passes everything but orbax's INFO chatter and its errors: a failed save or restore reaches the user as one
-  CheckpointError line instead of orbax's tracebacks from each of its threads."""
+  CheckpointError line instead of orbax's tracebacks from each of its threads, or from asyncio's report of an
+  orbax task or future whose failure was already raised ("... exception was never retrieved")."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return "orbax" not in record.pathname or record.levelno == logging.WARNING
+    if record.name == "asyncio" and "exception was never retrieved" in record.getMessage():
+      return False  # only orbax (and tensorstore under it) runs asyncio tasks in these programs
+    return not _in_orbax(record.pathname) or record.levelno == logging.WARNING
+
+
+def _in_orbax(path: str) -> bool:
+  """Whether a source file belongs to orbax."""
+  return f"{os.sep}orbax{os.sep}" in path
 
 
 def _closed_loop_echo(error: BaseException) -> bool:
@@ -41,12 +50,21 @@ def _closed_loop_echo(error: BaseException) -> bool:
   return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
+def _orbax_coroutine(thing: object) -> bool:
+  """Whether an object is one of orbax's coroutines: its exceptions that nobody awaited after an orbax call failed
+  (e.g. reading the other slices of a damaged array) echo an error already reported."""
+  code = getattr(thing, "cr_code", None)
+  return code is not None and _in_orbax(code.co_filename)
+
+
 def quiet_orbax() -> None:
   """Keeps orbax's per-save INFO chatter out of the absl log, and the echoes of a failed orbax call off stderr
   (entry points call this)."""
   absl_logging.get_absl_handler().addFilter(_OrbaxFilter())
+  # orbax's coroutines left behind by a failed save, collected at exit (only orbax runs coroutines here)
+  warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
   unraisable, thread_hook = sys.unraisablehook, threading.excepthook
-  sys.unraisablehook = lambda u: None if _closed_loop_echo(u.exc_value) else unraisable(u)
+  sys.unraisablehook = lambda u: None if _closed_loop_echo(u.exc_value) or _orbax_coroutine(u.object) else unraisable(u)
   threading.excepthook = lambda a: None if _closed_loop_echo(a.exc_value) else thread_hook(a)
 
 
@@ -72,14 +90,25 @@ def make_manager(workdir: str, keep: int = 3, create: bool = True) -> ocp.Checkp
 
 
 def all_finite(tree: Any) -> bool:
-  """Whether every float in a pytree of host arrays is finite."""
-  return all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)
-             if np.issubdtype(np.asarray(x).dtype, np.floating))
+  """Whether every float in a pytree of host or global arrays is finite (with several processes a collective when
+  the arrays span them)."""
+  floats = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  local = [x for x in floats if not isinstance(x, jax.Array) or x.is_fully_addressable]
+  spread = [x for x in floats if isinstance(x, jax.Array) and not x.is_fully_addressable]
+  if spread and not bool(_all_finite_on_devices(spread)):
+    return False
+  return all(np.isfinite(np.asarray(x)).all() for x in local)
+
+
+@jax.jit
+def _all_finite_on_devices(arrays: list[jax.Array]) -> jax.Array:
+  """Whether every element of the arrays is finite, computed where their shards are."""
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in arrays]))
 
 
 def _state_dict(tree: Any) -> Any:
-  """A pytree (flax struct or optax state) as nested dicts of host arrays, as orbax stores it."""
-  return flax.serialization.to_state_dict(jax.device_get(tree))
+  """A pytree (flax struct or optax state) as nested dicts of its arrays, as orbax stores it."""
+  return flax.serialization.to_state_dict(tree)
 
 
 class CheckpointError(Exception):
@@ -132,7 +161,8 @@ def close(manager: ocp.CheckpointManager) -> None:
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, config: dict) -> None:
-  """Saves a host (unreplicated) TrainState at its step with the run's config and waits until it is on disk.
+  """Saves a TrainState of host or global (possibly sharded) arrays at its step with the run's config, each process
+  writing its own shards, and waits until it is on disk.
 
   Refuses non-finite values (FloatingPointError); a failed write removes its
   temporary folder and raises CheckpointError naming the step, the path, the
@@ -170,8 +200,10 @@ def _step_or_latest(manager: ocp.CheckpointManager, step: Optional[int]) -> int:
 def _restore_items(manager: ocp.CheckpointManager, step: int, templates: dict[str, Any]) -> dict[str, Any]:
   """The named items of checkpoint `step`, shaped like their templates; a ValueError naming the first leaf whose
   shape differs (another model or optimizer config)."""
-  abstract = {name: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
-                                           flax.serialization.to_state_dict(t)) for name, t in templates.items()}
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # where leaves without a sharding go
+  abstract = {name: jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None) or here),
+      flax.serialization.to_state_dict(t)) for name, t in templates.items()}
   try:
     metadata = manager.item_metadata(step)
   except Exception as e:  # a damaged or missing metadata file
@@ -199,7 +231,9 @@ def _restore_items(manager: ocp.CheckpointManager, step: int, templates: dict[st
 
 
 def restore_state(manager: ocp.CheckpointManager, template: TrainState, step: Optional[int] = None) -> TrainState:
-  """The TrainState of checkpoint `step` (default the latest), shaped like `template` (e.g. from jax.eval_shape)."""
+  """The TrainState of checkpoint `step` (default the latest), shaped like `template` (e.g. from jax.eval_shape),
+  its arrays laid out as the template's shardings say (each process reading its own shards; leaves without one go
+  to this process's first device)."""
   step = _step_or_latest(manager, step)
   items = _restore_items(manager, step, {name: getattr(template, name) for name in ARRAY_ITEMS})
   return template.replace(step=jnp.asarray(step, jnp.int32), **items)

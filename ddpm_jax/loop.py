@@ -16,13 +16,16 @@ import jax
 import numpy as np
 from absl import logging
 
-from ddpm_jax import checkpoint, plots
+from ddpm_jax import checkpoint, parallel, plots
 from ddpm_jax.parallel import Runner
 from ddpm_jax.reporting import MetricWriter, format_eta
 from ddpm_jax.train_state import TrainState
 
 
 CURVES = "curves.png"  # the training-curve plot a finished run leaves in its workdir
+# With several processes, a signal is agreed on by a collective at every step whose answer is read this many steps
+# later (reading waits for it; a lag keeps the host that many steps ahead of the devices).
+AGREEMENT_LAG = 2
 
 
 class Interrupted(Exception):
@@ -35,7 +38,12 @@ class Interrupted(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Hook:
-  """Work done every `every` steps and at the last step, given (step, host EMA params, metric writer)."""
+  """Work done every `every` steps and at the last step, given (step, host EMA params, metric writer or None).
+
+  Every process runs it at the same step (it may hold collectives, e.g. a
+  sampler over every device); the writer is None but on process 0, which
+  alone writes files.
+  """
 
   every: int
   run: Callable[[int, Any, MetricWriter], None]
@@ -79,8 +87,10 @@ def check_finite(rows: list[tuple[int, dict[str, float]]], latest_checkpoint: Op
                                "optim.learning_rate or optim.grad_clip_norm=1.0)")
 
 
-def _restore_or_create(manager, create_state: Callable[[], TrainState]) -> TrainState:
-  """The newest intact checkpoint's state, restored into the shapes alone (nothing to compile), or a fresh one.
+def _restore_or_create(manager, create_state: Callable[[], TrainState],
+                       layout: Callable[[TrainState], TrainState] = lambda abstract: abstract) -> TrainState:
+  """The newest intact checkpoint's state, restored into the shapes alone (nothing to compile) with the shardings
+  `layout` gives them (default: onto the first device), or a fresh one.
 
   A checkpoint that cannot be read is reported and the next older one tried
   (moved aside as STEP.damaged once an intact one is found); when none can be
@@ -90,7 +100,7 @@ def _restore_or_create(manager, create_state: Callable[[], TrainState]) -> Train
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
     return create_state()
-  template = jax.eval_shape(create_state)
+  template = layout(jax.eval_shape(create_state))
   damaged = []
   for step in steps:
     try:
@@ -125,6 +135,16 @@ def _catch_signals(received: list[int]) -> dict:
   return {sig: signal.signal(sig, lambda signum, _: received.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
+def _stop_signal(received: list[int], votes: collections.deque, agree: Optional[Callable[[int], jax.Array]]) -> int:
+  """The signal to stop on after this step (0: none): this process's own, or with several processes the largest one
+  any process had received AGREEMENT_LAG steps ago (all of them read the same answer at the same step)."""
+  own = received[0] if received else 0
+  if agree is None:
+    return own
+  votes.append(agree(own))
+  return int(parallel.local_value(votes.popleft())) if len(votes) > AGREEMENT_LAG else 0
+
+
 def train(training: Training, workdir: str) -> TrainState:
   """Trains from workdir's latest checkpoint (or from scratch) to training.end_step; returns the host state."""
   t = training
@@ -136,7 +156,7 @@ def train(training: Training, workdir: str) -> TrainState:
   handlers = {}
   batches = None
   try:
-    state = _restore_or_create(manager, t.create_state)
+    state = _restore_or_create(manager, t.create_state, t.runner.restore_layout)
     if lead:
       with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(t.config, f, indent=2)
@@ -147,6 +167,8 @@ def train(training: Training, workdir: str) -> TrainState:
     batches = prefetch(t.batches(start), t.runner.put_batch)
     run_state = t.runner.put_state(state)
     handlers = _catch_signals(received)
+    agree = parallel.make_agreement() if jax.process_count() > 1 else None
+    votes: collections.deque = collections.deque()
     writer = MetricWriter(workdir) if lead else None
     pending: list[tuple[int, Any]] = []
     t_last, n_last = time.time(), start
@@ -160,7 +182,8 @@ def train(training: Training, workdir: str) -> TrainState:
         jax.block_until_ready(metrics)
         logging.info("first step (compile included) took %.1f s", time.time() - t_last)
         t_last, n_last = time.time(), done
-      stop = bool(received)
+      signum = _stop_signal(received, votes, agree)
+      stop = signum != 0
       log_now = done % t.log_every == 0 or done == t.end_step
       save_now = done % t.checkpoint_every == 0 or done == t.end_step or stop
       if log_now or save_now:
@@ -176,18 +199,16 @@ def train(training: Training, workdir: str) -> TrainState:
           print(f"step {done}/{t.end_step} | loss {mean['loss']:.4f} | grad_norm {mean['grad_norm']:.3f} | "
                 f"lr {mean['lr']:.2e} | {rate:.2f} steps/s, {rate * t.batch_size:.0f} img/s | "
                 f"ETA {format_eta((t.end_step - done) / max(rate, 1e-9))}", flush=True)
-      due = [h for h in t.hooks if h.every and (done % h.every == 0 or done == t.end_step)]
-      # One host copy serves the save and the hooks; every process makes it (with several processes it can be a
-      # collective), only process 0 runs the hooks.
-      host = t.runner.get_state(run_state) if save_now or due else None
       if save_now:
-        checkpoint.save(manager, host, t.config)
-      if lead:
+        checkpoint.save(manager, t.runner.to_save(run_state), t.config)
+      due = [h for h in t.hooks if h.every and (done % h.every == 0 or done == t.end_step)]
+      if due:
+        ema_params = t.runner.get_state(run_state.ema_params)
         for hook in due:
-          hook.run(done, host.ema_params, writer)
+          hook.run(done, ema_params, writer)
+        parallel.barrier(f"hooks of step {done}")
       if stop:
-        manager.wait_until_finished()
-        raise Interrupted(done, received[0])
+        raise Interrupted(done, signum)
     if lead:
       writer.close()
       writer = None

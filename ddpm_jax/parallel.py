@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -21,13 +21,20 @@ MODES = ("pmap", "jit", "fsdp")
 
 @dataclasses.dataclass(frozen=True)
 class Runner:
-  """A compiled train step with the functions that move its state and batches to the devices and back."""
+  """A compiled train step with the functions that move its state and batches to the devices and back.
+
+  Every process calls each of them at the same points: with several
+  processes, get_state, get_metrics and saving the to_save state are
+  collectives.
+  """
 
   step: Callable[[Any, Any, jax.Array], tuple[Any, dict]]  # (placed state, placed batch, key) -> (state, metrics)
-  put_state: Callable[[TrainState], Any]  # host TrainState -> placed state
+  put_state: Callable[[TrainState], Any]  # host TrainState, or one restored in the restore_layout -> placed state
   put_batch: Callable[[np.ndarray], Any]  # this process's rows of the global batch -> placed batch
-  get_state: Callable[[Any], TrainState]  # placed state -> host TrainState
+  get_state: Callable[[Any], Any]  # placed state (or a part of it, e.g. its EMA params) -> host copy
   get_metrics: Callable[[dict], dict[str, float]]  # placed metrics -> host floats
+  to_save: Callable[[Any], TrainState]  # placed state -> the arrays a checkpoint holds (each process writes its shards)
+  restore_layout: Callable[[TrainState], TrainState]  # abstract state -> the same, with the shardings to restore into
 
 
 def _first(tree: Any) -> Any:
@@ -39,11 +46,23 @@ def _first(tree: Any) -> Any:
   return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
 
 
-def _host(tree: Any) -> Any:
+def host(tree: Any) -> Any:
   """Every leaf of a pytree of (possibly sharded, possibly multi-process) global arrays as a whole host array."""
   if jax.process_count() == 1:
     return jax.device_get(tree)
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """A pytree of host arrays, or of global arrays, as global arrays with the given shardings (every process passes
+  the same values; each puts only its own shards on its devices)."""
+
+  def one(x: Any, sharding: NamedSharding) -> jax.Array:
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+      return x
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+  return jax.tree_util.tree_map(one, tree, shardings)
 
 
 def fsdp_spec(shape: tuple[int, ...], devices: int) -> PartitionSpec:
@@ -53,6 +72,40 @@ def fsdp_spec(shape: tuple[int, ...], devices: int) -> PartitionSpec:
   if not axes:
     return PartitionSpec()
   return PartitionSpec(*[MESH_AXIS if a == axes[0] else None for a in range(len(shape))])
+
+
+def mesh_layout(devices: Sequence[jax.Device], sharded: bool) -> tuple[Callable[[Any], Any], NamedSharding,
+                                                                        NamedSharding]:
+  """On a 1-D mesh of `devices`: (state -> its shardings, replicated or fsdp; the batch's sharding, split along
+  the mesh; the replicated sharding)."""
+  mesh = Mesh(np.array(devices), (MESH_AXIS,))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  n = len(devices)
+  state_shardings = lambda state: jax.tree_util.tree_map(
+      lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), n)) if sharded else replicated, state)
+  return state_shardings, NamedSharding(mesh, PartitionSpec(MESH_AXIS)), replicated
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """A pytree of jax.ShapeDtypeStruct with the given shardings attached (what a restore should produce)."""
+  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def _metrics(m: dict, get: Callable[[Any], Any]) -> dict[str, float]:
+  """Placed metrics as host floats."""
+  return {k: float(v) for k, v in get(m).items()}
+
+
+def _unchanged(tree: Any) -> Any:
+  """The tree itself."""
+  return tree
+
+
+def _single_runner(step_fn: Callable) -> Runner:
+  """The step jitted for the one device there is (checkpoints restore onto it: the default of restore_state)."""
+  return Runner(step=jax.jit(step_fn, donate_argnums=0), put_state=jax.device_put, put_batch=jax.device_put,
+                get_state=jax.device_get, get_metrics=lambda m: _metrics(m, jax.device_get), to_save=_unchanged,
+                restore_layout=_unchanged)
 
 
 def _pmap_runner(step_fn: Callable) -> Runner:
@@ -67,31 +120,25 @@ def _pmap_runner(step_fn: Callable) -> Runner:
   replicate = lambda state: jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), state)
   step = jax.pmap(functools.partial(step_fn, axis_name=AXIS), axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=0)
   return Runner(step=step, put_state=replicate, put_batch=put_batch, get_state=_first,
-                get_metrics=lambda m: {k: float(v) for k, v in _first(m).items()})
+                get_metrics=lambda m: _metrics(m, _first), to_save=_first, restore_layout=_unchanged)
 
 
 def _mesh_runner(step_fn: Callable, sharded: bool) -> Runner:
   """The step jitted over a 1-D mesh of every device: the batch split along it, the state replicated or sharded."""
-  mesh = Mesh(np.array(jax.devices()), (MESH_AXIS,))
-  replicated = NamedSharding(mesh, PartitionSpec())
-  rows = NamedSharding(mesh, PartitionSpec(MESH_AXIS))
-  n = len(jax.devices())
-  layout = lambda state: jax.tree_util.tree_map(
-      lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), n)) if sharded else replicated, state)
+  state_shardings, rows, replicated = mesh_layout(jax.devices(), sharded)
   compiled: dict[str, Callable] = {}
 
   def put_state(state: TrainState) -> Any:
-    shardings = layout(state)
+    shardings = state_shardings(state)
     if "step" not in compiled:  # the state's layout fixes the step's shardings: compiled for the first state
       compiled["step"] = jax.jit(step_fn, in_shardings=(shardings, rows, replicated),
                                  out_shardings=(shardings, replicated), donate_argnums=0)
-    return jax.tree_util.tree_map(
-        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda index: np.asarray(x)[index]),
-        state, shardings)
+    return place(state, shardings)
 
   return Runner(step=lambda state, batch, key: compiled["step"](state, batch, key), put_state=put_state,
                 put_batch=lambda batch: jax.make_array_from_process_local_data(rows, batch),
-                get_state=_host, get_metrics=lambda m: {k: float(v) for k, v in _host(m).items()})
+                get_state=host, get_metrics=lambda m: _metrics(m, host), to_save=_unchanged,
+                restore_layout=lambda abstract: with_shardings(abstract, state_shardings(abstract)))
 
 
 def make_runner(step_fn: Callable[..., tuple[TrainState, dict]], mode: str = "pmap") -> Runner:
@@ -101,9 +148,27 @@ def make_runner(step_fn: Callable[..., tuple[TrainState, dict]], mode: str = "pm
   if mode not in MODES:
     raise ValueError(f"parallelism={mode!r} is unknown: choose one of {', '.join(MODES)}")
   if jax.device_count() == 1:
-    return Runner(step=jax.jit(step_fn, donate_argnums=0), put_state=jax.device_put, put_batch=jax.device_put,
-                  get_state=jax.device_get,
-                  get_metrics=lambda m: {k: float(v) for k, v in jax.device_get(m).items()})
+    return _single_runner(step_fn)
   if mode == "pmap":
     return _pmap_runner(step_fn)
   return _mesh_runner(step_fn, sharded=mode == "fsdp")
+
+
+def make_agreement() -> Callable[[int], jax.Array]:
+  """A collective that every process calls at the same step with its own value (e.g. the number of a signal it
+  received, else 0): returns, without waiting, a replicated scalar holding the largest value over processes."""
+  _, rows, replicated = mesh_layout(jax.devices(), sharded=False)
+  largest = jax.jit(lambda votes: votes.max(), out_shardings=replicated)
+  local = jax.local_device_count()
+  return lambda value: largest(jax.make_array_from_process_local_data(rows, np.full(local, value, np.int32)))
+
+
+def local_value(x: jax.Array) -> np.ndarray:
+  """The value of a replicated global array, read from this process's copy (no collective)."""
+  return np.asarray(x.addressable_shards[0].data)
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier of this name (nothing with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

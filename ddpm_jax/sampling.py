@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion
+from ddpm_jax import diffusion, parallel
 from ddpm_jax.schedule import Schedule
 
 EpsFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -244,22 +244,28 @@ def make_generator(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, ima
 
   `model_fn(params, x_t, t)` is the network. The sampler is compiled once, on
   the first call, for batches of `batch_size` split over `devices` (default:
-  all local ones); later calls with new params or keys reuse it. Sample i
-  depends only on (key, i), whatever the batch size or device count.
+  every device of every process; then every process calls it together and
+  receives every sample); later calls with new params or keys reuse it.
+  Sample i depends only on (key, i), whatever the batch size or device count.
   `progress(done, total)` is called after each batch.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} is invalid: it must be >= 1")
-  devices = list(devices or jax.local_devices())
+  devices = list(devices or jax.devices())
   per_device = -(-batch_size // len(devices))
-  mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+  _, rows, replicated = parallel.mesh_layout(devices, sharded=False)
   spec = jax.sharding.PartitionSpec
   shape = (per_device,) + tuple(image_shape)
 
-  def shard(params, key, offsets):
+  def shard(params, key_data, offsets, impl):
+    key = jax.random.wrap_key_data(key_data, impl=impl)
     return options.sample(functools.partial(model_fn, params), schedule, key, shape, index_offset=offsets[0])
 
-  run = jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=(spec(), spec(), spec("batch")), out_specs=spec("batch")))
+  def compiled(impl: Any) -> Callable:
+    body = functools.partial(shard, impl=impl)
+    return jax.jit(jax.shard_map(body, mesh=rows.mesh, in_specs=(spec(), spec(), spec(parallel.MESH_AXIS)),
+                                 out_specs=spec(parallel.MESH_AXIS)))
+  run = functools.lru_cache(maxsize=None)(compiled)
   per_call = per_device * len(devices)
 
   def generate(params: Any, key: jax.Array, num_samples: int,
@@ -267,9 +273,13 @@ def make_generator(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, ima
     """`num_samples` samples drawn with `params` from `key`."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
       raise ValueError(f"num_samples={num_samples!r} is invalid: it must be an integer >= 1")
+    params = parallel.place(params, jax.tree_util.tree_map(lambda _: replicated, params))
+    key_data = parallel.place(jax.random.key_data(key), replicated)
+    step = run(str(jax.random.key_impl(key)))
     out = []
     for start in range(0, num_samples, per_call):
-      out.append(np.asarray(run(params, key, start + per_device * np.arange(len(devices), dtype=np.int32))))
+      offsets = parallel.place(start + per_device * np.arange(len(devices), dtype=np.int32), rows)
+      out.append(parallel.host(step(params, key_data, offsets)))
       if progress is not None:
         progress(min(start + per_call, num_samples), num_samples)
     return np.concatenate(out)[:num_samples]

@@ -4,6 +4,7 @@ import contextlib
 import errno
 import glob
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -95,6 +96,17 @@ def test_a_failed_write_names_the_step_path_cause_and_what_was_kept(tmp_path, mo
   manager.close()
 
 
+def test_asyncio_reports_of_failed_orbax_tasks_are_dropped_and_other_asyncio_errors_kept():
+  # A failed save raises CheckpointError; asyncio may later log the same failure of one of orbax's tasks or futures,
+  # with a traceback, from its base_events module (seen on a loaded machine: 40 more lines in the full-disk test).
+  quiet = checkpoint._OrbaxFilter()  # pylint: disable=protected-access
+  record = lambda message: logging.LogRecord("asyncio", logging.ERROR, "/usr/lib/python3.11/asyncio/base_events.py",
+                                             1771, message, None, None)
+  for kind in ("Task", "_GatheringFuture", "Future"):
+    assert not quiet.filter(record(f"{kind} exception was never retrieved\nfuture: <{kind} finished exception=...>"))
+  assert quiet.filter(record("Unclosed connection"))
+
+
 @contextlib.contextmanager
 def small_tmpfs(path, size):
   """A tmpfs of `size` mounted at path, or a skip where mounting is not allowed."""
@@ -108,8 +120,6 @@ def small_tmpfs(path, size):
     subprocess.run(["umount", str(path)], check=False)
 
 
-@pytest.mark.xfail(strict=False, reason="flaky under load (1 in 3 loaded runs fails, cause not yet found: "
-                   "see the issue #16 note); passes alone and on a quiet machine")
 def test_a_full_disk_stops_training_at_that_save_with_one_line_and_exit_1(tmp_path):
   with small_tmpfs(tmp_path / "checkpoints", "64k"):  # smaller than one checkpoint of the small model
     res = run_train(tmp_path, "--stop_at_step=10", "--config.checkpoint_every_steps=5")

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -172,25 +173,79 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_of_two_devices_match_one_process_of_four(tmp_path):
-  # optim.eps=1 keeps Adam's update linear in the gradient (see test_pmap_jit_and_fsdp_on_four_devices_...).
-  flags = ["--stop_at_step=3", "--config.ema.decay=0.5", "--config.optim.eps=1.0"]
-  single = run_train(tmp_path / "single", *flags, devices=4)
-  assert single.returncode == 0, single.stderr[-2000:]
+def start_two_processes(workdir, *flags):
+  """train.py as 2 processes x 2 devices on 127.0.0.1, in the background."""
   port = _free_port()
-  procs = [run_train(tmp_path / "multi", *flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                     f"--process_id={i}", devices=2, background=True) for i in range(2)]
+  return [run_train(workdir, *flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                    f"--process_id={i}", devices=2, background=True) for i in range(2)]
+
+
+def wait_for_log_lines(workdir, count, procs, timeout=240):
+  """Waits until workdir/metrics.jsonl holds `count` lines (the processes must still run)."""
+  metrics, deadline = workdir / "metrics.jsonl", time.time() + timeout
+  while not (metrics.exists() and metrics.read_text().count("\n") >= count):
+    assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+    time.sleep(0.2)
+
+
+def signal_one_and_collect(procs, index, signum, workdir):
+  """Sends `signum` to process `index` once a new line is logged; (seconds until both exited, their stderr)."""
+  metrics = workdir / "metrics.jsonl"
+  wait_for_log_lines(workdir, (metrics.read_text().count("\n") if metrics.exists() else 0) + 1, procs)
+  procs[index].send_signal(signum)
+  start = time.time()
+  errs = [p.communicate(timeout=120)[1] for p in procs]
+  return time.time() - start, errs
+
+
+def checkpoint_steps(workdir):
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_fsdp_checkpoints_resume_on_other_layouts_and_a_signal_to_one_process_stops_every_process(tmp_path):
+  # optim.eps=1 keeps Adam's update linear in the gradient (see test_pmap_jit_and_fsdp_on_four_devices_...).
+  flags = ["--config.parallelism=fsdp", "--config.ema.decay=0.5", "--config.optim.eps=1.0"]
+  run, single = tmp_path / "run", tmp_path / "single"
+  out = run_train(run, "--stop_at_step=10", *flags, devices=4)  # fsdp over 4 devices, one process
+  assert out.returncode == 0, out.stderr[-2000:]
+  shutil.copytree(run, single)
+  # ... resumed on 1 device: the never-interrupted reference of what follows
+  out = run_train(single, "--stop_at_step=30", *flags, devices=1)
+  assert out.returncode == 0, out.stderr[-2000:]
+  # ... and on 2 processes x 2 devices, stopped by SIGTERM to process 1 alone, then by SIGINT to process 0 alone.
+  for signum, index, kept in ((signal.SIGTERM, 1, 2), (signal.SIGINT, 0, 3)):
+    seconds, errs = signal_one_and_collect(start_two_processes(run, "--stop_at_step=30", *flags), index, signum, run)
+    codes = [int(m.group(1)) for m in (re.search(rf"stopped by {signum.name} at step (\d+); checkpoint saved", e)
+                                       for e in errs) if m]
+    assert len(codes) == 2 and codes[0] == codes[1] < 30, errs  # both stop, at one step, before the end
+    assert seconds < 60
+    steps = checkpoint_steps(run)
+    assert len(steps) == kept and steps[-1] == codes[0], steps  # one common checkpoint: written by both together
+  procs = start_two_processes(run, "--stop_at_step=30", *flags)
   outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
   assert "on 4 device(s) in 2 process(es)" in outs[0][1]
+  assert (run / "samples" / "step_00000030.png").exists()  # the last step's grid, sampled by both processes
   config = small_config(**{"ema.decay": 0.5, "optim.eps": 1.0})
-  a = restore_host_state(tmp_path / "single", config, 3)
-  b = restore_host_state(tmp_path / "multi", config, 3)
+  a, b = restore_host_state(single, config, 30), restore_host_state(run, config, 30)
   for x, y in zip(jax.tree_util.tree_leaves((a.params, a.ema_params, a.opt_state)),
                   jax.tree_util.tree_leaves((b.params, b.ema_params, b.opt_state))):
     # The same per-example noise and data; only the all-reduce order differs (float32 rounding).
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+  sampled = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--workdir={run}", "--num_samples=4",
+                            f"--out={tmp_path / 'samples.png'}"], env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                           capture_output=True, text=True, timeout=300)
+  assert sampled.returncode == 0 and np.load(tmp_path / "samples.npz")["images"].shape == (4, 8, 8, 1), sampled.stderr
+
+
+def test_a_process_that_dies_makes_the_others_fail_within_the_heartbeat_timeout(tmp_path):
+  procs = start_two_processes(tmp_path, "--stop_at_step=100000", "--heartbeat_timeout=10")
+  wait_for_log_lines(tmp_path, 1, procs)
+  procs[1].kill()
+  start = time.time()
+  _, err = procs[0].communicate(timeout=120)
+  assert procs[0].returncode != 0 and time.time() - start < 10 + 20, (procs[0].returncode, err[-2000:])
+  assert "another task died" in err
 
 
 def test_pmap_jit_and_fsdp_on_four_devices_match_one_device():
