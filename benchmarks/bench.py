@@ -3,6 +3,11 @@
   python benchmarks/bench.py --preset tiny --batch 64 --precision fp32
   python benchmarks/bench.py --preset tiny,ddpm_cifar10 --batch 16 --precision fp32,bf16 --markdown table.md
   python benchmarks/bench.py --device gpu --preset ddpm_cifar10,book64 --batch 128 --precision bf16 --json gpu.json
+  python benchmarks/bench.py --memory --markdown memory.md
+
+--memory compiles (runs nothing) the train steps of book64 at batch 64 and
+ddpm_cifar10 at batch 128 under jit and fsdp over 1, 4 and 8 simulated CPU
+devices and reports XLA's per-device memory analysis of each.
 
 Every number is a median over --repeats timed runs after a warm-up; compile
 times are reported apart. FLOPs per image come from XLA's cost analysis of the
@@ -42,6 +47,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                  "default fp32 on CPU, bf16 on GPU")
   p.add_argument("--image_size", type=int, default=0, help="0: the preset's own (tiny 32, ddpm_cifar10 32, book64 64)")
   p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+  p.add_argument("--parallelism", choices=("pmap", "jit", "fsdp"), default="pmap",
+                 help="how the train step spreads over several devices (one device: plain jit whatever this says)")
   p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is reported)")
   p.add_argument("--steps", type=int, default=5, help="train steps or forward passes per timed run")
   p.add_argument("--ddpm1000", choices=("auto", "on", "off"), default="auto",
@@ -51,6 +58,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--torch_channels_last", action="store_true", help="run the peer in channels_last memory format")
   p.add_argument("--json", default="", help="write the results here (one object, or a list for several configs)")
   p.add_argument("--markdown", default="", help="write the results table here")
+  p.add_argument("--memory", action="store_true", help="per-device memory of jit and fsdp train steps over 1, 4 "
+                 "and 8 devices, from XLA's compiled memory analysis (nothing runs; other options ignored)")
   p.add_argument("--check_peer_only", action="store_true", help=argparse.SUPPRESS)  # the child of checked_peer
   args = p.parse_args(argv)
   args.presets = args.preset.split(",")
@@ -148,7 +157,8 @@ def jax_bench(preset: str, batch: int, precision: str, args: argparse.Namespace)
   out["init_s"] = time.perf_counter() - start
   out["params"] = count_params(state.params)
 
-  runner = parallel.make_runner(functools.partial(training.train_step, schedule=schedule, ema_decay=0.9999))
+  runner = parallel.make_runner(functools.partial(training.train_step, schedule=schedule, ema_decay=0.9999),
+                                args.parallelism)
   state = runner.put_state(state)
   x = runner.put_batch(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32))
   key = jax.random.key(1)
@@ -330,7 +340,8 @@ def run_one(preset: str, batch: int, precision: str, peak: float, args: argparse
   import jax  # pylint: disable=g-import-not-at-top
 
   print(f"== {preset} batch {batch} {precision} on {args.device}", flush=True)
-  res: dict[str, Any] = {"preset": preset, "batch": batch, "precision": precision,
+  res: dict[str, Any] = {"preset": preset, "batch": batch, "precision": precision, "devices": jax.device_count(),
+                         "parallelism": args.parallelism if jax.device_count() > 1 else "jit",
                          "image_size": args.image_size or PRESET_SIZES[preset]}
   res.update(checked_peer(preset, batch, precision, args))  # before any timing
   res.update(jax_bench(preset, batch, precision, args))
@@ -404,13 +415,105 @@ def child_argv(args: argparse.Namespace, preset: str, batch: int, precision: str
   argv = [sys.executable, os.path.abspath(__file__), f"--preset={preset}", f"--batch={batch}",
           f"--precision={precision}", f"--json={json_path}", f"--device={args.device}",
           f"--repeats={args.repeats}", f"--steps={args.steps}", f"--sample_repeats={args.sample_repeats}",
-          f"--ddpm1000={args.ddpm1000}", f"--image_size={args.image_size}"]
+          f"--ddpm1000={args.ddpm1000}", f"--image_size={args.image_size}", f"--parallelism={args.parallelism}"]
   return argv + ["--no_torch"] * args.no_torch + ["--torch_channels_last"] * args.torch_channels_last
+
+
+MEMORY_CASES = (("book64", 64), ("ddpm_cifar10", 128))  # the GPU batch sizes
+MEMORY_DEVICES = (1, 4, 8)
+
+
+def memory_rows() -> list[dict[str, Any]]:
+  """XLA's per-device memory analysis of each MEMORY_CASES train step under jit and fsdp over MEMORY_DEVICES
+  devices (this process must have been started with at least max(MEMORY_DEVICES) CPU devices)."""
+  import functools  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from ddpm_jax import parallel, training  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.schedule import make_schedule  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.train_state import create_train_state  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.unet import count_params, unet_preset  # pylint: disable=g-import-not-at-top
+
+  tx = training.make_optimizer(learning_rate=2e-4, total_steps=800_000, warmup_steps=5000, lr_schedule="constant",
+                               optimizer="adamw", grad_clip_norm=1.0)
+  step_fn = functools.partial(training.train_step, schedule=make_schedule("linear", 1000), ema_decay=0.9999)
+  rows = []
+  for preset, batch in MEMORY_CASES:
+    size = PRESET_SIZES[preset]
+    model = unet_preset(preset)
+    abstract = jax.eval_shape(lambda: create_train_state(model, tx, jax.random.key(0), (1, size, size, 3)))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    for n in MEMORY_DEVICES:
+      for mode in ("jit", "fsdp"):
+        state_shardings, batch_sharding, replicated = parallel.mesh_layout(jax.devices()[:n], mode == "fsdp")
+        shardings = state_shardings(abstract)
+        x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=batch_sharding)
+        start = time.perf_counter()
+        compiled = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, replicated),
+                           out_shardings=(shardings, replicated), donate_argnums=0).lower(
+                               parallel.with_shardings(abstract, shardings), x, key).compile()
+        seconds = time.perf_counter() - start
+        m = compiled.memory_analysis()
+        # Independently of XLA: the bytes of the state each device holds under these shardings.
+        state_bytes = sum(np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+                          for x, s in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shardings)))
+        row = {"preset": preset, "batch": batch, "devices": n, "mode": mode, "params": count_params(abstract.params),
+               "state_bytes_per_device": int(state_bytes), "argument_bytes": m.argument_size_in_bytes,
+               "temp_bytes": m.temp_size_in_bytes, "output_bytes": m.output_size_in_bytes,
+               "alias_bytes": m.alias_size_in_bytes, "compile_s": seconds}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+  return rows
+
+
+def memory_markdown(rows: list[dict[str, Any]]) -> str:
+  """The memory rows as a Markdown table."""
+  mib = lambda b: f"{b / 2**20:,.0f}"
+  lines = ["| preset | global batch | devices | mode | state MiB/device | XLA arguments MiB | XLA temporaries MiB | "
+           "arguments + temporaries MiB | vs jit on as many devices |", "|" + " --- |" * 9]
+  for r in rows:
+    same = next(q for q in rows if (q["preset"], q["devices"], q["mode"]) == (r["preset"], r["devices"], "jit"))
+    total = lambda q: q["argument_bytes"] + q["temp_bytes"]
+    lines.append(f"| {r['preset']} | {r['batch']} | {r['devices']} | {r['mode']} | {mib(r['state_bytes_per_device'])} | "
+                 f"{mib(r['argument_bytes'])} | {mib(r['temp_bytes'])} | {mib(total(r))} | "
+                 f"{total(r) / total(same):.2f} |")
+  return "\n".join(lines) + "\n"
+
+
+def memory_main(args: argparse.Namespace) -> int:
+  """--memory: measures in a child process with max(MEMORY_DEVICES) simulated CPU devices, then reports."""
+  if os.environ.get("DDPM_JAX_MEMORY_CHILD"):
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    print(json.dumps(memory_rows()), flush=True)
+    return 0
+  env = dict(os.environ, DDPM_JAX_MEMORY_CHILD="1",
+             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={max(MEMORY_DEVICES)}")
+  done = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory"], env=env, capture_output=True,
+                        text=True, check=False)
+  if done.returncode:
+    print(done.stderr[-3000:], file=sys.stderr)
+    print(f"bench.py: error: the memory analysis failed with exit code {done.returncode}", file=sys.stderr)
+    return 1
+  rows = json.loads(done.stdout.strip().splitlines()[-1])
+  table = memory_markdown(rows)
+  print(table)
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(rows, f, indent=2)
+  if args.markdown:
+    with open(args.markdown, "w", encoding="utf-8") as f:
+      f.write(table)
+  return 0
 
 
 def main(argv: list[str]) -> int:
   """Measures every requested configuration (each in a fresh process, so peak memory is its own) and reports."""
   args = parse_args(argv)
+  if args.memory:
+    return memory_main(args)
   if args.check_peer_only:
     (preset,), (batch,), (precision,) = args.presets, args.batches, args.precisions
     print(json.dumps(check_peer(preset, batch, precision, args)))
