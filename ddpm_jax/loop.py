@@ -46,7 +46,7 @@ class Hook:
   """
 
   every: int
-  run: Callable[[int, Any, MetricWriter], None]
+  run: Callable[[int, Any, Optional[MetricWriter]], None]
 
 
 @dataclasses.dataclass(frozen=True)

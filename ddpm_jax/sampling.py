@@ -245,7 +245,8 @@ def make_generator(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, ima
   `model_fn(params, x_t, t)` is the network. The sampler is compiled once, on
   the first call, for batches of `batch_size` split over `devices` (default:
   every device of every process; then every process calls it together and
-  receives every sample); later calls with new params or keys reuse it.
+  receives every sample; other lists need a single process); later calls
+  with new params or keys reuse it.
   Sample i depends only on (key, i), whatever the batch size or device count.
   `progress(done, total)` is called after each batch.
   """

@@ -202,26 +202,29 @@ def checkpoint_steps(workdir):
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def test_fsdp_checkpoints_resume_on_other_layouts_and_a_signal_to_one_process_stops_every_process(tmp_path):
+def test_checkpoints_move_between_layouts_and_a_signal_to_one_process_stops_every_process(tmp_path):
   # optim.eps=1 keeps Adam's update linear in the gradient (see test_pmap_jit_and_fsdp_on_four_devices_...).
-  flags = ["--config.parallelism=fsdp", "--config.ema.decay=0.5", "--config.optim.eps=1.0"]
+  flags = ["--config.ema.decay=0.5", "--config.optim.eps=1.0"]
+  fsdp, pmap, jit = (f"--config.parallelism={mode}" for mode in ("fsdp", "pmap", "jit"))
   run, single = tmp_path / "run", tmp_path / "single"
-  out = run_train(run, "--stop_at_step=10", *flags, devices=4)  # fsdp over 4 devices, one process
+  out = run_train(run, "--stop_at_step=10", fsdp, *flags, devices=4)  # fsdp over 4 devices, one process
   assert out.returncode == 0, out.stderr[-2000:]
   shutil.copytree(run, single)
   # ... resumed on 1 device: the never-interrupted reference of what follows
-  out = run_train(single, "--stop_at_step=30", *flags, devices=1)
+  out = run_train(single, "--stop_at_step=30", fsdp, *flags, devices=1)
   assert out.returncode == 0, out.stderr[-2000:]
-  # ... and on 2 processes x 2 devices, stopped by SIGTERM to process 1 alone, then by SIGINT to process 0 alone.
-  for signum, index, kept in ((signal.SIGTERM, 1, 2), (signal.SIGINT, 0, 3)):
-    seconds, errs = signal_one_and_collect(start_two_processes(run, "--stop_at_step=30", *flags), index, signum, run)
+  # ... and on 2 processes x 2 devices: under fsdp, stopped by SIGTERM to process 1 alone; resumed under pmap,
+  # stopped by SIGINT to process 0 alone; resumed under jit to the end.
+  for signum, index, kept, mode in ((signal.SIGTERM, 1, 2, fsdp), (signal.SIGINT, 0, 3, pmap)):
+    seconds, errs = signal_one_and_collect(start_two_processes(run, "--stop_at_step=30", mode, *flags), index,
+                                           signum, run)
     codes = [int(m.group(1)) for m in (re.search(rf"stopped by {signum.name} at step (\d+); checkpoint saved", e)
                                        for e in errs) if m]
     assert len(codes) == 2 and codes[0] == codes[1] < 30, errs  # both stop, at one step, before the end
     assert seconds < 60
     steps = checkpoint_steps(run)
     assert len(steps) == kept and steps[-1] == codes[0], steps  # one common checkpoint: written by both together
-  procs = start_two_processes(run, "--stop_at_step=30", *flags)
+  procs = start_two_processes(run, "--stop_at_step=30", jit, *flags)
   outs = [p.communicate(timeout=300) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
   assert "on 4 device(s) in 2 process(es)" in outs[0][1]
@@ -267,7 +270,7 @@ def test_pmap_jit_and_fsdp_on_four_devices_match_one_device():
       c.optim.eps = 1.0
       s = jax.device_get(create_train_state(builders.build_model(c), builders.build_optimizer(c), jax.random.key(0),
                                             (1, 8, 8, 1)))
-      batches = np.asarray(jax.random.uniform(jax.random.key(1), (3, 16, 8, 8, 1), minval=-1, maxval=1))
+      batches = np.asarray(jax.random.uniform(jax.random.key(1), (30, 16, 8, 8, 1), minval=-1, maxval=1))
       key = jax.random.key(2)
       step = builders.build_train_step(c, builders.build_schedule(c))
       one = s
@@ -289,7 +292,7 @@ def test_pmap_jit_and_fsdp_on_four_devices_match_one_device():
         for b in batches:
           placed, m = runner.step(placed, runner.put_batch(b), key)
         got = runner.get_state(placed)
-        assert int(got.step) == 3
+        assert int(got.step) == 30
         m = runner.get_metrics(m)
         for k in ("loss", "grad_norm"):
           np.testing.assert_allclose(m[k], float(m1[k]), rtol=1e-5)
