@@ -167,7 +167,8 @@ def jax_bench(preset: str, batch: int, precision: str, args: argparse.Namespace)
   out["train_compile_s"] = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  out["train_flops_per_image"] = float(cost["flops"]) / batch
+  # The cost analysis describes one device's program; each of the devices runs it on its share of the batch.
+  out["train_flops_per_image"] = float(cost["flops"]) * jax.device_count() / batch
   holder = [state]
 
   def train_run():

@@ -123,19 +123,33 @@ def _pmap_runner(step_fn: Callable) -> Runner:
                 get_metrics=lambda m: _metrics(m, _first), to_save=_first, restore_layout=_unchanged)
 
 
+class _MeshStep:
+  """The jit / fsdp step, jitted with the shardings of the first state put_state places (they depend on its
+  structure); callable and lowerable like a jitted function."""
+
+  def __init__(self) -> None:
+    self.jitted: Any = None
+
+  def __call__(self, state: Any, batch: jax.Array, key: jax.Array) -> tuple[Any, dict]:
+    return self.jitted(state, batch, key)
+
+  def lower(self, state: Any, batch: jax.Array, key: jax.Array) -> Any:
+    return self.jitted.lower(state, batch, key)
+
+
 def _mesh_runner(step_fn: Callable, sharded: bool) -> Runner:
   """The step jitted over a 1-D mesh of every device: the batch split along it, the state replicated or sharded."""
   state_shardings, rows, replicated = mesh_layout(jax.devices(), sharded)
-  compiled: dict[str, Callable] = {}
+  step = _MeshStep()
 
   def put_state(state: TrainState) -> Any:
     shardings = state_shardings(state)
-    if "step" not in compiled:  # the state's layout fixes the step's shardings: compiled for the first state
-      compiled["step"] = jax.jit(step_fn, in_shardings=(shardings, rows, replicated),
-                                 out_shardings=(shardings, replicated), donate_argnums=0)
+    if step.jitted is None:
+      step.jitted = jax.jit(step_fn, in_shardings=(shardings, rows, replicated), out_shardings=(shardings, replicated),
+                            donate_argnums=0)
     return place(state, shardings)
 
-  return Runner(step=lambda state, batch, key: compiled["step"](state, batch, key), put_state=put_state,
+  return Runner(step=step, put_state=put_state,
                 put_batch=lambda batch: jax.make_array_from_process_local_data(rows, batch),
                 get_state=host, get_metrics=lambda m: _metrics(m, host), to_save=_unchanged,
                 restore_layout=lambda abstract: with_shardings(abstract, state_shardings(abstract)))
