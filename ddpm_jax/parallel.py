@@ -1,5 +1,6 @@
 """Placing a pure train step on the devices: jit on one device; on several, pmap, or jit over a 1-D mesh with the
-state replicated ("jit") or sharded ("fsdp")."""
+state replicated ("jit") or sharded ("fsdp"); and what several processes need beside it (moving pytrees between
+hosts and devices, the stop vote, a barrier)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def _first(tree: Any) -> Any:
   Reads an addressable shard: indexing the global array (x[0]) would be a
   computation that only the processes not holding device 0 wait in.
   """
-  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+  return jax.tree_util.tree_map(lambda x: local_value(x)[0], tree)
 
 
 def host(tree: Any) -> Any:
@@ -178,7 +179,7 @@ def make_agreement() -> Callable[[int], jax.Array]:
 
 
 def local_value(x: jax.Array) -> np.ndarray:
-  """The value of a replicated global array, read from this process's copy (no collective)."""
+  """This process's first shard of a global array: the whole value when it is replicated (no collective)."""
   return np.asarray(x.addressable_shards[0].data)
 
 
