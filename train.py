@@ -26,6 +26,10 @@ flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds after which the processe
 
 def main(argv):
   del argv
+  if FLAGS.heartbeat_timeout < 1:
+    print(f"train.py: error: --heartbeat_timeout={FLAGS.heartbeat_timeout} is invalid: give seconds >= 1",
+          file=sys.stderr)
+    sys.exit(2)
   if FLAGS.num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,

@@ -77,5 +77,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.clip_x0 = True  # clip the predicted x0 to [-1, 1]
   config.sample.every_steps = 2000  # > 0: a grid of num_samples EMA samples (PNG and TensorBoard) every so many steps
   config.sample.num_samples = 64
-  config.sample.batch_size = 256  # samples per sampler call, over all local devices
+  config.sample.batch_size = 256  # samples per sampler call, split over every device (of every process)
   return config

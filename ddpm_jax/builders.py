@@ -297,7 +297,7 @@ def _eval_hook(generate: Callable, evaluate: Optional[Evaluator], key: jax.Array
 
   def run(step: int, ema_params: Any, writer: Optional[MetricWriter]) -> None:
     samples = generate(ema_params, key, num_samples)  # every process takes part; process 0 alone scores them
-    if writer is None:
+    if evaluate is None or writer is None:
       return
     result = evaluate(samples)
     writer.write(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})

@@ -61,7 +61,8 @@ def quiet_orbax() -> None:
   """Keeps orbax's per-save INFO chatter out of the absl log, and the echoes of a failed orbax call off stderr
   (entry points call this)."""
   absl_logging.get_absl_handler().addFilter(_OrbaxFilter())
-  # orbax's coroutines left behind by a failed save, collected at exit (only orbax runs coroutines here)
+  # orbax's coroutines left behind by a failed save or read, collected at exit (only orbax runs coroutines in the
+  # entry points)
   warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
   unraisable, thread_hook = sys.unraisablehook, threading.excepthook
   sys.unraisablehook = lambda u: None if _closed_loop_echo(u.exc_value) or _orbax_coroutine(u.object) else unraisable(u)
@@ -92,7 +93,8 @@ def make_manager(workdir: str, keep: int = 3, create: bool = True) -> ocp.Checkp
 def all_finite(tree: Any) -> bool:
   """Whether every float in a pytree of host or global arrays is finite (with several processes a collective when
   the arrays span them)."""
-  floats = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  floats = [x for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(getattr(x, "dtype", None) or np.asarray(x).dtype, jnp.floating)]
   local = [x for x in floats if not isinstance(x, jax.Array) or x.is_fully_addressable]
   spread = [x for x in floats if isinstance(x, jax.Array) and not x.is_fully_addressable]
   if spread and not bool(_all_finite_on_devices(spread)):
@@ -104,11 +106,6 @@ def all_finite(tree: Any) -> bool:
 def _all_finite_on_devices(arrays: list[jax.Array]) -> jax.Array:
   """Whether every element of the arrays is finite, computed where their shards are."""
   return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in arrays]))
-
-
-def _state_dict(tree: Any) -> Any:
-  """A pytree (flax struct or optax state) as nested dicts of its arrays, as orbax stores it."""
-  return flax.serialization.to_state_dict(tree)
 
 
 class CheckpointError(Exception):
@@ -169,7 +166,7 @@ def save(manager: ocp.CheckpointManager, state: TrainState, config: dict) -> Non
   cause and the checkpoints kept.
   """
   step = int(state.step)
-  arrays = {name: _state_dict(getattr(state, name)) for name in ARRAY_ITEMS}
+  arrays = {name: flax.serialization.to_state_dict(getattr(state, name)) for name in ARRAY_ITEMS}
   if not all_finite(arrays):
     raise FloatingPointError(f"refusing to save the checkpoint of step {step}: it holds NaN or Inf values")
   args = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}

@@ -88,9 +88,9 @@ def check_finite(rows: list[tuple[int, dict[str, float]]], latest_checkpoint: Op
 
 
 def _restore_or_create(manager, create_state: Callable[[], TrainState],
-                       layout: Callable[[TrainState], TrainState] = lambda abstract: abstract) -> TrainState:
-  """The newest intact checkpoint's state, restored into the shapes alone (nothing to compile) with the shardings
-  `layout` gives them (default: onto the first device), or a fresh one.
+                       layout: Callable[[TrainState], TrainState]) -> TrainState:
+  """The newest intact checkpoint's state, restored into the shapes alone (the model is not run) with the
+  shardings `layout` gives them (leaves without one: onto the first device), or a fresh one.
 
   A checkpoint that cannot be read is reported and the next older one tried
   (moved aside as STEP.damaged once an intact one is found); when none can be
@@ -163,7 +163,7 @@ def train(training: Training, workdir: str) -> TrainState:
     start = int(state.step)
     if start >= t.end_step:
       logging.info("nothing to do: the checkpoint is at step %d, the run ends at step %d", start, t.end_step)
-      return state
+      return t.runner.get_state(t.runner.put_state(state))
     batches = prefetch(t.batches(start), t.runner.put_batch)
     run_state = t.runner.put_state(state)
     handlers = _catch_signals(received)

@@ -25,8 +25,8 @@ class Runner:
   """A compiled train step with the functions that move its state and batches to the devices and back.
 
   Every process calls each of them at the same points: with several
-  processes, get_state, get_metrics and saving the to_save state are
-  collectives.
+  processes, get_state, get_metrics and saving the to_save state may be
+  collectives (they are under jit and fsdp).
   """
 
   step: Callable[[Any, Any, jax.Array], tuple[Any, dict]]  # (placed state, placed batch, key) -> (state, metrics)
@@ -55,8 +55,9 @@ def host(tree: Any) -> Any:
 
 
 def place(tree: Any, shardings: Any) -> Any:
-  """A pytree of host arrays, or of global arrays, as global arrays with the given shardings (every process passes
-  the same values; each puts only its own shards on its devices)."""
+  """A pytree of host arrays (or arrays one process can read whole), or of global arrays already in the given
+  shardings, as global arrays with those shardings (every process passes the same values; each puts only its own
+  shards on its devices)."""
 
   def one(x: Any, sharding: NamedSharding) -> jax.Array:
     if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):

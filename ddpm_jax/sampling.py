@@ -242,12 +242,12 @@ def make_generator(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, ima
                    ) -> Callable[..., np.ndarray]:
   """A function (params, key, num_samples, progress=None) -> float samples [N, *image_shape] in [-1, 1].
 
-  `model_fn(params, x_t, t)` is the network. The sampler is compiled once, on
-  the first call, for batches of `batch_size` split over `devices` (default:
-  every device of every process; then every process calls it together and
-  receives every sample; other lists need a single process); later calls
-  with new params or keys reuse it.
-  Sample i depends only on (key, i), whatever the batch size or device count.
+  `model_fn(params, x_t, t)` is the network. The sampler is compiled once
+  (per kind of PRNG key), on the first call, for batches of `batch_size`
+  split over `devices` (default: every device of every process; then every
+  process calls it together and receives every sample; other lists need a
+  single process); later calls with new params or keys reuse it. Sample i
+  depends only on (key, i), whatever the batch size or device count.
   `progress(done, total)` is called after each batch.
   """
   if batch_size < 1:
@@ -276,7 +276,7 @@ def make_generator(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, ima
       raise ValueError(f"num_samples={num_samples!r} is invalid: it must be an integer >= 1")
     params = parallel.place(params, jax.tree_util.tree_map(lambda _: replicated, params))
     key_data = parallel.place(jax.random.key_data(key), replicated)
-    step = run(str(jax.random.key_impl(key)))
+    step = run(jax.random.key_impl(key))
     out = []
     for start in range(0, num_samples, per_call):
       offsets = parallel.place(start + per_device * np.arange(len(devices), dtype=np.int32), rows)

@@ -60,7 +60,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys):
   workdir, _, create = small_run(tmp_path)
   truncate_a_data_file(os.path.join(workdir, "checkpoints", "4"))
   manager = checkpoint.make_manager(str(workdir))
-  state = loop._restore_or_create(manager, create)  # pylint: disable=protected-access
+  state = loop._restore_or_create(manager, create, lambda abstract: abstract)  # pylint: disable=protected-access
   manager.close()
   assert int(state.step) == 2
   err = capsys.readouterr().err

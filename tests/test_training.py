@@ -180,12 +180,34 @@ def start_two_processes(workdir, *flags):
                     f"--process_id={i}", devices=2, background=True) for i in range(2)]
 
 
-def wait_for_log_lines(workdir, count, procs, timeout=240):
+def fail_and_kill(procs, why):
+  """Kills the processes and fails the test with `why` and their stderr."""
+  for p in procs:
+    p.kill()
+  pytest.fail(f"{why}: " + " | ".join(p.communicate(timeout=60)[1][-1500:] for p in procs))
+
+
+def wait_until(ready, procs, timeout=240):
+  """Waits until ready() while every process still runs; kills them and fails otherwise."""
+  deadline = time.time() + timeout
+  while not ready():
+    if time.time() > deadline or any(p.poll() is not None for p in procs):
+      fail_and_kill(procs, "a process ended or the wait timed out")
+    time.sleep(0.05)
+
+
+def wait_for_log_lines(workdir, count, procs):
   """Waits until workdir/metrics.jsonl holds `count` lines (the processes must still run)."""
-  metrics, deadline = workdir / "metrics.jsonl", time.time() + timeout
-  while not (metrics.exists() and metrics.read_text().count("\n") >= count):
-    assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-    time.sleep(0.2)
+  metrics = workdir / "metrics.jsonl"
+  wait_until(lambda: metrics.exists() and metrics.read_text().count("\n") >= count, procs)
+
+
+def collect(procs, timeout):
+  """(stdout, stderr) of every process once it exits; kills them all and fails the test after `timeout` s."""
+  try:
+    return [p.communicate(timeout=timeout) for p in procs]
+  except subprocess.TimeoutExpired:
+    fail_and_kill(procs, f"not every process exited within {timeout} s")
 
 
 def signal_one_and_collect(procs, index, signum, workdir):
@@ -194,7 +216,8 @@ def signal_one_and_collect(procs, index, signum, workdir):
   wait_for_log_lines(workdir, (metrics.read_text().count("\n") if metrics.exists() else 0) + 1, procs)
   procs[index].send_signal(signum)
   start = time.time()
-  errs = [p.communicate(timeout=120)[1] for p in procs]
+  errs = [err for _, err in collect(procs, 120)]
+  assert [p.returncode for p in procs] == [128 + signum] * 2, errs
   return time.time() - start, errs
 
 
@@ -205,32 +228,35 @@ def checkpoint_steps(workdir):
 def test_checkpoints_move_between_layouts_and_a_signal_to_one_process_stops_every_process(tmp_path):
   # optim.eps=1 keeps Adam's update linear in the gradient (see test_pmap_jit_and_fsdp_on_four_devices_...).
   flags = ["--config.ema.decay=0.5", "--config.optim.eps=1.0"]
+  # Each signal follows a log line (every 5 steps) and stops the run within a few steps: END leaves room for two
+  # stops after step 10 on a machine several times faster than this one (3 steps/s here).
+  END = 60  # pylint: disable=invalid-name
   fsdp, pmap, jit = (f"--config.parallelism={mode}" for mode in ("fsdp", "pmap", "jit"))
   run, single = tmp_path / "run", tmp_path / "single"
   out = run_train(run, "--stop_at_step=10", fsdp, *flags, devices=4)  # fsdp over 4 devices, one process
   assert out.returncode == 0, out.stderr[-2000:]
   shutil.copytree(run, single)
   # ... resumed on 1 device: the never-interrupted reference of what follows
-  out = run_train(single, "--stop_at_step=30", fsdp, *flags, devices=1)
+  out = run_train(single, f"--stop_at_step={END}", fsdp, *flags, devices=1)
   assert out.returncode == 0, out.stderr[-2000:]
   # ... and on 2 processes x 2 devices: under fsdp, stopped by SIGTERM to process 1 alone; resumed under pmap,
   # stopped by SIGINT to process 0 alone; resumed under jit to the end.
   for signum, index, kept, mode in ((signal.SIGTERM, 1, 2, fsdp), (signal.SIGINT, 0, 3, pmap)):
-    seconds, errs = signal_one_and_collect(start_two_processes(run, "--stop_at_step=30", mode, *flags), index,
+    seconds, errs = signal_one_and_collect(start_two_processes(run, f"--stop_at_step={END}", mode, *flags), index,
                                            signum, run)
-    codes = [int(m.group(1)) for m in (re.search(rf"stopped by {signum.name} at step (\d+); checkpoint saved", e)
+    stops = [int(m.group(1)) for m in (re.search(rf"stopped by {signum.name} at step (\d+); checkpoint saved", e)
                                        for e in errs) if m]
-    assert len(codes) == 2 and codes[0] == codes[1] < 30, errs  # both stop, at one step, before the end
+    assert len(stops) == 2 and stops[0] == stops[1] < END, errs  # both stop, at one step, before the end
     assert seconds < 60
     steps = checkpoint_steps(run)
-    assert len(steps) == kept and steps[-1] == codes[0], steps  # one common checkpoint: written by both together
-  procs = start_two_processes(run, "--stop_at_step=30", jit, *flags)
-  outs = [p.communicate(timeout=300) for p in procs]
+    assert len(steps) == kept and steps[-1] == stops[0], steps  # one common checkpoint: written by both together
+  procs = start_two_processes(run, f"--stop_at_step={END}", jit, *flags)
+  outs = collect(procs, 300)
   assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
   assert "on 4 device(s) in 2 process(es)" in outs[0][1]
-  assert (run / "samples" / "step_00000030.png").exists()  # the last step's grid, sampled by both processes
+  assert (run / "samples" / f"step_{END:08d}.png").exists()  # the last step's grid, sampled by both processes
   config = small_config(**{"ema.decay": 0.5, "optim.eps": 1.0})
-  a, b = restore_host_state(single, config, 30), restore_host_state(run, config, 30)
+  a, b = restore_host_state(single, config, END), restore_host_state(run, config, END)
   for x, y in zip(jax.tree_util.tree_leaves((a.params, a.ema_params, a.opt_state)),
                   jax.tree_util.tree_leaves((b.params, b.ema_params, b.opt_state))):
     # The same per-example noise and data; only the all-reduce order differs (float32 rounding).
@@ -243,13 +269,10 @@ def test_checkpoints_move_between_layouts_and_a_signal_to_one_process_stops_ever
 
 def test_a_process_that_dies_makes_the_others_fail_within_the_heartbeat_timeout(tmp_path):
   procs = start_two_processes(tmp_path, "--stop_at_step=100000", "--heartbeat_timeout=5")
-  deadline = time.time() + 240
-  while not (tmp_path / "config.json").exists():  # both processes are connected and building the run
-    assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-    time.sleep(0.1)
+  wait_until((tmp_path / "config.json").exists, procs)  # both processes are connected and building the run
   procs[1].kill()
   start = time.time()
-  _, err = procs[0].communicate(timeout=120)
+  (_, err), _ = collect(procs, 120)
   # The bound: the heartbeat timeout, plus the coordination service's polling and a loaded machine's slack.
   assert procs[0].returncode != 0 and time.time() - start < 5 + 20, (procs[0].returncode, err[-2000:])
   assert "another task died" in err
