@@ -30,6 +30,7 @@ import time
 from typing import Any, Callable, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ of this checkout
+import report  # pylint: disable=g-import-not-at-top  (benchmarks/report.py, beside this script)
 PRESET_SIZES = {"tiny": 32, "ddpm_cifar10": 32, "book64": 64}
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 # |peer / JAX - 1| of forward FLOPs allowed. XLA's cost analysis leaves out the 3x3 taps that fall in the zero
@@ -500,13 +501,7 @@ def memory_main(args: argparse.Namespace) -> int:
     return 1
   rows = json.loads(done.stdout.strip().splitlines()[-1])
   table = memory_markdown(rows)
-  print(table)
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(rows, f, indent=2)
-  if args.markdown:
-    with open(args.markdown, "w", encoding="utf-8") as f:
-      f.write(table)
+  report.publish(table, rows, args.json, args.markdown)
   return 0
 
 
@@ -534,13 +529,7 @@ def main(argv: list[str]) -> int:
         with open(path, encoding="utf-8") as f:
           results.append(json.load(f))
   table = markdown(results)
-  print(table)
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(results[0] if len(results) == 1 else results, f, indent=2)
-  if args.markdown:
-    with open(args.markdown, "w", encoding="utf-8") as f:
-      f.write(table)
+  report.publish(table, results[0] if len(results) == 1 else results, args.json, args.markdown)
   return 0
 
 

@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
 
+import report  # pylint: disable=g-import-not-at-top  (benchmarks/report.py, beside this script)
 import configs.default as default_config  # pylint: disable=g-import-not-at-top
 from ddpm_jax import builders, loop, parallel  # pylint: disable=g-import-not-at-top
 from ddpm_jax.train_state import create_train_state  # pylint: disable=g-import-not-at-top
@@ -129,10 +129,7 @@ def main(argv: list[str]) -> int:
   out += [f"| `{k}` | {count[k]} | {ns / 1e6 / args.steps:.3f} | {ns / total:.1%} |"
           for k, ns in kinds.most_common(args.top)]
   table = "\n".join(out) + "\n"
-  print(table)
-  if args.markdown:
-    with open(args.markdown, "w", encoding="utf-8") as f:
-      f.write(table)
+  report.publish(table, None, markdown_path=args.markdown)
   return 0
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's ddpm_jax
 
+import report  # pylint: disable=g-import-not-at-top  (benchmarks/report.py, beside this script)
 import jax  # pylint: disable=g-import-not-at-top
 import ml_collections  # pylint: disable=g-import-not-at-top
 
@@ -94,13 +95,7 @@ def main(argv: list[str]) -> int:
   evaluate = builders.build_evaluator(config, workdir)
   rows = [measure(config, workdir, step, m, n, args, evaluate) for m, n in args.samplers]
   table = markdown(rows, step, f"{jax.local_devices()[0].device_kind}, {os.cpu_count()} cores")
-  print(table)
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(rows, f, indent=2)
-  if args.markdown:
-    with open(args.markdown, "w", encoding="utf-8") as f:
-      f.write(table)
+  report.publish(table, rows, args.json, args.markdown)
   return 0
 
 

@@ -1,0 +1,17 @@
+"""The one way the benchmark scripts report: the Markdown table on stdout, and on request as files."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def publish(table: str, rows: Any, json_path: str = "", markdown_path: str = "") -> None:
+  """Prints `table`; writes `rows` as JSON to json_path and `table` to markdown_path where given."""
+  print(table)
+  if json_path:
+    with open(json_path, "w", encoding="utf-8") as f:
+      json.dump(rows, f, indent=2)
+  if markdown_path:
+    with open(markdown_path, "w", encoding="utf-8") as f:
+      f.write(table)
