@@ -27,10 +27,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.split = "train"
   config.data.data_dir = placeholder(str)  # TFDS data_dir; None: TFDS's default
-  config.data.download = True
   config.data.channels = 3
   config.data.random_flip = True
-  config.data.shuffle_buffer = 50_000
+  config.data.worker_count = placeholder(int)  # decoding processes for files; None: one per core, 0: none
+
+  config.wandb = common.wandb()
 
   config.model = common.model("ddpm_cifar10")
 

@@ -35,3 +35,10 @@ def model(preset: str, **overrides) -> ml_collections.ConfigDict:
   for key, value in overrides.items():
     m[key] = value
   return m
+
+
+def wandb() -> ml_collections.ConfigDict:
+  """The Weights & Biases section: off unless a project is named (needs `pip install wandb`; process 0 logs)."""
+  w = ml_collections.ConfigDict()
+  w.project = placeholder(str)
+  return w

@@ -33,10 +33,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.split = "train"
   config.data.data_dir = placeholder(str)  # TFDS data_dir; None: TFDS's default
-  config.data.download = True  # TFDS: download and prepare when not prepared
   config.data.channels = 1  # 1 (grayscale) | 3 (RGB)
   config.data.random_flip = False
-  config.data.shuffle_buffer = 50_000  # TFDS only: indexable sources are shuffled exactly
+  config.data.worker_count = placeholder(int)  # decoding processes for files; None: one per core, 0: none
+
+  config.wandb = common.wandb()
 
   config.model = common.model("tiny", attn_resolutions=(4,))  # attention at 4x4 of the 8x8 digits
 

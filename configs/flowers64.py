@@ -27,10 +27,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.split = "train+validation+test"  # all 8,189 images, as the book trains
   config.data.data_dir = placeholder(str)
-  config.data.download = True
   config.data.channels = 3
   config.data.random_flip = True
-  config.data.shuffle_buffer = 10_000
+  config.data.worker_count = placeholder(int)  # decoding processes for files; None: one per core, 0: none
+
+  config.wandb = common.wandb()
 
   config.model = common.model("book64")
 

@@ -24,7 +24,8 @@ import optax
 from absl import flags
 from ml_collections import config_flags
 
-from ddpm_jax import checkpoint, data, diffusion, evaluation, images, inception, loop, parallel, sampling, training
+from ddpm_jax import (checkpoint, data, diffusion, evaluation, images, inception, loop, parallel, reporting, sampling,
+                      training)
 from ddpm_jax.evaluation import Evaluator
 from ddpm_jax.reporting import MetricWriter
 from ddpm_jax.schedule import Schedule, make_schedule
@@ -198,7 +199,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, proces
   if missing:
     raise ValueError(f"config has no {missing[0]!r}: every config needs {', '.join(REQUIRED)}")
   for key in ("batch_size", "num_train_steps", "checkpoint_every_steps", "log_every_steps", "image_size",
-              "keep_checkpoints", "eval_num_samples", "eval_batch_size", "fid_num_real", "data.shuffle_buffer",
+              "keep_checkpoints", "eval_num_samples", "eval_batch_size", "fid_num_real",
               "sample.num_samples", "sample.batch_size"):
     _positive_int(config, key)
   if stop_at_step is not None and stop_at_step < 1:
@@ -211,6 +212,9 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, proces
   if config.batch_size % process_count:
     raise ValueError(f"batch_size={config.batch_size} is not divisible by the {process_count} processes")
   _choice("data.channels", config.data.channels, (1, 3))
+  with _section("data"):
+    data.check_worker_count(config.data.worker_count)
+  reporting.check_wandb(config.wandb.project)
   build_model(config).validate((1,) + image_shape(config))
   schedule = build_schedule(config)
   build_optimizer(config)
@@ -249,10 +253,9 @@ def build_generator(config: ml_collections.ConfigDict, model: UNet, schedule: Sc
                                  batch_size=batch_size or config.sample.batch_size)
 
 
-def build_source(config: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1) -> data.Source:
-  """The dataset the config names (for TFDS, this process's split); raises ValueError when it cannot be read."""
-  return data.make_source(config.dataset, data_dir=config.data.data_dir, split=config.data.split,
-                          download=config.data.download, process_index=process_index, process_count=process_count)
+def build_source(config: ml_collections.ConfigDict) -> data.Source:
+  """The dataset the config names (every process reads it at random); raises ValueError when it cannot be read."""
+  return data.make_source(config.dataset, data_dir=config.data.data_dir, split=config.data.split)
 
 
 def build_batches(config: ml_collections.ConfigDict, source: data.Source, process_index: int = 0,
@@ -261,7 +264,7 @@ def build_batches(config: ml_collections.ConfigDict, source: data.Source, proces
   return lambda start: data.batch_stream(
       source, seed=config.seed, global_batch=config.batch_size, image_size=config.image_size,
       channels=config.data.channels, random_flip=config.data.random_flip, start_step=start,
-      process_index=process_index, process_count=process_count, shuffle_buffer=config.data.shuffle_buffer)
+      process_index=process_index, process_count=process_count, worker_count=config.data.worker_count)
 
 
 def build_evaluator(config: ml_collections.ConfigDict, workdir: str,
@@ -273,7 +276,8 @@ def build_evaluator(config: ml_collections.ConfigDict, workdir: str,
   source = source or build_source(config)
   num_real = min(config.fid_num_real, source.size)
   real = lambda: data.batch_stream(source, seed=0, global_batch=config.eval_batch_size, image_size=config.image_size,
-                                   channels=config.data.channels, random_flip=False)
+                                   channels=config.data.channels, random_flip=False,
+                                   worker_count=config.data.worker_count)
   path = evaluation.fid_stats_path(config.inception_weights, config.dataset, config.data.split, config.image_size,
                                    config.data.channels, num_real)
   return evaluation.inception_evaluator(config.inception_weights, real, num_real, path, config.eval_batch_size)
@@ -310,7 +314,7 @@ def build_training(config: ml_collections.ConfigDict, workdir: str,
   """Validates the config and builds every part of its training run; reads the dataset, writes nothing."""
   validate(config, device_count=jax.device_count(), process_count=jax.process_count(), stop_at_step=stop_at_step)
   check_workdir(workdir)
-  source = build_source(config, jax.process_index(), jax.process_count())  # a missing dataset fails before any JAX
+  source = build_source(config)  # a missing dataset fails before any JAX
   model, schedule, tx = build_model(config), build_schedule(config), build_optimizer(config)
   init_key, train_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
   input_shape = (1,) + image_shape(config)
@@ -321,9 +325,8 @@ def build_training(config: ml_collections.ConfigDict, workdir: str,
                            _sample_grid_hook(workdir, generate, sample_key, config.sample.num_samples)))
     if config.eval_every_steps:
       # Process 0 alone scores samples (and computes any FID reference statistics, once); the others wait at the
-      # loop's barrier. Its evaluator reads the whole dataset, not the process's share.
-      evaluate = (build_evaluator(config, workdir, source if jax.process_count() == 1 else None)
-                  if jax.process_index() == 0 else None)
+      # loop's barrier.
+      evaluate = build_evaluator(config, workdir, source) if jax.process_index() == 0 else None
       hooks.append(loop.Hook(config.eval_every_steps, _eval_hook(generate, evaluate,
                                                                  sample_key, config.eval_num_samples)))
   return loop.Training(
@@ -337,7 +340,8 @@ def build_training(config: ml_collections.ConfigDict, workdir: str,
       checkpoint_every=config.checkpoint_every_steps,
       keep_checkpoints=config.keep_checkpoints,
       config=config.to_dict(),
-      hooks=tuple(hooks))
+      hooks=tuple(hooks),
+      wandb_project=config.wandb.project)
 
 
 def _params_template(config: ml_collections.ConfigDict) -> Any:

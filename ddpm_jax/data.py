@@ -1,59 +1,49 @@
-"""Input pipelines: the embedded digits, TFDS datasets and image folders, as seeded endless batch streams.
+"""Input pipelines on Grain: the embedded digits, TFDS datasets (ArrayRecord) and image folders as seeded batch streams.
 
-Epoch e visits the records in an order fixed by (seed, e), and every random
-choice about a record (the flip) is a stateless function of (seed, e, position
-in the epoch), so the batch at step N is a pure function of (config, seed, N):
-resuming at step N rebuilds the stream from there, with no iterator state to
-checkpoint. Indexable sources (digits, folders) are shuffled by a global
-permutation and each process decodes only its slice of every global batch, so
-their batches do not depend on the number of processes or devices. TFDS
-sources are read sequentially: each process reads its own even split through a
-shuffle buffer.
+Every source is random access, and every stream is one Grain `MapDataset`:
+the record indices shuffled by a permutation fixed per (seed, epoch) and
+repeated endlessly; a flip coin per stream position (seed, position); read,
+decoded, resized and cropped per element (in Grain worker processes for files);
+batched; and the local batches dealt out to the processes (process p of P takes
+local batch s * P + p, its rows of global batch s). So the batch at step N is a
+pure function of (config, seed, N) whatever the number of processes, and a run
+resumed at step N slices the stream from there, with no iterator state to save.
+No TensorFlow: TFDS datasets are read through `tfds.data_source`.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import os
-import socket
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
+import grain
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 SHOWN_BAD_FILES = 5  # undecodable files named in the warning; the rest are counted
-
-
-@functools.lru_cache(maxsize=None)
-def _tf():
-  """TensorFlow, imported on first use and kept off any accelerator."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # heavy (seconds): only when a pipeline is built
-
-  tf.config.set_visible_devices([], "GPU")
-  return tf
-
-
-def _plain(fn: Callable) -> Callable:
-  """fn for tf.data.Dataset.map without autograph: it is plain TensorFlow already, and autograph's converted
-  copies are temporary files that a killed process leaves behind."""
-  return _tf().autograph.experimental.do_not_convert(fn)
+NO_LABEL = -1  # the label of a record in an unlabelled source
+PREPARE_COMMAND = "pip install -r requirements-prepare.txt && tfds build {name} --file_format=array_record --data_dir=DIR"
+MAX_AUTO_WORKERS = 16
 
 
 @dataclass(frozen=True)
 class Source:
-  """Records and how to turn one into a uint8 HWC image.
-
-  Exactly one of `items` (indexable, the same on every process) and `records`
-  (a sequential tf.data.Dataset, this process's split) is set.
-  """
+  """A random-access dataset: `read(i)` is record i as (uint8 HWC image, int label, NO_LABEL when unlabelled)."""
 
   size: int
-  decode: Callable  # (record, channels) -> uint8 [h, w, channels] tensor
-  items: Optional[np.ndarray] = None
-  records: object = None
+  read: Callable[[int], tuple[np.ndarray, int]]
+  class_names: tuple[str, ...] = ()  # labelled sources: the class of each label, in label order
+  arrays: Optional[tuple[np.ndarray, np.ndarray]] = None  # (images, labels) held decoded in memory
+
+  @property
+  def num_classes(self) -> int:
+    """Number of classes (0: unlabelled)."""
+    return len(self.class_names)
 
 
 def parse_dataset(spec: str) -> tuple[str, str]:
@@ -75,10 +65,34 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
   return np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None], bunch.target.astype(np.int32)
 
 
+def _read_arrays(images: np.ndarray, labels: np.ndarray, index: int) -> tuple[np.ndarray, int]:
+  """Record `index` of in-memory arrays."""
+  return images[index], int(labels[index])
+
+
+def array_source(images: np.ndarray, labels: Optional[np.ndarray] = None,
+                 class_names: Sequence[str] = ()) -> Source:
+  """A source of uint8 NHWC images held in memory, labelled when `class_names` is given."""
+  labels = np.full(len(images), NO_LABEL, np.int32) if labels is None else np.asarray(labels, np.int32)
+  return Source(len(images), functools.partial(_read_arrays, images, labels), tuple(class_names), (images, labels))
+
+
 def digits_source() -> Source:
-  """The embedded digits."""
-  images, _ = load_digits()
-  return Source(len(images), convert_channels, items=images)
+  """The embedded digits, labelled 0..9."""
+  return array_source(*load_digits(), class_names=[str(k) for k in range(10)])
+
+
+def decode_file(path: str) -> np.ndarray:
+  """A PNG/JPEG file -> uint8 [h, w, 1] (grayscale files) or [h, w, 3] (colour; alpha dropped)."""
+  with open(path, "rb") as f:
+    with Image.open(io.BytesIO(f.read())) as im:
+      gray = im.mode in ("1", "L", "LA", "I", "I;16", "F")
+      return np.asarray(im.convert("L" if gray else "RGB")).reshape(im.size[1], im.size[0], -1)
+
+
+def _read_file(paths: np.ndarray, labels: np.ndarray, index: int) -> tuple[np.ndarray, int]:
+  """Record `index` of a folder: its file decoded, and its label."""
+  return decode_file(str(paths[index])), int(labels[index])
 
 
 def list_images(root: str) -> list[str]:
@@ -92,19 +106,26 @@ def list_images(root: str) -> list[str]:
   return paths
 
 
+def folder_classes(root: str, paths: Sequence[str]) -> tuple[str, ...]:
+  """The sorted class subfolders when every image lies inside a subfolder of root, else () (unlabelled)."""
+  tops = [os.path.relpath(p, root).split(os.sep) for p in paths]
+  if any(len(parts) < 2 for parts in tops):
+    return ()
+  return tuple(sorted({parts[0] for parts in tops}))
+
+
 def _decodable(path: str) -> bool:
-  """Whether PIL can fully decode the file."""
+  """Whether the pipeline's decoder reads the file."""
   try:
-    with Image.open(path) as im:
-      im.load()
+    decode_file(path)
     return True
-  except Exception:  # pylint: disable=broad-except
+  except Exception:  # pylint: disable=broad-except  # PIL raises many kinds for damaged files
     return False
 
 
 def folder_source(root: str) -> Source:
-  """The decodable images under root; undecodable files are skipped with one warning."""
-  tf = _tf()
+  """The decodable images under root, labelled by class subfolder when there are some; undecodable files are
+  skipped with one warning naming them."""
   paths = list_images(root)
   ok = [_decodable(p) for p in paths]
   good = [p for p, k in zip(paths, ok) if k]
@@ -114,163 +135,145 @@ def folder_source(root: str) -> Source:
     logging.warning("skipped %d of %d files in %s that could not be decoded: %s", len(bad), len(paths), root, shown)
   if not good:
     raise ValueError(f"dataset folder {root!r} holds no decodable images ({len(paths)} files failed to decode)")
-  decode = lambda p, c: decode_image(tf.io.read_file(p), c)
-  return Source(len(good), decode, items=np.array(good))
+  classes = folder_classes(root, good)
+  index = {name: k for k, name in enumerate(classes)}
+  labels = np.array([index[os.path.relpath(p, root).split(os.sep)[0]] if classes else NO_LABEL for p in good],
+                    np.int32)
+  return Source(len(good), functools.partial(_read_file, np.array(good), labels), classes)
 
 
-def _reachable(host: str = "storage.googleapis.com", port: int = 443, timeout: float = 3.0) -> bool:
-  """Whether a TCP connection to TFDS's download mirror opens within `timeout` seconds."""
-  try:
-    socket.create_connection((host, port), timeout=timeout).close()
-    return True
-  except OSError:
-    return False
+def _read_tfds(records: Any, has_label: bool, index: int) -> tuple[np.ndarray, int]:
+  """Record `index` of a TFDS data source: its decoded image and label."""
+  example = records[index]
+  return np.asarray(example["image"]), int(example["label"]) if has_label else NO_LABEL
 
 
-def tfds_source(name: str, split: str, data_dir: Optional[str], download: bool, process_index: int,
-                process_count: int) -> Source:
-  """A TFDS split, this process's even share, images left encoded until the pipeline decodes them."""
-  _tf()
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # heavy: only for tfds: datasets
+def tfds_source(name: str, split: str, data_dir: Optional[str]) -> Source:
+  """A prepared TFDS split (ArrayRecord), read without TensorFlow; labelled when it has a class `label` feature."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # only for tfds: datasets
 
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     raise ValueError(f"unknown TFDS dataset {name!r}: see the TFDS catalog for names "
                      "(e.g. cifar10, oxford_flowers102, mnist, fashion_mnist, celeb_a)") from None
-  if "image" not in builder.info.features:
-    raise ValueError(f"TFDS dataset {name!r} has no 'image' feature (it has {', '.join(builder.info.features)})")
-  shard = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
-  load = lambda: builder.as_dataset(split=shard, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False)
+  features = builder.info.features
+  if "image" not in features:
+    raise ValueError(f"TFDS dataset {name!r} has no 'image' feature (it has {', '.join(features)})")
   try:
-    ds = load()
-  except AssertionError:  # TFDS's "could not find data in <data_dir>"
-    where = builder.data_dir_root
-    how = (f"prepare it on a connected machine with `tfds build {name} --data_dir=DIR`, copy DIR here, and point "
-           "config.data.data_dir (or TFDS_DATA_DIR) at it")
-    if not download:
-      raise ValueError(f"TFDS dataset {name!r} is not prepared in {where} and config.data.download is off: "
-                       f"{how}") from None
-    if not _reachable():
-      raise ValueError(f"TFDS dataset {name!r} is not prepared in {where} and the network is unreachable: "
-                       f"{how}") from None
-    builder.download_and_prepare()
-    ds = load()
-  size = int(ds.cardinality())
-  if size < 1:
-    raise ValueError(f"TFDS dataset {name!r} split {split!r} is empty for process {process_index} of {process_count}")
-  return Source(size, decode_image, records=ds.map(_plain(lambda ex: ex["image"])))
+    records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except (NotImplementedError, AssertionError, FileNotFoundError) as e:  # TFDS's ways of saying "not prepared"
+    raise ValueError(f"TFDS dataset {name!r} is not prepared as ArrayRecord in {builder.data_dir_root}: prepare it "
+                     f"once with `{PREPARE_COMMAND.format(name=name)}` and point config.data.data_dir (or "
+                     f"TFDS_DATA_DIR) at DIR ({type(e).__name__})") from None
+  if len(records) < 1:
+    raise ValueError(f"TFDS dataset {name!r} split {split!r} is empty")
+  label = features["label"] if "label" in features else None
+  classes = tuple(label.names) if isinstance(label, tfds.features.ClassLabel) else ()
+  return Source(len(records), functools.partial(_read_tfds, records, bool(classes)), classes)
 
 
-def decode_image(encoded, channels: int):
-  """PNG/JPEG bytes -> uint8 [h, w, channels], converting gray <-> RGB and dropping alpha."""
-  return _tf().io.decode_image(encoded, channels=channels, expand_animations=False)
-
-
-def convert_channels(image, channels: int):
-  """uint8 [h, w, c] with c known -> [h, w, channels]."""
-  tf = _tf()
-  c = image.shape[-1]
-  if c == channels:
-    return image
-  return tf.image.grayscale_to_rgb(image) if c == 1 else tf.image.rgb_to_grayscale(image[..., :3])
-
-
-def preprocess(image, size: int, channels: int, flip):
-  """uint8 HWC -> float32 [size, size, channels] in [-1, 1]: short side to size (bilinear, antialiased), center crop, optional flip."""
-  tf = _tf()
-  image = convert_channels(image, channels)
-  h, w = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
-  scale = size / tf.minimum(h, w)
-  nh = tf.maximum(size, tf.cast(tf.round(h * scale), tf.int32))
-  nw = tf.maximum(size, tf.cast(tf.round(w * scale), tf.int32))
-  image = tf.image.resize(tf.cast(image, tf.float32), [nh, nw], method="bilinear", antialias=True)
-  top, left = (nh - size) // 2, (nw - size) // 2
-  image = image[top:top + size, left:left + size, :]
-  image = tf.cond(flip, lambda: image[:, ::-1, :], lambda: image)
-  image = tf.clip_by_value(image, 0.0, 255.0) / 127.5 - 1.0
-  image.set_shape([size, size, channels])
-  return image
-
-
-def _epoch_seed(seed: int, epoch):
-  """A per-epoch seed, distinct for every (seed, epoch)."""
-  tf = _tf()
-  return tf.cast(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64)
-
-
-def flip_coins(seed: int, epoch: np.ndarray, index: np.ndarray) -> np.ndarray:
-  """A fair, stateless coin per (seed, epoch, position in epoch): splitmix64 of the three, top bit."""
-  with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
-    x = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.asarray(epoch).astype(np.uint64) * np.uint64(1_000_003)
-         + np.asarray(index).astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9))
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    x = x ^ (x >> np.uint64(31))
-  return (x >> np.uint64(63)).astype(bool)
-
-
-def indexed_positions(size: int, seed: int, start_step: int, global_batch: int, process_index: int,
-                      process_count: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """Per step: (epoch, position in epoch, record index) arrays of this process's slice of the global batch."""
-  local = global_batch // process_count
-  perms: dict[int, np.ndarray] = {}
-  for step in range(start_step, 2**62):
-    pos = step * global_batch + process_index * local + np.arange(local, dtype=np.int64)
-    epoch, index = np.divmod(pos, size)
-    for e in set(epoch.tolist()) - set(perms):
-      perms[e] = np.random.default_rng([seed, e]).permutation(size)
-    for e in [e for e in perms if e < epoch[0]]:
-      del perms[e]
-    yield epoch, index, np.array([perms[e][i] for e, i in zip(epoch.tolist(), index.tolist())], np.int64)
-
-
-def sequential_records(source: Source, seed: int, start: int, shuffle_buffer: int):
-  """Endless (epoch, position in epoch, record) stream of a sequential source from position `start`."""
-  tf = _tf()
-  first_epoch, offset = divmod(start, source.size)
-  buffer = max(1, min(source.size, shuffle_buffer))
-
-  def epoch(e):
-    ds = source.records.shuffle(buffer, seed=_epoch_seed(seed, e), reshuffle_each_iteration=False)
-    return ds.enumerate().map(_plain(lambda i, r: (e, i, r)))
-
-  return tf.data.Dataset.range(first_epoch, 2**40).flat_map(_plain(epoch)).skip(offset)
-
-
-def in_memory(source: Source, image_size: int, channels: int) -> bool:
-  """Whether the source holds decoded uint8 images of exactly this size and channel count (no resizing needed)."""
-  items = source.items
-  return (items is not None and items.dtype == np.uint8 and items.ndim == 4
-          and items.shape[1:] == (image_size, image_size, channels))
-
-
-def _array_batches(items: np.ndarray, positions: Iterator, seed: int, random_flip: bool) -> Iterator[np.ndarray]:
-  """Batches gathered from in-memory uint8 images, scaled to [-1, 1] and flipped by flip_coins, as tf.data would."""
-  for epoch, index, records in positions:
-    batch = items[records].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    if random_flip:
-      batch = np.where(flip_coins(seed, epoch, index)[:, None, None, None], batch[:, :, ::-1], batch)
-    yield batch
-
-
-def make_source(dataset: str, *, data_dir: Optional[str] = None, split: str = "train", download: bool = True,
-                process_index: int = 0, process_count: int = 1) -> Source:
-  """The Source a dataset string names (for TFDS, this process's even split)."""
+def make_source(dataset: str, *, data_dir: Optional[str] = None, split: str = "train") -> Source:
+  """The Source a dataset string names."""
   kind, arg = parse_dataset(dataset)
   if kind == "digits":
     return digits_source()
   if kind == "folder":
     return folder_source(arg)
-  return tfds_source(arg, split, data_dir, download, process_index, process_count)
+  return tfds_source(arg, split, data_dir)
 
 
-def batch_stream(source: Source, *, seed: int, global_batch: int, image_size: int, channels: int = 3,
-                 random_flip: bool = True, start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                 shuffle_buffer: int = 50_000) -> Iterator[np.ndarray]:
-  """Endless float32 batches [global_batch / process_count, size, size, channels]: this process's rows of each
-  global batch, from start_step. Decoded in-memory images already of the target size and channels (the embedded
-  digits) are gathered with NumPy; everything else goes through tf.data."""
+def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
+  """uint8 [h, w, c] -> [h, w, channels]: gray repeated to RGB, RGB(A) to gray by ITU-R 601 luma."""
+  c = image.shape[-1]
+  if c == channels:
+    return image
+  if channels == 3:
+    return np.repeat(image[..., :1], 3, axis=-1)
+  luma = image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+  return np.round(luma).astype(np.uint8)[..., None]
+
+
+def _resize(plane: np.ndarray, height: int, width: int) -> np.ndarray:
+  """One float32 channel resized bilinearly (antialiased when shrinking: the filter widens with the scale)."""
+  return np.asarray(Image.fromarray(plane, mode="F").resize((width, height), Image.Resampling.BILINEAR))
+
+
+def preprocess(image: np.ndarray, size: int, channels: int, flip: bool) -> np.ndarray:
+  """uint8 HWC -> float32 [size, size, channels] in [-1, 1]: short side to size, center crop, optional flip."""
+  image = convert_channels(np.asarray(image), channels)
+  h, w = image.shape[:2]
+  out = image.astype(np.float32)
+  if (h, w) != (size, size):
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    top, left = (nh - size) // 2, (nw - size) // 2
+    out = np.stack([_resize(out[..., c], nh, nw)[top:top + size, left:left + size] for c in range(channels)], -1)
+    out = np.clip(out, 0.0, 255.0)
+  if flip:
+    out = out[:, ::-1]
+  return out / np.float32(127.5) - np.float32(1.0)
+
+
+def _seeds(seed: int) -> tuple[int, int]:
+  """(shuffle seed, flip seed): 32-bit seeds drawn from the run's seed, so that no two runs share epochs."""
+  shuffle, flip = np.random.SeedSequence(seed).generate_state(2)
+  return int(shuffle), int(flip)
+
+
+def _coin(record: int, rng: np.random.Generator) -> tuple[int, bool]:
+  """A record with a fair flip coin."""
+  return record, bool(rng.integers(2))
+
+
+def _no_flip(record: int) -> tuple[int, bool]:
+  """A record that is not flipped."""
+  return record, False
+
+
+def positions(size: int, seed: int, random_flip: bool) -> grain.MapDataset:
+  """Stream position -> (record index, flip): a fresh permutation every epoch, a coin per position."""
+  shuffle_seed, flip_seed = _seeds(seed)
+  # Finitely many epochs (2**62 positions): Grain's lengths of an endless dataset overflow when batched by 1.
+  ds = grain.MapDataset.range(size).shuffle(seed=shuffle_seed).repeat(2**62 // size)
+  return ds.random_map(_coin, seed=flip_seed) if random_flip else ds.map(_no_flip)
+
+
+def _prepare(source: Source, size: int, channels: int, record_flip: tuple[int, bool]) -> tuple[np.ndarray, np.int32]:
+  """(record, flip) -> (float32 image in [-1, 1], int32 label)."""
+  image, label = source.read(record_flip[0])
+  return preprocess(image, size, channels, record_flip[1]), np.int32(label)
+
+
+def _gather(arrays: tuple[np.ndarray, np.ndarray], batch: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """A batch of (records, flips) of in-memory images at the target size -> (float32 images, int32 labels)."""
+  images, labels = arrays
+  records, flips = batch
+  out = images[records].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+  return np.where(flips[:, None, None, None], out[:, :, ::-1], out), labels[records]
+
+
+def in_memory(source: Source, image_size: int, channels: int) -> bool:
+  """Whether the source holds decoded images of exactly this size and channel count (gathered per batch)."""
+  return source.arrays is not None and source.arrays[0].shape[1:] == (image_size, image_size, channels)
+
+
+def auto_workers() -> int:
+  """Decoding worker processes when none are configured: one per core this process may use."""
+  return min(MAX_AUTO_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def check_worker_count(worker_count: Optional[int]) -> None:
+  """Raises ValueError unless worker_count is None (one per core), 0 (decode in this process) or a count."""
+  if worker_count is not None and (isinstance(worker_count, bool) or not isinstance(worker_count, int)
+                                   or worker_count < 0):
+    raise ValueError(f"worker_count={worker_count!r} is invalid: use None (one decoding process per core), 0 "
+                     "(decode in the training process) or a number of worker processes")
+
+
+def batch_dataset(source: Source, *, seed: int, global_batch: int, image_size: int, channels: int = 3,
+                  random_flip: bool = True, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """Step -> this process's (images, labels) rows of that step's global batch, as a Grain MapDataset."""
   if channels not in (1, 3):
     raise ValueError(f"channels={channels!r} is invalid: use 1 (grayscale) or 3 (RGB)")
   if image_size < 1:
@@ -279,28 +282,49 @@ def batch_stream(source: Source, *, seed: int, global_batch: int, image_size: in
     raise ValueError(f"batch_size={global_batch} is not divisible by the {process_count} processes: "
                      f"use a multiple of {process_count}")
   local = global_batch // process_count
-
-  positions = lambda: indexed_positions(source.size, seed, start_step, global_batch, process_index, process_count)
+  ds = positions(source.size, seed, random_flip)
   if in_memory(source, image_size, channels):
-    return _array_batches(source.items, positions(), seed, random_flip)
-  tf = _tf()
-  if source.items is not None:  # flips decided by flip_coins, as in _array_batches
-    items = tf.constant(source.items)
-    flipped = lambda: ((e, i, k, flip_coins(seed, e, i)) for e, i, k in positions())
-    ds = tf.data.Dataset.from_generator(flipped, output_signature=(tf.TensorSpec([local], tf.int64),) * 3
-                                        + (tf.TensorSpec([local], tf.bool),))
-    ds = ds.unbatch().map(_plain(lambda e, i, k, f: (f, tf.gather(items, k))))
+    ds = ds.batch(local).map(functools.partial(_gather, source.arrays))
   else:
-    def coin(epoch, index, record):
-      u = tf.random.stateless_uniform([], seed=tf.stack([_epoch_seed(seed, epoch), index]))
-      return u < 0.5, record
-    ds = sequential_records(source, seed, start_step * local, shuffle_buffer).map(_plain(coin))
+    ds = ds.map(functools.partial(_prepare, source, image_size, channels)).batch(local)
+  return ds[process_index::process_count]
 
-  def prepare(flip, record):
-    return preprocess(source.decode(record, channels), image_size, channels, tf.logical_and(random_flip, flip))
 
-  options = tf.data.Options()
-  options.deterministic = True
-  ds = ds.with_options(options).map(_plain(prepare), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local, drop_remainder=True)
-  return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+def batch_stream(source: Source, *, seed: int, global_batch: int, image_size: int, channels: int = 3,
+                 random_flip: bool = True, start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                 labels: bool = False, worker_count: Optional[int] = None) -> Iterator[Any]:
+  """Endless float32 batches [global_batch / process_count, size, size, channels] (with `labels`, pairs
+  (images, int32 labels)) from start_step: this process's rows of each global batch. Files are decoded in
+  `worker_count` Grain worker processes (None: auto_workers(); 0: in this process); in-memory images at the
+  target size are gathered per batch in a reading thread."""
+  if labels and not source.num_classes:
+    raise ValueError("the dataset has no class labels: a class-conditional model needs a labelled dataset (the "
+                     "digits, a TFDS dataset with a 'label' feature, or a folder of one subfolder per class)")
+  check_worker_count(worker_count)
+  ds = batch_dataset(source, seed=seed, global_batch=global_batch, image_size=image_size, channels=channels,
+                     random_flip=random_flip, process_index=process_index, process_count=process_count)
+  ds = ds[start_step:]
+  if not labels:
+    ds = ds.map(_images_only)
+  workers = 0 if in_memory(source, image_size, channels) else (auto_workers() if worker_count is None else worker_count)
+  iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if workers else 2, prefetch_buffer_size=4))
+  if workers:
+    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; a program without absl never parsed them
+      flags.FLAGS.mark_as_parsed()
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+  return _closing(iter(iter_ds))
+
+
+def _images_only(batch: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+  """The images of an (images, labels) batch."""
+  return batch[0]
+
+
+def _closing(iterator: Iterator[Any]) -> Iterator[Any]:
+  """Yields from a Grain iterator and closes it (and its worker processes) when the stream is dropped."""
+  try:
+    yield from iterator
+  finally:
+    close = getattr(iterator, "close", None)
+    if close:
+      close()

@@ -64,6 +64,7 @@ class Training:
   keep_checkpoints: int
   config: dict  # saved with every checkpoint and as config.json
   hooks: tuple[Hook, ...] = ()
+  wandb_project: Optional[str] = None  # also log to this Weights & Biases project (process 0)
 
 
 def prefetch(iterator: Iterator[Any], put: Callable[[Any], Any], size: int = 2) -> Iterator[Any]:
@@ -169,7 +170,7 @@ def train(training: Training, workdir: str) -> TrainState:
     handlers = _catch_signals(received)
     agree = parallel.make_agreement() if jax.process_count() > 1 else None
     votes: collections.deque = collections.deque()
-    writer = MetricWriter(workdir) if lead else None
+    writer = MetricWriter(workdir, start, t.wandb_project, t.config) if lead else None
     pending: list[tuple[int, Any]] = []
     t_last, n_last = time.time(), start
     logging.info("training from step %d to %d on %d device(s) in %d process(es), global batch %d", start,
@@ -215,7 +216,7 @@ def train(training: Training, workdir: str) -> TrainState:
       plots.plot_training_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, CURVES))
     return t.runner.get_state(run_state)
   finally:
-    batches = None  # finalize the tf.data iterator now, not during interpreter shutdown
+    batches = None  # close the input pipeline (and its worker processes) now, not during interpreter shutdown
     checkpoint.close(manager)
     if writer:
       writer.close()

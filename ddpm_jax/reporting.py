@@ -1,12 +1,14 @@
-"""Metric writing (metrics.jsonl and TensorBoard) and progress lines on the console."""
+"""Metric writing (metrics.jsonl, TensorBoard through tensorboardX, optionally Weights & Biases) and progress lines."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import itertools
 import json
 import os
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -28,32 +30,91 @@ def progress_printer(what: str, every: int = 1) -> Callable[[int, int], None]:
   return report
 
 
+def drop_rows_after(path: str, step: int) -> None:
+  """Rewrites a metrics.jsonl without the rows of steps after `step` (a resumed run writes them again)."""
+  if not os.path.isfile(path):
+    return
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = f.readlines()
+  kept = [line for line in lines if _row_step(line) <= step]
+  if len(kept) == len(lines):
+    return
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(path + ".tmp", path)
+
+
+def _row_step(line: str) -> float:
+  """The step of a metrics.jsonl line; unreadable lines (a torn last line) count as after every step."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return float("inf")
+
+
+def check_wandb(project: Optional[str]) -> None:
+  """Raises ValueError when Weights & Biases logging is asked for and the package is missing."""
+  if project and importlib.util.find_spec("wandb") is None:
+    raise ValueError(f"wandb.project={project!r} needs the wandb package, which is not installed: "
+                     "pip install wandb (or leave wandb.project unset)")
+
+
 class MetricWriter:
-  """Appends scalars to workdir/metrics.jsonl and scalars and images to TensorBoard event files."""
+  """Appends scalars to workdir/metrics.jsonl, scalars and images to TensorBoard event files (tensorboardX), and to
+  Weights & Biases when a project is named.
 
-  def __init__(self, workdir: str):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top  # heavy; only the training process needs it
+  A writer opened at `start_step` (a resumed run) first drops the rows the
+  interrupted run logged after it, from metrics.jsonl and, through TensorBoard's
+  purge step, from the event files' view, so that no step is shown twice.
+  """
 
-    self._tf = tf
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-    self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+  def __init__(self, workdir: str, start_step: int = 0, wandb_project: Optional[str] = None,
+               config: Optional[dict] = None):
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  # only the training process
+
+    path = os.path.join(workdir, "metrics.jsonl")
+    drop_rows_after(path, start_step)
+    self._jsonl = open(path, "a", encoding="utf-8")
+    # A suffix of its own: event files are named by the second, and a run restarted within it would overwrite one.
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None,
+                             filename_suffix=f".from{start_step}.pid{os.getpid()}")
+    self._wandb = None
+    if wandb_project:
+      check_wandb(wandb_project)
+      import wandb  # pylint: disable=g-import-not-at-top  # optional
+
+      self._wandb = wandb.init(project=wandb_project, dir=workdir, config=config, resume="allow",
+                               id=_run_id(workdir))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     """Records scalars at step."""
     self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
     self._jsonl.flush()
-    with self._tb.as_default():
-      for k, v in scalars.items():
-        self._tf.summary.scalar(k, v, step=step)
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, v, step)
     self._tb.flush()
+    if self._wandb:
+      self._wandb.log(scalars, step=step)
 
   def write_image(self, step: int, name: str, image: np.ndarray) -> None:
     """Records one uint8 HWC image (1 or 3 channels) at step."""
-    with self._tb.as_default():
-      self._tf.summary.image(name, np.asarray(image, np.uint8)[None], step=step)
+    image = np.asarray(image, np.uint8)
+    self._tb.add_image(name, np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image, step,
+                       dataformats="HWC")
     self._tb.flush()
+    if self._wandb:
+      import wandb  # pylint: disable=g-import-not-at-top  # optional
+
+      self._wandb.log({name: wandb.Image(image)}, step=step)
 
   def close(self) -> None:
-    """Flushes and closes both files."""
+    """Flushes and closes every output."""
     self._jsonl.close()
     self._tb.close()
+    if self._wandb:
+      self._wandb.finish()
+
+
+def _run_id(workdir: str) -> str:
+  """A Weights & Biases run id fixed by the workdir, so that a resumed run continues the same W&B run."""
+  return hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:16]

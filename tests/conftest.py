@@ -1,6 +1,7 @@
 """Test-session setup."""
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -40,3 +41,9 @@ def inception_weights(inception_variables, tmp_path_factory):
   path = str(tmp_path_factory.mktemp("inception") / "inception.msgpack")
   inception.save_variables(inception_variables, path)
   return path
+
+
+@pytest.fixture(scope="session")
+def imported_tensorflow():
+  """stderr of `python -X importtime ...` -> the TensorFlow modules it lists as imported."""
+  return lambda stderr: re.findall(r"\|\s+(tensorflow(?:\.\S+)?)$", stderr, flags=re.MULTILINE)

@@ -1,4 +1,5 @@
-"""Input pipelines: shapes and ranges, preprocessing geometry, folders, determinism, resume, sharding, errors."""
+"""Input pipelines: shapes and ranges, preprocessing geometry, folders, labels, determinism, resume, sharding, workers,
+errors."""
 
 import logging
 import os
@@ -18,14 +19,15 @@ def take(it, n):
 
 
 def array_source(images):
-  return data.Source(len(images), data.convert_channels, items=images)
+  return data.array_source(images)
 
 
 @pytest.mark.parametrize("name, size", [("cifar10", 32), ("oxford_flowers102", 64)])
 def test_tfds_batches_have_the_configured_shape_dtype_and_range(name, size):
   with tfds.testing.mock_data(num_examples=20):
     source = data.make_source(f"tfds:{name}")
-    (batch,) = take(data.batch_stream(source, seed=0, global_batch=8, image_size=size), 1)
+    (batch,) = take(data.batch_stream(source, seed=0, global_batch=8, image_size=size, worker_count=0), 1)
+  assert source.num_classes == {"cifar10": 10, "oxford_flowers102": 102}[name]
   assert batch.shape == (8, size, size, 3) and batch.dtype == np.float32
   assert batch.min() >= -1.0 and batch.max() <= 1.0 and batch.std() > 0.1
 
@@ -46,7 +48,7 @@ def test_resize_short_side_then_center_crop_keeps_the_center():
   rows, cols = np.meshgrid(np.arange(48), np.arange(32), indexing="ij")
   ramp = (2 * rows + cols).astype(np.uint8)[None, :, :, None]  # a linear ramp, 48x32
   (batch,) = take(data.batch_stream(array_source(ramp), seed=0, global_batch=1, image_size=16, channels=1,
-                                    random_flip=False), 1)
+                                    random_flip=False, worker_count=0), 1)
   out = (batch[0, :, :, 0] + 1) * 127.5
   # Short side 32 -> 16 halves both axes (24x16); the crop drops 4 rows top and bottom. Output pixel (i, j)
   # samples the input at (2(i+4) + 0.5, 2j + 0.5), where the ramp is 2·row + col; columns 0 and 15 touch
@@ -78,11 +80,40 @@ def test_image_folder_skips_corrupt_files_with_one_warning(tmp_path, caplog):
   assert len(warnings) == 1 and "skipped 1 of 8 files" in warnings[0].getMessage()
   assert warnings[0].getMessage().endswith(os.path.join(str(tmp_path), "nested", "corrupt.png"))
   # Three epochs' worth of batches, the grayscale file expanded to RGB.
-  for batch in take(data.batch_stream(source, seed=1, global_batch=7, image_size=16), 3):
+  for batch in take(data.batch_stream(source, seed=1, global_batch=7, image_size=16, worker_count=0), 3):
     assert batch.shape == (7, 16, 16, 3) and -1 <= batch.min() and batch.max() <= 1
     assert sum(np.allclose(im[..., 0], im[..., 1]) and np.allclose(im[..., 1], im[..., 2]) for im in batch) == 1
-  gray = take(data.batch_stream(source, seed=1, global_batch=7, image_size=16, channels=1), 1)[0]
+  gray = take(data.batch_stream(source, seed=1, global_batch=7, image_size=16, channels=1, worker_count=0), 1)[0]
   assert gray.shape == (7, 16, 16, 1)
+  assert source.num_classes == 0  # images at the top level: not one subfolder per class
+  with pytest.raises(ValueError, match="the dataset has no class labels"):
+    data.batch_stream(source, seed=1, global_batch=7, image_size=16, labels=True)
+
+
+def test_decoding_in_worker_processes_gives_the_same_batches(tmp_path):
+  _write_folder(str(tmp_path))
+  source = data.make_source(f"folder:{tmp_path}")
+  kw = dict(seed=3, global_batch=4, image_size=12, start_step=2)
+  here = take(data.batch_stream(source, worker_count=0, **kw), 4)
+  for a, b in zip(here, take(data.batch_stream(source, worker_count=2, **kw), 4)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_folder_of_class_subfolders_is_labelled_in_sorted_order(tmp_path):
+  # Class k's images are filled with the value 40 k (some nested one level deeper), so a label can be checked
+  # against its image.
+  for k, name in enumerate(["cat", "bird", "zebra"]):
+    for j in range(3):
+      folder = tmp_path / name / ("deep" if j == 2 else "")
+      folder.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(np.full((10, 10), 40 * k, np.uint8)).save(folder / f"{j}.png")
+  source = data.make_source(f"folder:{tmp_path}")
+  assert source.class_names == ("bird", "cat", "zebra")
+  images, labels = next(data.batch_stream(source, seed=0, global_batch=9, image_size=10, channels=1, labels=True,
+                                          worker_count=0))
+  value_of_class = {0: 40, 1: 0, 2: 80}  # bird was written with k = 1, cat with 0, zebra with 2
+  assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2] and labels.dtype == np.int32
+  np.testing.assert_allclose((images[:, 0, 0, 0] + 1) * 127.5, [value_of_class[y] for y in labels], atol=1e-4)
 
 
 def test_many_undecodable_files_are_counted_and_the_first_five_named(tmp_path, caplog):
@@ -138,16 +169,28 @@ def test_order_is_seeded_and_resume_continues_the_straight_run():
 
 
 def test_two_processes_read_disjoint_halves_of_each_global_batch():
-  steps = 1797 // 64  # whole global batches inside the first epoch
-  take_records = lambda p, n: [next(g)[2] for g in [data.indexed_positions(1797, 5, 0, 64, p, n)] for _ in range(steps)]
-  halves = [np.concatenate(take_records(p, 2)) for p in (0, 1)]
+  # Labels are the record indices, so the labels stream names the records each process reads.
+  n, steps = 1000, 1000 // 64  # whole global batches inside the first epoch
+  source = data.array_source(np.zeros((n, 8, 8, 1), np.uint8), np.arange(n), class_names=[str(k) for k in range(n)])
+  records = lambda p, count: [y for _, y in take(data.batch_stream(source, seed=5, global_batch=64, image_size=8,
+                                                                   channels=1, labels=True, process_index=p,
+                                                                   process_count=count), steps)]
+  halves = [np.concatenate(records(p, 2)) for p in (0, 1)]
   assert not set(halves[0]) & set(halves[1])
   assert len(set(halves[0]) | set(halves[1])) == 64 * steps
   # Together they form exactly the single-process stream, batch by batch.
-  single = take_records(0, 1)
+  single = records(0, 1)
   for s in range(steps):
     np.testing.assert_array_equal(single[s], np.concatenate([halves[0][32 * s:32 * (s + 1)],
                                                              halves[1][32 * s:32 * (s + 1)]]))
+
+
+def test_digit_labels_belong_to_their_images():
+  images, labels = data.load_digits()
+  batch, got = next(data.batch_stream(data.make_source("digits"), seed=1, global_batch=256, image_size=8,
+                                      channels=1, random_flip=False, labels=True))
+  pixels = {im.tobytes(): y for im, y in zip(images, labels)}
+  assert [pixels[np.round((im + 1) * 127.5).astype(np.uint8).tobytes()] for im in batch] == got.tolist()
 
 
 def test_two_process_batches_concatenate_to_the_single_process_batch():
@@ -160,16 +203,14 @@ def test_two_process_batches_concatenate_to_the_single_process_batch():
     np.testing.assert_array_equal(np.concatenate([parts[0][s], parts[1][s]]), single[s])
 
 
-def test_unknown_or_unprepared_tfds_dataset_fails_fast(tmp_path, monkeypatch):
+def test_unknown_or_unprepared_tfds_dataset_fails_fast(tmp_path):
   start = time.time()
   with pytest.raises(ValueError, match="^unknown TFDS dataset 'cifar11'"):
     data.make_source("tfds:cifar11")
-  with pytest.raises(ValueError, match=re.escape(f"TFDS dataset 'cifar10' is not prepared in {tmp_path} and "
-                                                 "config.data.download is off: prepare it on a connected machine "
-                                                 "with `tfds build cifar10")):
-    data.make_source("tfds:cifar10", data_dir=str(tmp_path), download=False)
-  monkeypatch.setattr(data, "_reachable", lambda: False)
-  with pytest.raises(ValueError, match="is not prepared in .* and the network is unreachable: .*TFDS_DATA_DIR"):
+  with pytest.raises(ValueError, match=re.escape(f"TFDS dataset 'cifar10' is not prepared as ArrayRecord in "
+                                                 f"{tmp_path}: prepare it once with `pip install -r "
+                                                 "requirements-prepare.txt && tfds build cifar10 "
+                                                 "--file_format=array_record --data_dir=DIR`")):
     data.make_source("tfds:cifar10", data_dir=str(tmp_path))
   assert time.time() - start < 10
 
@@ -186,22 +227,13 @@ def test_batch_not_divisible_by_processes():
 
 
 @pytest.mark.parametrize("random_flip", [False, True])
-def test_in_memory_digits_skip_tf_data_and_give_the_same_batches(monkeypatch, random_flip):
+def test_in_memory_digits_are_gathered_per_batch_and_give_the_same_batches(monkeypatch, random_flip):
   source = data.make_source("digits")
   kw = dict(seed=4, global_batch=64, image_size=8, channels=1, random_flip=random_flip, start_step=27,
-            process_index=1, process_count=2)
+            process_index=1, process_count=2, worker_count=0)
   assert data.in_memory(source, 8, 1) and not data.in_memory(source, 16, 1) and not data.in_memory(source, 8, 3)
   fast = take(data.batch_stream(source, **kw), 3)
   assert all(isinstance(b, np.ndarray) and b.shape == (32, 8, 8, 1) for b in fast)
-  monkeypatch.setattr(data, "in_memory", lambda *args: False)  # the tf.data pipeline, as for any other source
+  monkeypatch.setattr(data, "in_memory", lambda *args: False)  # read and preprocessed per image, as files are
   for a, b in zip(fast, take(data.batch_stream(source, **kw), 3)):
     np.testing.assert_array_equal(a, b)
-
-
-def test_flip_coins_are_fair_and_stateless():
-  epoch, index = np.repeat(np.arange(4), 5000), np.tile(np.arange(5000), 4)
-  coins = data.flip_coins(7, epoch, index)
-  # Binomial(20000, 0.5): s.d. of the fraction 0.0035; allow 4 s.d. Each (epoch, index) keeps its coin.
-  assert abs(coins.mean() - 0.5) < 0.014
-  np.testing.assert_array_equal(coins[::7], data.flip_coins(7, epoch[::7], index[::7]))
-  assert (coins != data.flip_coins(8, epoch, index)).mean() > 0.4  # another seed, other coins

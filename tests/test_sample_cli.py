@@ -40,17 +40,18 @@ def workdir(tmp_path_factory):
   return path
 
 
-def run_sample(*flags):
+def run_sample(*flags, python_flags=()):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *flags], env=env, capture_output=True,
-                        text=True, timeout=300)
+  return subprocess.run([sys.executable, *python_flags, os.path.join(ROOT, "sample.py"), *flags], env=env,
+                        capture_output=True, text=True, timeout=300)
 
 
-def test_sample_writes_grid_npz_and_figures(workdir, tmp_path):
+def test_sample_writes_grid_npz_and_figures(workdir, tmp_path, imported_tensorflow):
   out = tmp_path / "s.png"
   res = run_sample(f"--workdir={workdir}", "--num_samples=11", "--batch_size=4", "--method=ddim", "--steps=5",
-                   "--eta=0.5", f"--out={out}", "--figures", "--eval")
+                   "--eta=0.5", f"--out={out}", "--figures", "--eval", python_flags=("-X", "importtime"))
   assert res.returncode == 0, res.stderr[-3000:]
+  assert imported_tensorflow(res.stderr) == []  # no TensorFlow in the sampling process
   assert "sampled 11/11" in res.stdout
   arr = np.load(tmp_path / "s.npz")["images"]
   assert arr.shape == (11, 8, 8, 1) and arr.dtype == np.uint8 and arr.std() > 0

@@ -42,10 +42,10 @@ def small_config(**changes):
   return config
 
 
-def run_train(workdir, *flags, devices=1, timeout=300, env_extra=None, background=False):
+def run_train(workdir, *flags, devices=1, timeout=300, env_extra=None, background=False, python_flags=()):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env_extra or {}))
-  cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={workdir}", *SMALL, *flags]
+  cmd = [sys.executable, *python_flags, os.path.join(ROOT, "train.py"), f"--workdir={workdir}", *SMALL, *flags]
   if background:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -69,7 +69,7 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
-def test_resume_is_bit_identical(tmp_path):
+def test_resume_is_bit_identical(tmp_path, imported_tensorflow):
   first = run_train(tmp_path / "resumed", "--stop_at_step=6")
   assert first.returncode == 0, first.stderr[-2000:]
   assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["6"]
@@ -79,8 +79,10 @@ def test_resume_is_bit_identical(tmp_path):
   # The straight run also evaluates at its last step: sampling must not disturb the training state.
   straight = run_train(tmp_path / "straight", "--stop_at_step=12", "--config.eval_every_steps=12",
                        "--config.eval_num_samples=32", "--config.sample.num_steps=4", "--config.sample.every_steps=12",
-                       "--config.sample.num_samples=6")
+                       "--config.sample.num_samples=6", python_flags=("-X", "importtime"))
   assert straight.returncode == 0, straight.stderr[-2000:]
+  # No TensorFlow in the training process: -X importtime lists every module imported.
+  assert imported_tensorflow(straight.stderr) == []
   assert re.search(r"eval at step 12: 32 samples: [\d.]+% classified with confidence >= 0.9", straight.stdout)
   last = json.loads(open(tmp_path / "straight" / "metrics.jsonl").read().splitlines()[-1])
   assert last["step"] == 12 and 0 <= last["eval/confident_fraction"] <= 1 and last["eval/frechet_distance"] > 0
@@ -104,17 +106,12 @@ def test_resume_is_bit_identical(tmp_path):
 
 
 def tensorboard_images(logdir):
-  """(tag, step, (height, width)) of every image summary in a TensorBoard log folder."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  """(tag, step, (height, width)) of every image summary in a TensorBoard log folder, read by TensorBoard."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
 
-  found = []
-  for path in sorted(logdir.glob("events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(str(path)):
-      for value in event.summary.value:
-        if value.metadata.plugin_data.plugin_name == "images":
-          width, height = (int(b) for b in tf.make_ndarray(value.tensor)[:2])
-          found.append((value.tag, event.step, (height, width)))
-  return found
+  acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"images": 0})
+  acc.Reload()
+  return [(tag, e.step, (e.height, e.width)) for tag in acc.Tags()["images"] for e in acc.Images(tag)]
 
 
 def test_sigterm_leaves_a_restorable_checkpoint_at_the_step_reached(tmp_path):
