@@ -7,6 +7,7 @@ import sys
 
 import jax
 import ml_collections
+import numpy as np
 from absl import app, flags
 
 from ddpm_jax import builders, checkpoint, data, evaluation, figures, images, loop, plots, runtime, sampling
@@ -35,8 +36,37 @@ flags.DEFINE_bool("plot", False, "Only draw the training curves of --workdir's m
 flags.DEFINE_bool("figures", False, "Also write the book's figures: forward diffusion, 10 samples, a trajectory.")
 flags.DEFINE_bool("eval", False, "Score the samples (digits: classifier confidence, class balance, feature "
                   "Fréchet distance; other datasets: FID, KID, IS) and write WORKDIR/eval_step_STEP.json.")
+flags.DEFINE_string("labels", None, "Classes to draw, for a class-conditional model: one ('7'), a list ('0,3,9') or "
+                    "'all'; the samples are shared out in that order, one class per grid row.")
+flags.DEFINE_float("guidance", None, "Classifier-free guidance scale w for --labels (0: unconditional, 1: "
+                   "conditional, > 1: guided); default config.sample.guidance_scale.")
 flags.DEFINE_string("inception_weights", None, "FID Inception weights (tools/convert_inception_weights.py) for "
                     "--eval on datasets other than digits; overrides the config's inception_weights.")
+
+
+def requested_labels(spec: str | None, guidance: float | None, config: ml_collections.ConfigDict,
+                     num_samples: int) -> tuple[np.ndarray | None, int | None]:
+  """(labels, grid columns) that --labels asks of the model (None, None without it); ValueError for classes the
+  model does not have, or for --labels / --guidance on an unconditional model."""
+  num_classes = config.model.get("num_classes") or 0
+  if spec is None:
+    if guidance is not None:
+      raise ValueError(f"--guidance={guidance:g} needs --labels: guidance steers samples towards a class")
+    return None, None
+  if not num_classes:
+    raise ValueError(f"--labels={spec} needs a class-conditional model: this checkpoint's model is unconditional "
+                     "(model.num_classes=0; train one with --config configs/digits_guided.py)")
+  if spec == "all":
+    classes = list(range(num_classes))
+  else:
+    try:
+      classes = [int(c) for c in spec.split(",")]
+    except ValueError:
+      raise ValueError(f"--labels={spec} is not understood: give a class (7), a list (0,3,9) or 'all'") from None
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+      raise ValueError(f"--labels={spec}: class {bad[0]} does not exist: the model has classes 0..{num_classes - 1}")
+  return images.class_rows(classes, num_samples)
 
 
 def main(argv):
@@ -66,8 +96,9 @@ def main(argv):
     if FLAGS.inception_weights:
       with config.unlocked():  # a --config file's dict is locked
         config.inception_weights = FLAGS.inception_weights
+    labels, cols = requested_labels(FLAGS.labels, FLAGS.guidance, config, FLAGS.num_samples)
     options = builders.sampler_options(config, method=FLAGS.method, num_steps=FLAGS.steps, eta=FLAGS.eta,
-                                       timestep_spacing=FLAGS.timestep_spacing)
+                                       timestep_spacing=FLAGS.timestep_spacing, guidance_scale=FLAGS.guidance)
     schedule = builders.build_schedule(config)
     builders.validate_sampler(options, schedule.num_timesteps)
     evaluate = builders.build_evaluator(config, workdir) if FLAGS.eval else None
@@ -75,15 +106,17 @@ def main(argv):
     model = builders.build_model(config)
     generate = builders.build_generator(config, model, schedule, options, FLAGS.batch_size)
     key = jax.random.key(FLAGS.seed)
+    guidance = "" if labels is None else f", classes {FLAGS.labels}, guidance {options.guidance_scale:g}"
     print(f"sampling {FLAGS.num_samples} images at step {step} ({'EMA' if FLAGS.use_ema else 'raw'} params) with "
-          f"{options.method}", flush=True)
-    x = generate(params, key, FLAGS.num_samples, progress_printer("sampled"))
-    png, npz = images.save_samples(FLAGS.out, x, scale=FLAGS.scale)
+          f"{options.method}{guidance}", flush=True)
+    x = generate(params, key, FLAGS.num_samples, progress_printer("sampled"), labels=labels)
+    png, npz = images.save_samples(FLAGS.out, x, cols, scale=FLAGS.scale, labels=labels)
     print(f"wrote {png} and {npz}")
     if evaluate:
-      result = evaluate(x)
+      result = evaluate(x, labels)
       result.update(step=step, ema=FLAGS.use_ema, seed=FLAGS.seed, method=options.method,
-                    num_steps=options.num_steps, eta=options.eta, timestep_spacing=options.timestep_spacing)
+                    num_steps=options.num_steps, eta=options.eta, timestep_spacing=options.timestep_spacing,
+                    labels=FLAGS.labels, guidance_scale=None if labels is None else options.guidance_scale)
       path = os.path.join(workdir, f"eval_step_{step}.json")
       with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)

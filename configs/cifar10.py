@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.prediction = "eps"  # eps | v | x0
   config.diffusion.loss_weighting = "none"  # none | min_snr
   config.diffusion.min_snr_gamma = 5.0
+  config.diffusion.cond_drop_prob = 0.1  # conditional models: each label dropped (no label) with this probability
 
   config.optim = ml_collections.ConfigDict()
   config.optim.optimizer = "adam"
@@ -68,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.timestep_spacing = "leading"
   config.sample.variance = "fixed_large"  # σ² = β, as the paper samples
   config.sample.clip_x0 = True
+  config.sample.guidance_scale = 1.0  # conditional models: 0 unconditional, 1 conditional, > 1 guided
   config.sample.every_steps = 50_000
   config.sample.num_samples = 64
   config.sample.batch_size = 64

@@ -30,6 +30,7 @@ def model(preset: str, **overrides) -> ml_collections.ConfigDict:
   m.topology = placeholder(str)  # ddpm | book (see ddpm_jax.unet.UNet)
   m.init_scheme = placeholder(str)  # flax | ddpm (fan-average uniform, zero-initialised residual-branch ends)
   m.out_channels = placeholder(int)  # None: as many as the input
+  m.num_classes = placeholder(int)  # > 0: class-conditional on the dataset's labels (classifier-free guidance)
   m.dtype = placeholder(str)  # compute dtype: float32 | bfloat16
   m.param_dtype = placeholder(str)  # parameter dtype: float32 | bfloat16
   for key, value in overrides.items():

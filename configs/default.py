@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.prediction = "eps"  # what the network predicts: eps | v | x0
   config.diffusion.loss_weighting = "none"  # none | min_snr
   config.diffusion.min_snr_gamma = 5.0  # γ of min_snr
+  config.diffusion.cond_drop_prob = 0.1  # conditional models: each label dropped (no label) with this probability
 
   config.optim = ml_collections.ConfigDict()
   config.optim.optimizer = "adamw"  # adam | adamw
@@ -76,6 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.timestep_spacing = "leading"  # leading | trailing | linspace
   config.sample.variance = "fixed_small"  # ddpm: fixed_small (posterior) | fixed_large (β)
   config.sample.clip_x0 = True  # clip the predicted x0 to [-1, 1]
+  config.sample.guidance_scale = 1.0  # conditional models: 0 unconditional, 1 conditional, > 1 guided
   config.sample.every_steps = 2000  # > 0: a grid of num_samples EMA samples (PNG and TensorBoard) every so many steps
   config.sample.num_samples = 64
   config.sample.batch_size = 256  # samples per sampler call, split over every device (of every process)

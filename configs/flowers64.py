@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.prediction = "eps"
   config.diffusion.loss_weighting = "none"
   config.diffusion.min_snr_gamma = 5.0
+  config.diffusion.cond_drop_prob = 0.1  # conditional models: each label dropped (no label) with this probability
 
   config.optim = ml_collections.ConfigDict()
   config.optim.optimizer = "adamw"
@@ -68,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.timestep_spacing = "leading"
   config.sample.variance = "fixed_small"
   config.sample.clip_x0 = True
+  config.sample.guidance_scale = 1.0  # conditional models: 0 unconditional, 1 conditional, > 1 guided
   config.sample.every_steps = 20_000
   config.sample.num_samples = 10
   config.sample.batch_size = 10

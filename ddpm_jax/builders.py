@@ -84,12 +84,25 @@ def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfor
     return training.make_optimizer(total_steps=config.num_train_steps, **config.optim)
 
 
+def conditional(config: ml_collections.ConfigDict) -> bool:
+  """Whether the config's model is class-conditional."""
+  return bool(config.model.get("num_classes"))
+
+
 def build_train_step(config: ml_collections.ConfigDict, schedule: Schedule) -> Callable:
-  """training.train_step with the config's loss and EMA settings bound (state, batch, key, axis_name=None)."""
+  """training.train_step with the config's loss and EMA settings bound (state, batch, key, axis_name=None); a
+  conditional model's batches are (images, labels) pairs."""
   d = config.diffusion
-  return functools.partial(training.train_step, schedule=schedule, loss=d.loss, ema_decay=config.ema.decay,
+  step = functools.partial(training.train_step, schedule=schedule, loss=d.loss, ema_decay=config.ema.decay,
                            ema_warmup=config.ema.warmup, prediction=d.prediction, loss_weighting=d.loss_weighting,
                            min_snr_gamma=d.min_snr_gamma)
+  if not conditional(config):
+    return step
+
+  def labelled_step(state: Any, batch: tuple[jax.Array, jax.Array], key: jax.Array, axis_name: Optional[str] = None):
+    images_, labels = batch
+    return step(state, images_, key, labels=labels, cond_drop_prob=d.cond_drop_prob, axis_name=axis_name)
+  return labelled_step
 
 
 def sampler_options(config: ml_collections.ConfigDict, **overrides: Any) -> sampling.SamplerOptions:
@@ -100,7 +113,8 @@ def sampler_options(config: ml_collections.ConfigDict, **overrides: Any) -> samp
   steps = s["num_steps"] if s["method"] != "ddpm" or "num_steps" in given else None
   return sampling.SamplerOptions(method=s["method"], num_steps=steps, eta=s["eta"], clip_x0=s["clip_x0"],
                                  variance=s["variance"], timestep_spacing=s.get("timestep_spacing", "leading"),
-                                 prediction=config.diffusion.get("prediction", "eps"))
+                                 prediction=config.diffusion.get("prediction", "eps"),
+                                 guidance_scale=s.get("guidance_scale", 1.0))
 
 
 def _config_path(argv: list[str], default: Optional[str]) -> Optional[str]:
@@ -223,6 +237,9 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, proces
   _choice("diffusion.loss_weighting", config.diffusion.loss_weighting, diffusion.LOSS_WEIGHTINGS)
   if not config.diffusion.min_snr_gamma > 0:
     raise ValueError(f"diffusion.min_snr_gamma={config.diffusion.min_snr_gamma!r} is invalid: it must be > 0")
+  cond_drop = config.diffusion.get("cond_drop_prob", 0.0)
+  if not 0.0 <= cond_drop <= 1.0:
+    raise ValueError(f"diffusion.cond_drop_prob={cond_drop!r} is invalid: it must lie in [0, 1]")
   if not 0.0 <= config.ema.decay < 1.0:
     raise ValueError(f"ema.decay={config.ema.decay!r} is invalid: it must lie in [0, 1) (0 keeps no average)")
   validate_sampler(sampler_options(config), schedule.num_timesteps, "sample.")
@@ -241,9 +258,9 @@ def validate_sampler(options: sampling.SamplerOptions, num_timesteps: int, prefi
     sampling.check_options(options, num_timesteps)
 
 
-def model_fn(model: UNet) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-  """(params, x_t, t) -> the network's output."""
-  return lambda params, x, t: model.apply({"params": params}, x, t)
+def model_fn(model: UNet) -> Callable[..., jax.Array]:
+  """(params, x_t, t[, labels]) -> the network's output."""
+  return lambda params, x, t, labels=None: model.apply({"params": params}, x, t, labels=labels)
 
 
 def build_generator(config: ml_collections.ConfigDict, model: UNet, schedule: Schedule,
@@ -264,7 +281,8 @@ def build_batches(config: ml_collections.ConfigDict, source: data.Source, proces
   return lambda start: data.batch_stream(
       source, seed=config.seed, global_batch=config.batch_size, image_size=config.image_size,
       channels=config.data.channels, random_flip=config.data.random_flip, start_step=start,
-      process_index=process_index, process_count=process_count, worker_count=config.data.worker_count)
+      process_index=process_index, process_count=process_count, labels=conditional(config),
+      worker_count=config.data.worker_count)
 
 
 def build_evaluator(config: ml_collections.ConfigDict, workdir: str,
@@ -283,30 +301,48 @@ def build_evaluator(config: ml_collections.ConfigDict, workdir: str,
   return evaluation.inception_evaluator(config.inception_weights, real, num_real, path, config.eval_batch_size)
 
 
-def _sample_grid_hook(workdir: str, generate: Callable, key: jax.Array, num_samples: int) -> Callable:
-  """A loop hook writing a grid of EMA samples to workdir/samples/step_N.png and TensorBoard."""
+def _sample_grid_hook(workdir: str, generate: Callable, key: jax.Array, num_samples: int,
+                      num_classes: int) -> Callable:
+  """A loop hook writing a grid of EMA samples (of a conditional model: one class per row) to
+  workdir/samples/step_N.png and TensorBoard."""
+  labels, cols = images.class_rows(range(num_classes), num_samples) if num_classes else (None, None)
 
   def run(step: int, ema_params: Any, writer: Optional[MetricWriter]) -> None:
-    samples = generate(ema_params, key, num_samples)  # every process takes part
+    samples = generate(ema_params, key, num_samples, labels=labels)  # every process takes part
     if writer is None:
       return
-    grid = images.make_grid(images.to_uint8(samples), scale=None)
+    grid = images.make_grid(images.to_uint8(samples), cols, scale=None)
     images.save_png(os.path.join(workdir, "samples", f"step_{step:08d}.png"), grid)
     writer.write_image(step, "samples", grid)
   return run
 
 
-def _eval_hook(generate: Callable, evaluate: Optional[Evaluator], key: jax.Array, num_samples: int) -> Callable:
-  """A loop hook scoring EMA samples and logging the numbers as eval/*."""
+def _eval_hook(generate: Callable, evaluate: Optional[Evaluator], key: jax.Array, num_samples: int,
+               num_classes: int) -> Callable:
+  """A loop hook scoring EMA samples (of a conditional model: every class in turn) and logging the numbers as
+  eval/*."""
+  labels = np.arange(num_samples, dtype=np.int32) % num_classes if num_classes else None
 
   def run(step: int, ema_params: Any, writer: Optional[MetricWriter]) -> None:
-    samples = generate(ema_params, key, num_samples)  # every process takes part; process 0 alone scores them
+    samples = generate(ema_params, key, num_samples, labels=labels)  # every process takes part; process 0 scores
     if evaluate is None or writer is None:
       return
-    result = evaluate(samples)
+    result = evaluate(samples, labels)
     writer.write(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
     print(f"eval at step {step}: {evaluation.report(result)}", flush=True)
   return run
+
+
+def check_classes(config: ml_collections.ConfigDict, source: data.Source) -> None:
+  """Raises ValueError unless a conditional model's class count is the dataset's."""
+  n = config.model.get("num_classes") or 0
+  if n and not source.num_classes:
+    raise ValueError(f"model.num_classes={n} asks for a class-conditional model, but dataset={config.dataset!r} has "
+                     "no class labels (labelled: digits, TFDS datasets with a 'label' feature, folders of one "
+                     "subfolder per class)")
+  if n and n != source.num_classes:
+    raise ValueError(f"model.num_classes={n} but dataset={config.dataset!r} has {source.num_classes} classes: "
+                     f"set model.num_classes={source.num_classes}")
 
 
 def build_training(config: ml_collections.ConfigDict, workdir: str,
@@ -315,20 +351,22 @@ def build_training(config: ml_collections.ConfigDict, workdir: str,
   validate(config, device_count=jax.device_count(), process_count=jax.process_count(), stop_at_step=stop_at_step)
   check_workdir(workdir)
   source = build_source(config)  # a missing dataset fails before any JAX
+  check_classes(config, source)
   model, schedule, tx = build_model(config), build_schedule(config), build_optimizer(config)
   init_key, train_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
   input_shape = (1,) + image_shape(config)
   hooks = []
   if config.sample.every_steps or config.eval_every_steps:
     generate = build_generator(config, model, schedule, sampler_options(config))
+    num_classes = model.num_classes
     hooks.append(loop.Hook(config.sample.every_steps,
-                           _sample_grid_hook(workdir, generate, sample_key, config.sample.num_samples)))
+                           _sample_grid_hook(workdir, generate, sample_key, config.sample.num_samples, num_classes)))
     if config.eval_every_steps:
       # Process 0 alone scores samples (and computes any FID reference statistics, once); the others wait at the
       # loop's barrier.
       evaluate = build_evaluator(config, workdir, source) if jax.process_index() == 0 else None
-      hooks.append(loop.Hook(config.eval_every_steps, _eval_hook(generate, evaluate,
-                                                                 sample_key, config.eval_num_samples)))
+      hooks.append(loop.Hook(config.eval_every_steps, _eval_hook(generate, evaluate, sample_key,
+                                                                 config.eval_num_samples, num_classes)))
   return loop.Training(
       create_state=lambda: create_train_state(model, tx, init_key, input_shape),
       runner=parallel.make_runner(build_train_step(config, schedule), config.parallelism),
@@ -341,7 +379,8 @@ def build_training(config: ml_collections.ConfigDict, workdir: str,
       keep_checkpoints=config.keep_checkpoints,
       config=config.to_dict(),
       hooks=tuple(hooks),
-      wandb_project=config.wandb.project)
+      wandb_project=config.wandb.project,
+      class_names=source.class_names if conditional(config) else ())
 
 
 def _params_template(config: ml_collections.ConfigDict) -> Any:

@@ -11,7 +11,7 @@ the real-vs-real floor of two disjoint halves of the data.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import flax.serialization
@@ -108,15 +108,31 @@ def classify(params: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(features), np.asarray(jax.nn.softmax(logits))
 
 
-def evaluate(params: Any, samples: np.ndarray, seed: int = 0) -> dict[str, Any]:
-  """Confidence, class balance and feature-space Fréchet distance (with its real-vs-real floor) of samples."""
-  images, _, perm = real_digits(seed)
+def requested(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """Per image, whether the judge gives its requested class probability >= CONFIDENCE."""
+  return probs[np.arange(len(labels)), labels] >= CONFIDENCE
+
+
+def evaluate(params: Any, samples: np.ndarray, seed: int = 0, labels: Optional[np.ndarray] = None) -> dict[str, Any]:
+  """Confidence, class balance and feature-space Fréchet distance (with its real-vs-real floor) of samples; with
+  the classes they were asked for (`labels`), the fraction confidently of that class, overall and per class, and
+  the same for the held-out real digits."""
+  images, real_labels, perm = real_digits(seed)
   half = len(perm) // 2
   real_a, _ = classify(params, images[perm[:half]])
   real_b, _ = classify(params, images[perm[half:]])
   features, probs = classify(params, samples)
   hist = np.bincount(probs.argmax(axis=1), minlength=10) / len(probs)
-  return {
+  asked = {}
+  if labels is not None:
+    labels = np.asarray(labels)
+    hit = requested(probs, labels)
+    _, held_probs = classify(params, images[perm[:HELD_OUT]])
+    asked = {"requested_fraction": float(hit.mean()),
+             "requested_fraction_by_class": [round(float(hit[labels == k].mean()), 4) if (labels == k).any()
+                                             else None for k in range(10)],
+             "real_requested_fraction": float(requested(held_probs, real_labels[perm[:HELD_OUT]]).mean())}
+  return {**asked,
       "num_samples": int(len(samples)),
       "confident_fraction": float((probs.max(axis=1) >= CONFIDENCE).mean()),
       "class_fractions": [round(float(h), 4) for h in hist],
@@ -129,7 +145,12 @@ def evaluate(params: Any, samples: np.ndarray, seed: int = 0) -> dict[str, Any]:
 def report(result: dict[str, Any]) -> str:
   """One human-readable paragraph of an evaluate() result."""
   fractions = " ".join(f"{d}:{100 * f:.1f}%" for d, f in enumerate(result["class_fractions"]))
-  return (f"{result['num_samples']} samples: {100 * result['confident_fraction']:.1f}% classified with confidence "
+  asked = ""
+  if "requested_fraction" in result:
+    worst = min((f, k) for k, f in enumerate(result["requested_fraction_by_class"]) if f is not None)
+    asked = (f"{100 * result['requested_fraction']:.1f}% confidently the requested class (worst class {worst[1]}: "
+             f"{100 * worst[0]:.1f}%; held-out real digits: {100 * result['real_requested_fraction']:.1f}%); ")
+  return (f"{result['num_samples']} samples: {asked}{100 * result['confident_fraction']:.1f}% classified with confidence "
           f">= {CONFIDENCE}; classes {fractions} (total variation from uniform "
           f"{result['class_tv_from_uniform']:.3f}); feature Fréchet distance {result['frechet_distance']:.2f} "
           f"vs real-vs-real floor {result['frechet_floor_real_vs_real']:.2f}")

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
 from ddpm_jax import digits_eval, images, inception
 from ddpm_jax.reporting import progress_printer
 
-Evaluator = Callable[[np.ndarray], dict[str, Any]]
+Evaluator = Callable[..., dict[str, Any]]  # (samples, labels=None) -> numbers; labels: the classes asked for
 
 
 def quantize(samples: np.ndarray) -> np.ndarray:
@@ -28,9 +28,9 @@ def quantize(samples: np.ndarray) -> np.ndarray:
 def digits_evaluator(workdir: str, seed: int) -> Evaluator:
   """The digits judge (trained on first use, cached in workdir) as an evaluator."""
 
-  def evaluate(samples: np.ndarray) -> dict[str, Any]:
+  def evaluate(samples: np.ndarray, labels: Optional[np.ndarray] = None) -> dict[str, Any]:
     judge = digits_eval.load_or_train(workdir, seed)
-    return {"evaluator": "digits", **digits_eval.evaluate(judge, quantize(samples), seed)}
+    return {"evaluator": "digits", **digits_eval.evaluate(judge, quantize(samples), seed, labels)}
   return evaluate
 
 
@@ -46,7 +46,8 @@ def inception_evaluator(weights: str, real_batches: Callable[[], Iterator[np.nda
   """FID, KID and IS against the first `num_real` images of real_batches(), their statistics cached at stats_path."""
   inception.check_weights_path(weights)
 
-  def evaluate(samples: np.ndarray) -> dict[str, Any]:
+  def evaluate(samples: np.ndarray, labels: Optional[np.ndarray] = None) -> dict[str, Any]:
+    del labels  # FID, KID and IS score the samples as a whole
     extractor = inception.make_extractor(inception.load_variables(weights))
 
     def real_features() -> np.ndarray:

@@ -221,16 +221,24 @@ def save_png(path: str, image: np.ndarray) -> None:
   Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
 
 
-def save_samples(path: str, images: np.ndarray, cols: Optional[int] = None,
-                 scale: Optional[int] = None) -> tuple[str, str]:
+def class_rows(classes: Sequence[int], num_samples: int) -> tuple[np.ndarray, int]:
+  """(labels, columns) that lay num_samples out one class per grid row: class k of `classes` fills row k."""
+  classes = list(classes)
+  cols = -(-num_samples // len(classes))
+  return np.array([classes[i // cols] for i in range(num_samples)], np.int32), cols
+
+
+def save_samples(path: str, images: np.ndarray, cols: Optional[int] = None, scale: Optional[int] = None,
+                 labels: Optional[np.ndarray] = None) -> tuple[str, str]:
   """Writes [-1, 1] samples as an upscaled, bordered PNG grid and their uint8 array as a same-stem .npz.
 
   The grid is make_grid(to_uint8(images), cols, scale=scale) (scale None: auto_scale, at least 64 pixels a side;
-  1: as they are); the .npz holds the uint8 [N, H, W, C] samples at their own size under the key `images`.
-  Returns (png path, npz path).
+  1: as they are); the .npz holds the uint8 [N, H, W, C] samples at their own size under the key `images` and
+  their int class labels under `labels` (-1: unconditional). Returns (png path, npz path).
   """
   u8 = to_uint8(images)
   save_png(path, make_grid(u8, cols, scale=scale))
   npz = os.path.splitext(path)[0] + ".npz"
-  np.savez_compressed(npz, images=u8)
+  labels = np.full(len(u8), -1, np.int32) if labels is None else np.asarray(labels, np.int32)
+  np.savez_compressed(npz, images=u8, labels=labels)
   return path, npz

@@ -23,6 +23,7 @@ from ddpm_jax.train_state import TrainState
 
 
 CURVES = "curves.png"  # the training-curve plot a finished run leaves in its workdir
+CLASSES = "classes.json"  # a conditional run's label -> class name mapping, in its workdir
 # With several processes, a signal is agreed on by a collective at every step whose answer is read this many steps
 # later (reading waits for it; a lag keeps the host that many steps ahead of the devices).
 AGREEMENT_LAG = 2
@@ -65,6 +66,7 @@ class Training:
   config: dict  # saved with every checkpoint and as config.json
   hooks: tuple[Hook, ...] = ()
   wandb_project: Optional[str] = None  # also log to this Weights & Biases project (process 0)
+  class_names: tuple[str, ...] = ()  # a conditional model's classes in label order, saved as classes.json
 
 
 def prefetch(iterator: Iterator[Any], put: Callable[[Any], Any], size: int = 2) -> Iterator[Any]:
@@ -161,6 +163,9 @@ def train(training: Training, workdir: str) -> TrainState:
     if lead:
       with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(t.config, f, indent=2)
+      if t.class_names:
+        with open(os.path.join(workdir, CLASSES), "w", encoding="utf-8") as f:
+          json.dump({str(label): name for label, name in enumerate(t.class_names)}, f, indent=2)
     start = int(state.step)
     if start >= t.end_step:
       logging.info("nothing to do: the checkpoint is at step %d, the run ends at step %d", start, t.end_step)

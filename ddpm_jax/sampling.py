@@ -17,8 +17,9 @@ import numpy as np
 
 from ddpm_jax import diffusion, parallel
 from ddpm_jax.schedule import Schedule
+from ddpm_jax.unet import NO_LABEL
 
-EpsFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+EpsFn = Callable[..., jnp.ndarray]  # (x_t, t) -> model output; with labels, (x_t, t, labels) -> model output
 METHODS = ("ddpm", "ddim", "dpmpp_2m")
 VARIANCES = ("fixed_small", "fixed_large")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -71,6 +72,27 @@ def example_keys(key: jax.Array, batch: int, index_offset: jnp.ndarray | int = 0
 def _normal(keys: jax.Array, stream: jnp.ndarray, shape: tuple[int, ...]) -> jnp.ndarray:
   """Per-sample standard normal noise from stream `stream` of each sample's key."""
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, stream), shape))(keys)
+
+
+def guided(fn: EpsFn, labels: jnp.ndarray, guidance_scale: jnp.ndarray | float, one_call: bool) -> EpsFn:
+  """(x_t, t) -> classifier-free guidance out_u + w (out_c - out_u) of a model fn(x_t, t, labels).
+
+  The combination is taken in the model's output space (ε, v or x0): each of
+  them is an affine function of the others at a fixed (x_t, t), so the guided
+  ε, v and x̂0 are the same whichever space the combination is taken in, and
+  the sampler's conversions and clipping follow it as for any model output.
+  The conditional and unconditional halves run as one batched call; with
+  `one_call` (w = 1, where the formula is out_c) only the conditional one.
+  """
+  if one_call:
+    return lambda x, t: fn(x, t, labels)
+
+  def call(x: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+    both = fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+              jnp.concatenate([labels, jnp.full_like(labels, NO_LABEL)]))
+    out_c, out_u = jnp.split(both, 2)
+    return out_u + guidance_scale * (out_c - out_u)
+  return call
 
 
 def _predict(eps_fn, schedule, prediction, clip_x0, x, t):
@@ -132,10 +154,12 @@ def _dpmpp_step(predict, carry, xs):
 
 
 @functools.partial(jax.jit, static_argnames=("eps_fn", "shape", "method", "variance", "clip_x0", "prediction",
-                                             "stride"))
-def _chain(eps_fn, schedule, key, x_T, ts, eta, index_offset, *, shape, method, variance, clip_x0,
-           prediction, stride):
+                                             "stride", "one_call"))
+def _chain(eps_fn, schedule, key, x_T, ts, eta, index_offset, labels, guidance_scale, *, shape, method, variance,
+           clip_x0, prediction, stride, one_call):
   """Runs the reverse chain; returns (x_0, x after every `stride`-th step or None)."""
+  if labels is not None:
+    eps_fn = guided(eps_fn, labels, guidance_scale, one_call)
   keys = example_keys(key, shape[0], index_offset)
   x = _normal(keys, 0, shape[1:]) if x_T is None else x_T.astype(jnp.float32)
   predict = functools.partial(_predict, eps_fn, schedule, prediction, clip_x0)
@@ -177,6 +201,8 @@ def sample(
     prediction: str = "eps",
     trajectory_stride: int = 1,
     index_offset: int | jnp.ndarray = 0,
+    labels: Optional[jnp.ndarray] = None,
+    guidance_scale: float = 1.0,
 ):
   """Draws x_0 by running the reverse chain from x_T ~ N(0, I) (or the given x_T).
 
@@ -184,22 +210,30 @@ def sample(
   shape [B]: ε, v or x0 as `prediction` says. `method` is "ddpm" (all T steps,
   `variance`), "ddim" (`eta`) or "dpmpp_2m" (deterministic); `num_steps` (None:
   `max_num_steps`) and `timestep_spacing` pick the timesteps (see `timesteps`).
+  With `labels` (int [B]) the model is `eps_fn(x_t, t, labels)` and its output
+  is guided with scale `guidance_scale` (see `guided`): 0 is unconditional, 1
+  conditional, above 1 guided beyond it.
   Sample b's noise comes from fold_in(key, index_offset + b) alone, so a sample
-  does not depend on the batch it is drawn in. With `return_trajectory` also
-  returns x after every `trajectory_stride`-th step, stacked on axis 0.
+  depends only on that and its label, not on the batch it is drawn in. With
+  `return_trajectory` also returns x after every `trajectory_stride`-th step,
+  stacked on axis 0.
   """
   shape = tuple(int(s) for s in shape)
-  options = SamplerOptions(method, num_steps, eta, clip_x0, variance, timestep_spacing, prediction)
+  options = SamplerOptions(method, num_steps, eta, clip_x0, variance, timestep_spacing, prediction, guidance_scale)
   chain = check_options(options, schedule.num_timesteps)
   num_steps = len(chain)
   if x_T is not None and tuple(x_T.shape) != shape:
     raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
+  if labels is not None and tuple(np.shape(labels)) != shape[:1]:
+    raise ValueError(f"labels have shape {tuple(np.shape(labels))}, expected ({shape[0]},): one per sample")
   if return_trajectory and (trajectory_stride < 1 or num_steps % trajectory_stride):
     raise ValueError(f"trajectory_stride={trajectory_stride!r} must be a positive divisor of num_steps={num_steps}")
   x0, traj = _chain(eps_fn, schedule, key, x_T, jnp.asarray(chain), jnp.asarray(eta, jnp.float32),
-                    jnp.asarray(index_offset, jnp.int32), shape=shape, method=method, variance=variance,
+                    jnp.asarray(index_offset, jnp.int32), None if labels is None else jnp.asarray(labels, jnp.int32),
+                    jnp.asarray(guidance_scale, jnp.float32), shape=shape, method=method, variance=variance,
                     clip_x0=clip_x0, prediction=prediction,
-                    stride=trajectory_stride if return_trajectory else None)
+                    stride=trajectory_stride if return_trajectory else None,
+                    one_call=not isinstance(guidance_scale, jax.Array) and float(guidance_scale) == 1.0)
   return (x0, traj) if return_trajectory else x0
 
 
@@ -214,15 +248,17 @@ class SamplerOptions:
   variance: str = "fixed_small"
   timestep_spacing: str = "leading"
   prediction: str = "eps"
+  guidance_scale: float = 1.0
 
   def sample(self, eps_fn: EpsFn, schedule: Schedule, key: jax.Array, shape: tuple[int, ...], *,
              x_T: Optional[jnp.ndarray] = None, return_trajectory: bool = False, trajectory_stride: int = 1,
-             index_offset: int | jnp.ndarray = 0):
+             index_offset: int | jnp.ndarray = 0, labels: Optional[jnp.ndarray] = None):
     """`sample` with these settings."""
     return sample(eps_fn, schedule, key, shape, method=self.method, num_steps=self.num_steps, eta=self.eta,
                   clip_x0=self.clip_x0, x_T=x_T, return_trajectory=return_trajectory, variance=self.variance,
                   timestep_spacing=self.timestep_spacing, prediction=self.prediction,
-                  trajectory_stride=trajectory_stride, index_offset=index_offset)
+                  trajectory_stride=trajectory_stride, index_offset=index_offset, labels=labels,
+                  guidance_scale=self.guidance_scale)
 
 
 def check_options(options: SamplerOptions, num_timesteps: int) -> np.ndarray:
@@ -234,20 +270,26 @@ def check_options(options: SamplerOptions, num_timesteps: int) -> np.ndarray:
   eta = options.eta
   if not isinstance(eta, jax.Array) and not 0.0 <= float(eta) <= 1.0:
     raise ValueError(f"eta={eta!r} is out of range: it must lie in [0, 1]")
+  w = options.guidance_scale
+  if not isinstance(w, jax.Array) and not (isinstance(w, (int, float)) and 0.0 <= w < float("inf")):
+    raise ValueError(f"guidance_scale={w!r} is invalid: it must be a number >= 0 (0 unconditional, 1 conditional)")
   return timesteps(options.method, num_timesteps, options.num_steps, options.timestep_spacing)
 
 
 def make_generator(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, image_shape: tuple[int, ...],
                    options: SamplerOptions, *, batch_size: int = 64, devices: Optional[list] = None
                    ) -> Callable[..., np.ndarray]:
-  """A function (params, key, num_samples, progress=None) -> float samples [N, *image_shape] in [-1, 1].
+  """A function (params, key, num_samples, progress=None, labels=None) -> float samples [N, *image_shape] in
+  [-1, 1].
 
-  `model_fn(params, x_t, t)` is the network. The sampler is compiled once
-  (per kind of PRNG key), on the first call, for batches of `batch_size`
+  `model_fn(params, x_t, t)` is the network (`model_fn(params, x_t, t, labels)`
+  when `labels`, one int class per sample, are given: guided by
+  `options.guidance_scale`). The sampler is compiled once (per kind of PRNG
+  key, with or without labels), on the first call, for batches of `batch_size`
   split over `devices` (default: every device of every process; then every
   process calls it together and receives every sample; other lists need a
   single process); later calls with new params or keys reuse it. Sample i
-  depends only on (key, i), whatever the batch size or device count.
+  depends only on (key, i, label i), whatever the batch size or device count.
   `progress(done, total)` is called after each batch.
   """
   if batch_size < 1:
@@ -258,29 +300,39 @@ def make_generator(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, ima
   spec = jax.sharding.PartitionSpec
   shape = (per_device,) + tuple(image_shape)
 
-  def shard(params, key_data, offsets, impl):
+  def shard(params, key_data, offsets, labels, impl):
     key = jax.random.wrap_key_data(key_data, impl=impl)
-    return options.sample(functools.partial(model_fn, params), schedule, key, shape, index_offset=offsets[0])
+    return options.sample(functools.partial(model_fn, params), schedule, key, shape, index_offset=offsets[0],
+                          labels=labels)
 
-  def compiled(impl: Any) -> Callable:
+  def compiled(impl: Any, labelled: bool) -> Callable:
     body = functools.partial(shard, impl=impl)
-    return jax.jit(jax.shard_map(body, mesh=rows.mesh, in_specs=(spec(), spec(), spec(parallel.MESH_AXIS)),
+    if not labelled:
+      body = functools.partial(lambda fn, params, key_data, offsets: fn(params, key_data, offsets, None), body)
+    sharded = (spec(parallel.MESH_AXIS),) * (2 if labelled else 1)
+    return jax.jit(jax.shard_map(body, mesh=rows.mesh, in_specs=(spec(), spec()) + sharded,
                                  out_specs=spec(parallel.MESH_AXIS)))
   run = functools.lru_cache(maxsize=None)(compiled)
   per_call = per_device * len(devices)
 
-  def generate(params: Any, key: jax.Array, num_samples: int,
-               progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
-    """`num_samples` samples drawn with `params` from `key`."""
+  def generate(params: Any, key: jax.Array, num_samples: int, progress: Optional[Callable[[int, int], None]] = None,
+               labels: Optional[np.ndarray] = None) -> np.ndarray:
+    """`num_samples` samples drawn with `params` from `key` (of class labels[i] each, when given)."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
       raise ValueError(f"num_samples={num_samples!r} is invalid: it must be an integer >= 1")
+    if labels is not None and np.shape(labels) != (num_samples,):
+      raise ValueError(f"labels have shape {np.shape(labels)}, expected ({num_samples},): one per sample")
     params = parallel.place(params, jax.tree_util.tree_map(lambda _: replicated, params))
     key_data = parallel.place(jax.random.key_data(key), replicated)
-    step = run(jax.random.key_impl(key))
+    step = run(jax.random.key_impl(key), labels is not None)
+    # Past num_samples the last batch is filled with NO_LABEL samples, drawn and dropped.
+    padded = None if labels is None else np.append(np.asarray(labels, np.int32),
+                                                   np.full(-num_samples % per_call, NO_LABEL, np.int32))
     out = []
     for start in range(0, num_samples, per_call):
       offsets = parallel.place(start + per_device * np.arange(len(devices), dtype=np.int32), rows)
-      out.append(parallel.host(step(params, key_data, offsets)))
+      extra = () if padded is None else (parallel.place(padded[start:start + per_call], rows),)
+      out.append(parallel.host(step(params, key_data, offsets, *extra)))
       if progress is not None:
         progress(min(start + per_call, num_samples), num_samples)
     return np.concatenate(out)[:num_samples]

@@ -9,6 +9,7 @@ import optax
 from ddpm_jax import diffusion
 from ddpm_jax.schedule import Schedule
 from ddpm_jax.train_state import TrainState
+from ddpm_jax.unet import NO_LABEL
 
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
@@ -60,20 +61,30 @@ def _current_lr(opt_state: optax.OptState) -> jnp.ndarray:
   return optax.tree_utils.tree_get(opt_state, "learning_rate", filtering=lambda _, v: isinstance(v, jax.Array))
 
 
+def drop_labels(labels: jnp.ndarray, example_keys: jax.Array, cond_drop_prob: float) -> jnp.ndarray:
+  """Each label replaced by NO_LABEL with probability cond_drop_prob, by a coin from its example's key."""
+  coins = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 2)))(example_keys)
+  return jnp.where(coins < cond_drop_prob, NO_LABEL, labels)
+
+
 def train_step(state: TrainState, batch: jnp.ndarray, key: jax.Array, *, schedule: Schedule, loss: str = "l1",
                ema_decay: float = 0.9999, ema_warmup: bool = False, prediction: str = "eps",
-               loss_weighting: str = "none", min_snr_gamma: float = 5.0, axis_name: str | None = None
+               loss_weighting: str = "none", min_snr_gamma: float = 5.0, labels: jnp.ndarray | None = None,
+               cond_drop_prob: float = 0.0, axis_name: str | None = None
                ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
   """One optimisation step on a batch [b, H, W, C] of images in [-1, 1]; returns the new state and metrics.
 
   The network learns `prediction` (ε, v or x0) under the `loss` (l1 or l2)
   of each example, weighted by `loss_weighting` ("none" or "min_snr" with
-  γ = min_snr_gamma).
+  γ = min_snr_gamma). With `labels` (int [b]; a class-conditional network),
+  each label is replaced by NO_LABEL with probability `cond_drop_prob`, so the
+  network also learns the unconditional output that guidance needs.
 
   Example i of the batch on device d (of `axis_name`, when given) has global
-  index d·b + i; its timestep and noise come from that index folded into this
-  step's key, so they do not depend on how the global batch is split over
-  devices or hosts. Gradients and metrics are averaged over `axis_name`.
+  index d·b + i; its timestep, noise and label coin come from that index
+  folded into this step's key, so they do not depend on how the global batch
+  is split over devices or hosts. Gradients and metrics are averaged over
+  `axis_name`.
   """
   b = batch.shape[0]
   device = jax.lax.axis_index(axis_name) if axis_name else 0
@@ -86,9 +97,10 @@ def train_step(state: TrainState, batch: jnp.ndarray, key: jax.Array, *, schedul
   target = diffusion.prediction_target(schedule, batch, t, noise, prediction)
   weights = diffusion.loss_weights(schedule, t, prediction=prediction, weighting=loss_weighting,
                                    min_snr_gamma=min_snr_gamma)
+  conditioning = {} if labels is None else {"labels": drop_labels(labels, example_keys, cond_drop_prob)}
 
   def loss_of(params):
-    pred = state.apply_fn({"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key})
+    pred = state.apply_fn({"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key}, **conditioning)
     return diffusion.loss_fn(pred, target, loss, weights)
 
   value, grads = jax.value_and_grad(loss_of)(state.params)

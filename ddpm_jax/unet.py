@@ -18,6 +18,7 @@ BLOCK_ORDERS = ("pre", "post")
 ATTN_NORMS = ("group", "layer")
 DOWNSAMPLES = ("conv", "space_to_depth")
 INIT_SCHEMES = ("flax", "ddpm")
+NO_LABEL = -1  # a class label meaning "no label": a conditional U-Net's unconditional embedding row
 
 
 def initializers(scheme: str) -> tuple[Any, Any]:
@@ -117,7 +118,7 @@ class AttentionBlock(nn.Module):
 
 
 class UNet(nn.Module):
-  """Predicts ε from (x_t, t): NHWC in, same shape out.
+  """Predicts ε from (x_t, t) and, when `num_classes` > 0, class labels: NHWC in, same shape out.
 
   `topology="ddpm"` is the DDPM paper's U-Net: every encoder activation (stem,
   residual blocks, downsamplings) is a skip, decoder levels have
@@ -147,6 +148,7 @@ class UNet(nn.Module):
   topology: str = "ddpm"
   init_scheme: str = "flax"  # "ddpm": the DDPM reference's initialisation (see initializers())
   out_channels: Optional[int] = None  # None: as many as the input
+  num_classes: int = 0  # > 0: class-conditional, an embedding of num_classes + 1 rows (the last: no label)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -160,6 +162,8 @@ class UNet(nn.Module):
     if not self.channel_mult or self.num_res_blocks < 1 or self.base_channels < 1:
       raise ValueError(f"UNet needs channel_mult non-empty, num_res_blocks >= 1 and base_channels >= 1, got "
                        f"{tuple(self.channel_mult)}, {self.num_res_blocks}, {self.base_channels}")
+    if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+      raise ValueError(f"UNet num_classes={self.num_classes!r} is invalid: use 0 (unconditional) or a class count")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"UNet dropout={self.dropout!r} is out of range: it must lie in [0, 1)")
     bad = [w for w in self._widths() if w % self.norm_groups]
@@ -179,7 +183,8 @@ class UNet(nn.Module):
     return enc + ([2 * w for w in enc] if self.topology == "book" else [])
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, t: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, t: jnp.ndarray, *, labels: Optional[jnp.ndarray] = None,
+               train: bool = False) -> jnp.ndarray:
     t = jnp.broadcast_to(jnp.asarray(t), x.shape[:1]) if jnp.ndim(t) == 0 else jnp.asarray(t)
     self.validate(x.shape)
     if t.shape != x.shape[:1]:
@@ -190,6 +195,10 @@ class UNet(nn.Module):
     temb = timestep_embedding(t, ch)
     temb = nn.Dense(4 * ch, kernel_init=kernel, name="temb_dense_0", **kw)(temb)
     temb = nn.Dense(4 * ch, kernel_init=kernel, name="temb_dense_1", **kw)(nn.silu(temb))
+    if self.num_classes:
+      temb = temb + nn.Embed(self.num_classes + 1, 4 * ch, name="label_embed", **kw)(self._label_rows(labels, x))
+    elif labels is not None:
+      raise ValueError("labels were given to an unconditional UNet (num_classes=0)")
     if self.double_temb_silu:
       temb = nn.silu(temb)
     res = lambda name, width, h: ResBlock(width, self.norm_groups, self.block_order, self.dropout, self.init_scheme,
@@ -199,6 +208,15 @@ class UNet(nn.Module):
     body = self._ddpm_body if self.topology == "ddpm" else self._book_body
     h = body(x.astype(self.dtype), res, attn, kw)
     return h.astype(x.dtype)
+
+  def _label_rows(self, labels: Optional[jnp.ndarray], x: jnp.ndarray) -> jnp.ndarray:
+    """Embedding rows of int labels [B]: the label, or the last row for NO_LABEL (and for None: every example)."""
+    if labels is None:
+      return jnp.full(x.shape[:1], self.num_classes, jnp.int32)
+    labels = jnp.asarray(labels)
+    if labels.shape != x.shape[:1]:
+      raise ValueError(f"labels must be of shape [{x.shape[0]}] (the batch), got shape {labels.shape}")
+    return jnp.where(labels == NO_LABEL, self.num_classes, labels).astype(jnp.int32)
 
   def _wants_attn(self, h: jnp.ndarray, block: int, up: bool) -> bool:
     """Whether attention follows residual block `block` of the level at h's resolution."""

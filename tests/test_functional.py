@@ -179,3 +179,33 @@ def test_train_step_loss_is_the_weighted_error_on_the_prediction_target(predicti
   err = np.abs(0.25 - target) if loss == "l1" else (0.25 - target) ** 2
   want = np.mean(w * err.reshape(6, -1).mean(axis=1))
   assert float(metrics["loss"]) == pytest.approx(want, rel=1e-5)
+
+
+def test_labels_are_dropped_at_the_configured_rate_from_the_step_key():
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(3), jnp.arange(20000))
+  labels = jnp.arange(20000) % 10
+  dropped = training.drop_labels(labels, keys, 0.1)
+  rate = float((dropped == -1).mean())
+  # Binomial(20000, 0.1): s.d. of the rate 0.0021; allow 4 s.d. Kept labels are unchanged.
+  assert abs(rate - 0.1) < 0.0085, rate
+  np.testing.assert_array_equal(np.where(dropped == -1, labels, dropped), labels)
+  np.testing.assert_array_equal(training.drop_labels(labels, keys, 0.1), dropped)  # a function of the keys
+  assert (training.drop_labels(labels, keys, 0.0) == labels).all()
+  assert (training.drop_labels(labels, keys, 1.0) == -1).all()
+
+
+def test_a_conditional_train_step_sees_the_labels_and_drops_them_all_at_probability_one():
+  model = unet_preset("tiny", base_channels=8, channel_mult=(1, 2), num_classes=3)
+  tx = optax.adam(1e-3)
+  state = create_train_state(model, tx, jax.random.key(0), (1, 8, 8, 1))
+  # Distinct label rows, so that the labels reaching the network change the loss.
+  table = jax.random.normal(jax.random.key(1), state.params["label_embed"]["embedding"].shape)
+  state = state.replace(params={**state.params, "label_embed": {"embedding": table}})
+  batch = jax.random.uniform(jax.random.key(2), (8, 8, 8, 1), minval=-1, maxval=1)
+  labels = jnp.arange(8) % 3
+  step = jax.jit(functools.partial(training.train_step, schedule=make_schedule("linear", 100)))
+  loss = lambda **kw: float(step(state, batch, jax.random.key(7), **kw)[1]["loss"])
+  none = loss(labels=jnp.full(8, -1))
+  assert loss(labels=labels, cond_drop_prob=1.0) == none  # every label dropped: the unconditional loss
+  assert loss() == none  # no labels at all: the same
+  assert abs(loss(labels=labels) - none) > 1e-4  # labels kept: they reach the network

@@ -148,3 +148,37 @@ def test_v_prediction_with_min_snr_trains_and_samples_with_dpm_solver(tmp_path):
   # float32 rounding may flip a pixel across a uint8 level, rarely: at most 1 level apart, almost all equal.
   assert np.abs(draw("v").astype(int) - got).max() <= 1 and (draw("v") == got).mean() > 0.99
   assert (draw("eps") != got).mean() > 0.5
+
+
+def test_a_guided_model_trains_on_digit_labels_and_draws_the_classes_asked_for(tmp_path, workdir):
+  from test_training import run_train  # pylint: disable=g-import-not-at-top
+
+  res = run_train(tmp_path, "--stop_at_step=4", "--config.sample.every_steps=4", "--config.sample.num_samples=20",
+                  "--config.sample.num_steps=2", config=f"{ROOT}/configs/digits_guided.py")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert json.loads((tmp_path / "classes.json").read_text()) == {str(k): str(k) for k in range(10)}
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["num_classes"] == 10
+  # The training grid: one class per row, 20 samples as 10 rows of 2 (8x8 enlarged to 64, 2-pixel borders).
+  assert Image.open(tmp_path / "samples" / "step_00000004.png").size == (2 * 66 + 2, 10 * 66 + 2)
+  res = run_sample(f"--workdir={tmp_path}", "--labels=all", "--guidance=3", "--num_samples=20", "--steps=2",
+                   f"--out={tmp_path}/all.png")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "classes all, guidance 3" in res.stdout
+  saved = np.load(tmp_path / "all.npz")
+  np.testing.assert_array_equal(saved["labels"], np.repeat(np.arange(10), 2))
+  assert saved["images"].shape == (20, 8, 8, 1)
+  assert Image.open(tmp_path / "all.png").size == (2 * 66 + 2, 10 * 66 + 2)
+  res = run_sample(f"--workdir={tmp_path}", "--labels=0,3,9", "--num_samples=5", "--steps=2",
+                   f"--out={tmp_path}/some.png")
+  assert res.returncode == 0, res.stderr[-3000:]
+  np.testing.assert_array_equal(np.load(tmp_path / "some.npz")["labels"], [0, 0, 3, 3, 9])
+  for flag, message in [("--labels=12", "--labels=12: class 12 does not exist: the model has classes 0..9"),
+                        ("--labels=seven", "--labels=seven is not understood: give a class (7), a list (0,3,9) or "
+                                           "'all'")]:
+    res = run_sample(f"--workdir={tmp_path}", flag, f"--out={tmp_path}/x.png")
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == f"sample.py: error: {message}"
+  # An unconditional checkpoint has no classes to ask for.
+  res = run_sample(f"--workdir={workdir}", "--labels=7", f"--out={tmp_path}/x.png")
+  assert res.returncode == 2
+  assert res.stderr.strip().splitlines()[-1].startswith("sample.py: error: --labels=7 needs a class-conditional "
+                                                        "model: this checkpoint's model is unconditional")

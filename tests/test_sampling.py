@@ -423,3 +423,59 @@ def test_ddpm_with_clipping_matches_a_hand_computed_chain():
 def test_bad_arguments_raise_clear_errors(kwargs, fragment):
   with pytest.raises(ValueError, match="^" + re.escape(fragment)):
     sample(lambda x, t: x, SCHED, jax.random.key(0), (2, 2, 2, 1), **kwargs)
+
+
+# A labelled toy model: output = a_label * x + 0.01 cos(x); a_{NO_LABEL} is the unconditional slope.
+SLOPES = jnp.array([0.1, 0.4, -0.3, 0.2])  # labels 0, 1, 2, then NO_LABEL (-1) reads the last entry
+
+
+def labelled_model(x, t, labels):
+  return SLOPES[labels].reshape(-1, 1, 1, 1) * x + 0.01 * jnp.cos(x)
+
+
+def test_guidance_is_the_formula_with_one_batched_call_and_one_call_at_w_1():
+  x = jax.random.normal(jax.random.key(0), (3, 2, 2, 1))
+  t = jnp.array([10, 20, 30])
+  labels = jnp.array([0, 1, 2])
+  calls = []
+  counted = lambda x, t, labels: (calls.append(x.shape[0]), labelled_model(x, t, labels))[1]
+  cond = np.asarray(labelled_model(x, t, labels), np.float64)
+  uncond = np.asarray(labelled_model(x, t, jnp.full(3, -1)), np.float64)
+  for w in (0.0, 2.5):
+    calls.clear()
+    got = np.asarray(sampling.guided(counted, labels, w, one_call=False)(x, t), np.float64)
+    np.testing.assert_allclose(got, uncond + w * (cond - uncond), rtol=1e-6, atol=1e-6)
+    assert calls == [6]  # both halves in one batched call
+  calls.clear()
+  np.testing.assert_array_equal(sampling.guided(counted, labels, 1.0, one_call=True)(x, t), cond)
+  assert calls == [3]  # w = 1: the conditional half alone
+
+
+def test_guided_sampling_in_the_scan():
+  key, shape = jax.random.key(5), (4, 3, 3, 1)
+  labels = jnp.array([0, 1, 2, 1])
+  kw = dict(method="ddim", num_steps=8, eta=1.0)
+  # w = 1 is the plain conditional model.
+  conditional = sample(lambda x, t: labelled_model(x, t, labels), SCHED, key, shape, **kw)
+  np.testing.assert_array_equal(sample(labelled_model, SCHED, key, shape, labels=labels, **kw), conditional)
+  # w = 0 is the unconditional model; w = 3 lies beyond the conditional one, away from the unconditional one.
+  uncond = sample(lambda x, t: labelled_model(x, t, jnp.full(4, -1)), SCHED, key, shape, **kw)
+  np.testing.assert_allclose(sample(labelled_model, SCHED, key, shape, labels=labels, guidance_scale=0.0, **kw),
+                             uncond, rtol=1e-6, atol=1e-6)
+  strong = sample(labelled_model, SCHED, key, shape, labels=labels, guidance_scale=3.0, **kw)
+  assert np.abs(np.asarray(strong) - np.asarray(conditional)).max() > 1e-3
+  # Sample i depends on (key, i, label i) alone: changing label 1 leaves samples 0, 2 and 3 as they were.
+  other = sample(labelled_model, SCHED, key, shape, labels=labels.at[1].set(2), guidance_scale=3.0, **kw)
+  np.testing.assert_array_equal(np.asarray(other)[[0, 2, 3]], np.asarray(strong)[[0, 2, 3]])
+  assert np.abs(np.asarray(other)[1] - np.asarray(strong)[1]).max() > 1e-3
+  # The generator passes labels and the scale through, whatever its batch size.
+  model = lambda p, x, t, labels: p * labelled_model(x, t, labels)
+  options = SamplerOptions(guidance_scale=3.0, **kw)
+  direct = sample(functools.partial(model, 1.0), SCHED, key, (7, 3, 3, 1), labels=jnp.arange(7) % 3,
+                  guidance_scale=3.0, **kw)
+  got = make_generator(model, SCHED, (3, 3, 1), options, batch_size=3)(1.0, key, 7, labels=np.arange(7) % 3)
+  np.testing.assert_allclose(got, direct, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match=r"guidance_scale=-1.0 is invalid"):
+    sample(labelled_model, SCHED, key, shape, labels=labels, guidance_scale=-1.0, **kw)
+  with pytest.raises(ValueError, match=r"labels have shape \(3,\), expected \(4,\)"):
+    sample(labelled_model, SCHED, key, shape, labels=labels[:3], **kw)

@@ -42,10 +42,13 @@ def small_config(**changes):
   return config
 
 
-def run_train(workdir, *flags, devices=1, timeout=300, env_extra=None, background=False, python_flags=()):
+def run_train(workdir, *flags, devices=1, timeout=300, env_extra=None, background=False, python_flags=(),
+              config=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env_extra or {}))
-  cmd = [sys.executable, *python_flags, os.path.join(ROOT, "train.py"), f"--workdir={workdir}", *SMALL, *flags]
+  first = [f"--config={config}"] if config else []  # the config file before its overrides
+  cmd = [sys.executable, *python_flags, os.path.join(ROOT, "train.py"), f"--workdir={workdir}", *first, *SMALL,
+         *flags]
   if background:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

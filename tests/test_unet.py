@@ -174,3 +174,48 @@ def test_ddpm_cifar10_uses_the_reference_initialisation():
       assert np.abs(w).max() <= bound, k
       if w.size >= 2000:  # enough values for the standard deviation to be within 5% of bound / sqrt(3)
         assert abs(w.std() / (bound / np.sqrt(3)) - 1) < 0.05, (k, w.std(), bound)
+
+
+def _fingerprint(params):
+  """SHA-256 of every parameter's path and float32 bytes."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(np.asarray(leaf).tobytes())
+  return h.hexdigest()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="parameter bits are pinned on the CPU backend")
+def test_unconditional_parameters_are_unchanged_bit_for_bit_and_conditioning_only_adds_the_label_table():
+  x, t = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), jnp.int32)
+  plain = unet_preset("tiny", num_classes=0).init(jax.random.key(0), x, t)["params"]
+  # Fingerprint of the tiny preset's parameters from key 0, computed with the code before class conditioning
+  # existed (commit 1f5efab): num_classes=0 must reproduce them exactly.
+  assert _fingerprint(plain) == "2d1761a871008e8f5550969c0bf24341febd4ca9a41a52bb661a8193f46bf5a0"
+  cond = unet_preset("tiny", num_classes=10).init(jax.random.key(0), x, t)["params"]
+  table = cond.pop("label_embed")["embedding"]
+  assert table.shape == (11, 64)  # N + 1 rows (the last: no label) of the time embedding's width 4 x 16
+  assert _fingerprint(cond) == _fingerprint(plain)  # every other parameter as the unconditional model's
+  assert count_params(plain) + 11 * 64 == count_params({**cond, "label_embed": table})
+
+
+def test_labels_steer_the_output_and_no_label_is_the_last_row():
+  model = unet_preset("tiny", num_classes=3)
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+  t = jnp.array([5, 50, 500, 900])
+  params = model.init(jax.random.key(0), x, t)["params"]
+  # Make the label rows differ strongly, so that a label that does not reach the network shows.
+  params["label_embed"]["embedding"] = jax.random.normal(jax.random.key(2), (4, 64))
+  out = lambda labels: np.asarray(model.apply({"params": params}, x, t, labels=labels))
+  none = out(None)
+  np.testing.assert_array_equal(out(jnp.full(4, -1)), none)  # NO_LABEL = the unconditional row, as None
+  np.testing.assert_array_equal(out(jnp.full(4, 3)), none)  # row N is that row
+  a, b = out(jnp.array([0, 1, 2, 0])), out(jnp.array([0, 2, 2, 0]))
+  np.testing.assert_array_equal(a[[0, 2, 3]], b[[0, 2, 3]])  # example i depends on label i alone
+  assert np.abs(a[1] - b[1]).max() > 1e-3 and np.abs(a - none).max() > 1e-3
+  with pytest.raises(ValueError, match=r"labels were given to an unconditional UNet"):
+    unet_preset("tiny").init(jax.random.key(0), x, t, labels=jnp.zeros(4, jnp.int32))
+  with pytest.raises(ValueError, match=r"num_classes=-1 is invalid"):
+    unet_preset("tiny", num_classes=-1).validate((1, 8, 8, 1))
