@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The minimum-versions check: a fresh virtual environment with every runtime dependency at the version
-# requirements-min.txt pins (the lower bounds of requirements.txt), the package with --no-deps, pytest
-# and SciPy, then the test suite's fast subset. Not part of CI, which stays on the newest versions.
+# requirements-min.txt pins (the lower bounds of requirements.txt), the package with --no-deps, pytest,
+# SciPy and TensorBoard (test dependencies: the tests read tensorboardX's event files back with TensorBoard's
+# reader), then the test suite's fast subset. Not part of CI, which stays on the newest versions.
 #
 #   bash tools/check_min_versions.sh            # the fast subset (the suite less its two slowest tests)
 #   bash tools/check_min_versions.sh tests      # any pytest arguments instead, e.g. the whole suite
@@ -25,11 +26,11 @@ trap 'rm -rf "$tmp"' EXIT
 # shellcheck disable=SC1091
 source "$tmp/venv/bin/activate"
 python -m pip install -q --upgrade pip
-python -m pip install -q -r requirements-min.txt pytest scipy
+python -m pip install -q -r requirements-min.txt pytest scipy 'tensorboard>=2.20'
 python -m pip install -q --no-deps .
 python -m pip check
 echo "check_min_versions: Python $(python -c 'import platform; print(platform.python_version())'); installed:"
-python -m pip list --format=freeze | grep -iE '^(jax|jaxlib|flax|optax|orbax-checkpoint|tensorflow(-cpu|-datasets)?|tensorflow_cpu|tensorboard|numpy|ml.collections|absl-py|pillow|scikit-learn|importlib.resources)==' | sed 's/^/  /'
+python -m pip list --format=freeze | grep -iE '^(jax|jaxlib|flax|optax|orbax-checkpoint|tensorflow.datasets|grain|numpy|ml.collections|absl-py|tensorboardX|matplotlib|pillow|scikit-learn|importlib.resources|protobuf|tensorboard)==' | sed 's/^/  /'
 
 # The package under test is this checkout (pytest's pythonpath is "."); the venv's copy only proves it installs.
 # The two deselected tests start 4 simulated devices or 2 processes; every other test runs.
