@@ -31,7 +31,7 @@ class Runner:
 
   step: Callable[[Any, Any, jax.Array], tuple[Any, dict]]  # (placed state, placed batch, key) -> (state, metrics)
   put_state: Callable[[TrainState], Any]  # host TrainState, or one restored in the restore_layout -> placed state
-  put_batch: Callable[[np.ndarray], Any]  # this process's rows of the global batch -> placed batch
+  put_batch: Callable[[Any], Any]  # this process's rows of the global batch (an array or a pytree) -> placed batch
   get_state: Callable[[Any], Any]  # placed state (or a part of it, e.g. its EMA params) -> host copy
   get_metrics: Callable[[dict], dict[str, float]]  # placed metrics -> host floats
   to_save: Callable[[Any], TrainState]  # placed state -> the arrays a checkpoint holds (each process writes its shards)
@@ -114,10 +114,11 @@ def _pmap_runner(step_fn: Callable) -> Runner:
   """The step pmapped over this process's devices (and every process's, as one axis)."""
   n = jax.local_device_count()
 
-  def put_batch(batch: np.ndarray) -> np.ndarray:
-    if batch.shape[0] % n:
-      raise ValueError(f"this process's batch of {batch.shape[0]} rows does not split over its {n} devices")
-    return batch.reshape((n, batch.shape[0] // n) + batch.shape[1:])
+  def put_batch(batch: Any) -> Any:
+    rows = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    if rows % n:
+      raise ValueError(f"this process's batch of {rows} rows does not split over its {n} devices")
+    return jax.tree_util.tree_map(lambda x: x.reshape((n, rows // n) + x.shape[1:]), batch)
 
   replicate = lambda state: jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), state)
   step = jax.pmap(functools.partial(step_fn, axis_name=AXIS), axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=0)
@@ -152,7 +153,8 @@ def _mesh_runner(step_fn: Callable, sharded: bool) -> Runner:
     return place(state, shardings)
 
   return Runner(step=step, put_state=put_state,
-                put_batch=lambda batch: jax.make_array_from_process_local_data(rows, batch),
+                put_batch=lambda batch: jax.tree_util.tree_map(
+                    lambda x: jax.make_array_from_process_local_data(rows, x), batch),
                 get_state=host, get_metrics=lambda m: _metrics(m, host), to_save=_unchanged,
                 restore_layout=lambda abstract: with_shardings(abstract, state_shardings(abstract)))
 
