@@ -18,9 +18,10 @@ import time
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddpm_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
-from benchmarks import report  # pylint: disable=g-import-not-at-top,wrong-import-position
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's ddpm_jax
+
+import report  # pylint: disable=g-import-not-at-top  (benchmarks/report.py, beside this script)
+from ddpm_jax import data  # pylint: disable=g-import-not-at-top
 
 
 def write_jpegs(root: str, count: int, size: int) -> None:
