@@ -128,13 +128,13 @@ def _pmap_runner(step_fn: Callable) -> Runner:
     return batch.reshape((n, batch.shape[0] // n) + batch.shape[1:])
 
   devices = jax.local_devices()
+  stacked = NamedSharding(Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS))  # pmap's layout of its inputs
 
   def replicate(x: Any) -> jax.Array:
     """One copy of x on each local device, stacked along a new leading axis (device to device: no host copy of a
     device array)."""
     x = jnp.asarray(x)
-    sharding = jax.sharding.PmapSharding.default((n,) + x.shape, 0, devices)
-    return jax.make_array_from_single_device_arrays((n,) + x.shape, sharding,
+    return jax.make_array_from_single_device_arrays((n,) + x.shape, stacked,
                                                     [jax.device_put(x[None], d) for d in devices])
 
   step = jax.pmap(functools.partial(step_fn, axis_name=AXIS), axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=0)
