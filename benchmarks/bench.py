@@ -456,8 +456,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
   import optax  # pylint: disable=g-import-not-at-top
 
   if args.device == "gpu" and jax.default_backend() != "gpu":
-    raise SystemExit(f"bench.py: error: --device gpu but JAX's backend is {jax.default_backend()!r}: "
-                     "install jax[cuda13] (or jax[cuda12])")
+    print(f"bench.py: error: --device gpu but JAX's backend is {jax.default_backend()!r}: install jax[cuda13] "
+          "(or jax[cuda12])", file=sys.stderr)
+    sys.exit(2)
   (preset,), (batch,), (precision,) = args.presets, args.batches, args.precisions
   n = 8192 if args.device == "gpu" else 2048
   peak = jax_matmul_peak(PRECISIONS[precision], n, args.repeats)
