@@ -12,6 +12,11 @@ import numpy as np
 import optax
 
 
+# The initialisers run once: compiled without LLVM's optimisations, the program of ~100 PRNG calls compiles about
+# 4x faster on the CPU (tiny: 7 s instead of 27 s on a loaded 2-core machine) and runs no slower that matters.
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
 def ema_decay_at(decay: float, warmup: bool, num_updates: jnp.ndarray) -> jnp.ndarray:
   """The EMA decay after `num_updates` updates: `decay`, or min(decay, (1 + n) / (10 + n)) with warmup."""
   n = jnp.asarray(num_updates).astype(jnp.float32)
@@ -82,9 +87,11 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
                       apply_fn=model.apply, tx=tx)
 
   # A concrete key travels as host data, which every process holds whole: a key committed to one device could not
-  # enter a program that spans other processes' devices. (Under a trace, e.g. jax.eval_shape, it stays a tracer.)
+  # enter a program that spans other processes' devices. Under a trace (e.g. jax.eval_shape) the key is a tracer
+  # and the program a nested one, which takes no compiler options.
   key_data = jax.random.key_data(key)
-  if not isinstance(key_data, jax.core.Tracer):
-    key_data = np.asarray(key_data)
+  traced = isinstance(key_data, jax.core.Tracer)
+  key_data = key_data if traced else np.asarray(key_data)
   shardings = layout(jax.eval_shape(init, key_data)) if layout else None
-  return jax.jit(init, out_shardings=shardings)(key_data)
+  return jax.jit(init, out_shardings=shardings,
+                 compiler_options=None if traced else INIT_COMPILER_OPTIONS)(key_data)
