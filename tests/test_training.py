@@ -339,6 +339,12 @@ def test_pmap_jit_and_fsdp_on_four_devices_match_one_device():
           assert kernel.sharding.spec == ("data", None, None, None) or "data" in tuple(kernel.sharding.spec), \\
               kernel.sharding
           assert kernel.addressable_shards[0].data.size * 4 == kernel.size
+          # Created in those shardings from the start (each device computes its shards): the same bits.
+          made = create_train_state(builders.build_model(c), builders.build_optimizer(c), jax.random.key(0),
+                                    (1, 8, 8, 1), runner.state_shardings)
+          for a, b in zip(jax.tree_util.tree_leaves(placed), jax.tree_util.tree_leaves(made)):
+            assert a.sharding == b.sharding, (a.sharding, b.sharding)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         for b in batches:
           placed, m = runner.step(placed, runner.put_batch(b), key)
         got = runner.get_state(placed)
