@@ -4,7 +4,7 @@ import os
 import sys
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 
 from ddpm_jax import builders, checkpoint, loop, runtime
 
@@ -17,7 +17,8 @@ flags.DEFINE_integer("stop_at_step", None, "Stop (with a checkpoint) at this ste
                      "config.num_train_steps.")
 flags.DEFINE_string("compilation_cache", runtime.default_cache_dir(), "Folder of XLA's persistent compilation "
                     "cache, so that a second run of the same config starts in seconds; '' turns it off.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process (multi-host) runs.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process (multi-host) runs; "
+                    "not needed in a TPU pod slice, SLURM or Open MPI job, whose environment JAX reads.")
 flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
 flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process run.")
 flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds after which the processes of a multi-process run give up on "
@@ -30,10 +31,16 @@ def main(argv):
     print(f"train.py: error: --heartbeat_timeout={FLAGS.heartbeat_timeout} is invalid: give seconds >= 1",
           file=sys.stderr)
     sys.exit(2)
-  if FLAGS.num_processes > 1:
+  explicit = FLAGS.coordinator_address is not None or FLAGS.num_processes > 1
+  cluster = None if explicit else runtime.detected_cluster()
+  if explicit or cluster:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                               heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
+    if explicit:
+      jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                 heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
+    else:  # JAX reads the coordinator, the process count and this process's index from the job's environment
+      jax.distributed.initialize(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
+      logging.info("%s job detected: process %d of %d", cluster, jax.process_index(), jax.process_count())
   checkpoint.quiet_orbax()
   runtime.enable_compilation_cache(FLAGS.compilation_cache)
   try:

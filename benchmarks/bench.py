@@ -9,16 +9,21 @@
 ddpm_cifar10 at batch 128 under jit and fsdp over 1, 4 and 8 simulated CPU
 devices and reports XLA's per-device memory analysis of each.
 
-Every number is a median over --repeats timed runs after a warm-up; compile
-times are reported apart. FLOPs per image come from XLA's cost analysis of the
-compiled step. The peer (benchmarks/torch_unet.py, same architecture and
-parameter count) runs in the same process after JAX, when PyTorch is installed.
+Every number is a median over --repeats timed runs after a warm-up, each run
+at least --min_run_s long, with its spread ((max - min) / median); compile
+times are reported apart. FLOPs are counted analytically, layer by layer
+(benchmarks/flops.py), the same way on every backend. The peer
+(benchmarks/torch_unet.py, same architecture and parameter count) runs in the
+same process after JAX, when PyTorch is installed; --torch_compile adds the
+torch.compile peer beside the eager one. Each phase prints a progress line
+("[bench] <phase> ...") as it starts and ends.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -30,13 +35,15 @@ import time
 from typing import Any, Callable, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ of this checkout
+import flops  # pylint: disable=g-import-not-at-top  (benchmarks/flops.py, beside this script)
 import report  # pylint: disable=g-import-not-at-top  (benchmarks/report.py, beside this script)
+
 PRESET_SIZES = {"tiny": 32, "ddpm_cifar10": 32, "book64": 64}
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
-# |peer / JAX - 1| of forward FLOPs allowed. XLA's cost analysis leaves out the 3x3 taps that fall in the zero
-# padding, PyTorch's counter does not, so the peer counts more as feature maps shrink: measured 0.98 to 1.04 for
-# the presets at 32x32 and 64x64, 1.094 for tiny at 8x8 (maps of 8, 4 and 2 pixels).
-FLOP_TOLERANCE = 0.15
+# |peer / JAX - 1| of forward FLOPs allowed. Both counts include the taps in the zero padding; PyTorch's counter
+# leaves out the biases and norms that flops.py counts (measured: 0.08% of book64's count, 0.23% of ddpm_cifar10's,
+# 1.6% of tiny's at 32x32 and 1.8% at 8x8). Not yet run against PyTorch with this count (no PyTorch here).
+FLOP_TOLERANCE = 0.03
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -51,12 +58,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--parallelism", choices=("pmap", "jit", "fsdp"), default="pmap",
                  help="how the train step spreads over several devices (one device: plain jit whatever this says)")
   p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is reported)")
-  p.add_argument("--steps", type=int, default=5, help="train steps or forward passes per timed run")
+  p.add_argument("--steps", type=int, default=5, help="train steps or forward passes per timed run (at least)")
+  p.add_argument("--min_run_s", type=float, default=0.0, help="lengthen each timed train / forward run to at least "
+                 "this many seconds (the step count from the warm-up run's time)")
   p.add_argument("--ddpm1000", choices=("auto", "on", "off"), default="auto",
                  help="time DDPM-1000 sampling (auto: on GPU, and for tiny on CPU)")
   p.add_argument("--sample_repeats", type=int, default=3, help="timed runs of each sampler (after a first call)")
   p.add_argument("--no_torch", action="store_true", help="skip the PyTorch peer")
   p.add_argument("--torch_channels_last", action="store_true", help="run the peer in channels_last memory format")
+  p.add_argument("--torch_compile", action="store_true", help="also time the peer under torch.compile, beside eager")
   p.add_argument("--json", default="", help="write the results here (one object, or a list for several configs)")
   p.add_argument("--markdown", default="", help="write the results table here")
   p.add_argument("--memory", action="store_true", help="per-device memory of jit and fsdp train steps over 1, 4 "
@@ -75,14 +85,32 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   return args
 
 
-def median_rate(run: Callable[[], None], items: int, repeats: int) -> float:
-  """Median over repeats of items / seconds of run() (which must block until done)."""
+def progress(phase: str, what: str) -> None:
+  """One progress line on stdout, at once."""
+  print(f"[bench] {phase}: {what}", flush=True)
+
+
+def median_rate(run: Callable[[], None], items: int, repeats: int) -> tuple[float, float]:
+  """(median over repeats of items / seconds of run() (which must block until done), spread: (max - min) / median
+  of those rates)."""
   rates = []
   for _ in range(repeats):
     start = time.perf_counter()
     run()
     rates.append(items / (time.perf_counter() - start))
-  return statistics.median(rates)
+  median = statistics.median(rates)
+  return median, (max(rates) - min(rates)) / median
+
+
+def timed_steps(run: Callable[[int], None], per_step: int, args: argparse.Namespace) -> tuple[float, float, int]:
+  """(median items/s, spread, steps per run) of run(n) (n steps of per_step items each, blocking): a warm-up run
+  of --steps steps, then --repeats runs of at least --steps steps and --min_run_s seconds each."""
+  start = time.perf_counter()
+  run(args.steps)
+  per_step_s = (time.perf_counter() - start) / args.steps
+  n = max(args.steps, math.ceil(args.min_run_s / per_step_s))
+  rate, spread = median_rate(lambda: run(n), n * per_step, args.repeats)
+  return rate, spread, n
 
 
 def host_peak_rss() -> int:
@@ -102,7 +130,7 @@ def jax_matmul_peak(dtype: str, n: int, repeats: int) -> float:
   b = jax.random.normal(jax.random.key(1), (n, n)).astype(dtype)
   mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   mm(a, b).block_until_ready()
-  return median_rate(lambda: mm(a, b).block_until_ready(), 2 * n ** 3, repeats)
+  return median_rate(lambda: mm(a, b).block_until_ready(), 2 * n ** 3, repeats)[0]
 
 
 def unet_fields(preset: str, precision: str = "fp32") -> dict[str, Any]:
@@ -115,19 +143,17 @@ def unet_fields(preset: str, precision: str = "fp32") -> dict[str, Any]:
   return {f.name: getattr(model, f.name) for f in dataclasses.fields(UNet) if f.name not in ("parent", "name")}
 
 
-def jax_forward_cost(preset: str, batch: int, precision: str, size: int) -> tuple[int, float]:
-  """(parameter count, XLA's forward FLOPs per image) of the JAX preset, from shapes alone (nothing runs)."""
+def jax_forward_cost(preset: str, precision: str, size: int) -> tuple[int, float]:
+  """(parameter count, forward FLOPs per image counting the taps in the padding, as PyTorch does) of the JAX
+  preset, from shapes alone (nothing runs)."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from ddpm_jax.train_state import init_params  # pylint: disable=g-import-not-at-top
   from ddpm_jax.unet import count_params, unet_preset  # pylint: disable=g-import-not-at-top
 
   model = unet_preset(preset, dtype=PRECISIONS[precision])
   params = jax.eval_shape(lambda: init_params(model, jax.random.key(0), (1, size, size, 3)))
-  x, t = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32), jax.ShapeDtypeStruct((batch,), jnp.int32)
-  cost = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)).lower(params, x, t).compile().cost_analysis()
-  return count_params(params), float((cost[0] if isinstance(cost, list) else cost)["flops"]) / batch
+  return count_params(params), float(flops.forward_flops(model, (1, size, size, 3), count_padding=True))
 
 
 def jax_bench(preset: str, batch: int, precision: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -152,51 +178,57 @@ def jax_bench(preset: str, batch: int, precision: str, args: argparse.Namespace)
   shape = (batch, size, size, 3)
   out: dict[str, Any] = {}
 
+  progress("init", f"creating the {preset} train state")
   start = time.perf_counter()
-  state = create_train_state(model, tx, jax.random.key(0), (1, size, size, 3))
+  runner = parallel.make_runner(functools.partial(training.train_step, schedule=schedule, ema_decay=0.9999),
+                                args.parallelism)
+  state = runner.put_state(create_train_state(model, tx, jax.random.key(0), (1, size, size, 3),
+                                              runner.state_shardings))
   jax.block_until_ready(state)
   out["init_s"] = time.perf_counter() - start
   out["params"] = count_params(state.params)
+  progress("init", f"done in {out['init_s']:.1f} s ({out['params']:,} parameters)")
+  # Counted analytically (benchmarks/flops.py) for the global batch, on whatever devices run it.
+  out["train_flops_per_image"] = flops.train_flops(model, shape) / batch
+  out["forward_flops_per_image"] = flops.forward_flops(model, shape) / batch
 
-  runner = parallel.make_runner(functools.partial(training.train_step, schedule=schedule, ema_decay=0.9999),
-                                args.parallelism)
-  state = runner.put_state(state)
   x = runner.put_batch(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32))
   key = jax.random.key(1)
+  progress("compile", "compiling the train step")
   start = time.perf_counter()
   compiled = runner.step.lower(state, x, key).compile()
   out["train_compile_s"] = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  # The cost analysis describes one device's program; each of the devices runs it on its share of the batch.
-  out["train_flops_per_image"] = float(cost["flops"]) * jax.device_count() / batch
+  progress("compile", f"done in {out['train_compile_s']:.1f} s")
   holder = [state]
 
-  def train_run():
+  def train_run(n: int) -> None:
     s = holder[0]
-    for _ in range(args.steps):
+    for _ in range(n):
       s, _ = compiled(s, x, key)
     jax.block_until_ready(s)
     holder[0] = s
 
-  train_run()  # warm-up
-  out["jax_train_images_per_s"] = median_rate(train_run, args.steps * batch, args.repeats)
+  progress("train", "timing the train step")
+  out["jax_train_images_per_s"], out["jax_train_spread"], out["train_steps_per_run"] = timed_steps(
+      train_run, batch, args)
+  progress("train", f"{out['jax_train_images_per_s']:.4g} img/s (spread {out['jax_train_spread']:.1%}, "
+           f"{args.repeats} runs of {out['train_steps_per_run']} steps)")
   params = runner.get_state(holder[0]).params
   apply_fn = model.apply
   x = jnp.asarray(np.asarray(x).reshape(shape))
   del holder[:], state
 
   # One forward pass of the network (sampling's unit of work).
+  progress("forward", "compiling and timing one forward pass")
   fwd = jax.jit(lambda p, x, t: apply_fn({"params": p}, x, t))
   t = jnp.full((batch,), 500, jnp.int32)
   start = time.perf_counter()
   fwd_compiled = fwd.lower(params, x, t).compile()
   out["forward_compile_s"] = time.perf_counter() - start
-  fcost = fwd_compiled.cost_analysis()
-  out["forward_flops_per_image"] = float((fcost[0] if isinstance(fcost, list) else fcost)["flops"]) / batch
-  fwd_run = lambda: [fwd_compiled(params, x, t) for _ in range(args.steps)][-1].block_until_ready()
-  fwd_run()
-  out["jax_forward_images_per_s"] = median_rate(fwd_run, args.steps * batch, args.repeats)
+  fwd_run = lambda n: [fwd_compiled(params, x, t) for _ in range(n)][-1].block_until_ready()
+  out["jax_forward_images_per_s"], out["jax_forward_spread"], _ = timed_steps(fwd_run, batch, args)
+  progress("forward", f"{out['jax_forward_images_per_s']:.4g} img/s (spread {out['jax_forward_spread']:.1%}; "
+           f"compile {out['forward_compile_s']:.1f} s)")
 
   # The lax.scan samplers.
   eps_fn = lambda xt, tt: apply_fn({"params": params}, xt, tt)
@@ -205,14 +237,17 @@ def jax_bench(preset: str, batch: int, precision: str, args: argparse.Namespace)
     wanted = {"auto": args.device == "gpu" or preset == "tiny", "on": True, "off": False}[args.ddpm1000]
     if name == "ddpm1000" and not wanted:
       out[f"sample_{name}_images_per_s"] = out[f"sample_{name}_overhead"] = None
+      progress(f"sample {name}", f"skipped (--ddpm1000={args.ddpm1000})")
       continue
     run = lambda: sampling.sample(eps_fn, schedule, sample_key, shape, method=method, num_steps=steps,
                                   eta=1.0).block_until_ready()
+    progress(f"sample {name}", "compiling and timing")
     start = time.perf_counter()
     run()
     out[f"sample_{name}_first_call_s"] = time.perf_counter() - start
-    rate = median_rate(run, batch, args.sample_repeats if steps <= 50 else 1)
+    rate, out[f"sample_{name}_spread"] = median_rate(run, batch, args.sample_repeats if steps <= 50 else 1)
     out[f"sample_{name}_images_per_s"] = rate
+    progress(f"sample {name}", f"{rate:.4g} img/s (first call {out[f'sample_{name}_first_call_s']:.1f} s)")
     # > 1: time beyond `steps` jitted forward passes (the sampler's own arithmetic and the scan).
     out[f"sample_{name}_overhead"] = (batch / rate) / (steps * batch / out["jax_forward_images_per_s"])
 
@@ -242,10 +277,11 @@ def torch_peer(preset: str, size: int, device: str) -> Any:
 
 def check_peer(preset: str, batch: int, precision: str, args: argparse.Namespace) -> dict[str, Any]:
   """Before anything is timed: the peer must have the JAX preset's parameter count exactly and its forward FLOPs
-  within FLOP_TOLERANCE (the two counters count elementwise work differently); raises RuntimeError otherwise."""
+  within FLOP_TOLERANCE of the analytic count (benchmarks/flops.py); raises RuntimeError otherwise."""
+  del batch  # both counts are per image
   size = args.image_size or PRESET_SIZES[preset]
-  jax_params, jax_flops = jax_forward_cost(preset, batch, precision, size)
-  out = {"params": jax_params, "forward_flops_per_image": jax_flops}
+  jax_params, jax_flops = jax_forward_cost(preset, precision, size)
+  out = {"params": jax_params}
   model = None if args.no_torch else torch_peer(preset, size, "cpu")
   if model is None:
     return out
@@ -263,22 +299,28 @@ def check_peer(preset: str, batch: int, precision: str, args: argparse.Namespace
   if abs(ratio - 1) > FLOP_TOLERANCE:
     raise RuntimeError(f"the PyTorch peer's forward FLOPs are {ratio:.3f} times the JAX {preset}'s: not the same "
                        f"model (tolerance {FLOP_TOLERANCE})")
-  out["torch_forward_flops_per_image"] = counter.get_total_flops()
+  out["torch_forward_flops_per_image"], out["torch_flop_ratio"] = counter.get_total_flops(), ratio
   return out
 
 
 def checked_peer(preset: str, batch: int, precision: str, args: argparse.Namespace) -> dict[str, Any]:
   """check_peer run in a child process, so that PyTorch's thread pool does not share the cores with the JAX timing
   that follows; raises RuntimeError with the child's reason when the check fails."""
+  progress("peer", "checking the PyTorch peer's parameters and FLOPs against the JAX model's")
   argv = child_argv(args, preset, batch, precision, "") + ["--check_peer_only"]
   done = subprocess.run(argv, capture_output=True, text=True, check=False)
   if done.returncode:
     raise RuntimeError((done.stderr.strip().splitlines() or ["the peer check failed"])[-1])
-  return json.loads(done.stdout.strip().splitlines()[-1])
+  out = json.loads(done.stdout.strip().splitlines()[-1])
+  progress("peer", f"torch forward FLOPs / JAX's: {out['torch_flop_ratio']:.4f}" if "torch_flop_ratio" in out
+           else "no peer (--no_torch, or PyTorch is not installed): parameters counted only")
+  return out
 
 
-def torch_bench(preset: str, batch: int, precision: str, args: argparse.Namespace) -> Optional[dict[str, Any]]:
-  """The PyTorch peer's numbers, or None when PyTorch is not installed."""
+def torch_bench(preset: str, batch: int, precision: str, args: argparse.Namespace,
+                compiled: bool = False) -> Optional[dict[str, Any]]:
+  """The PyTorch peer's numbers (keys torch_*, or torch_compiled_* under torch.compile), or None when PyTorch is
+  not installed."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -289,19 +331,23 @@ def torch_bench(preset: str, batch: int, precision: str, args: argparse.Namespac
   model = torch_peer(preset, size, device)
   fmt = torch.channels_last if args.torch_channels_last else torch.contiguous_format
   model = model.to(memory_format=fmt)
+  net = torch.compile(model) if compiled else model  # the parameters (and so opt and ema) are model's
+  name = "torch_compiled" if compiled else "torch"
+  progress(name, f"timing the {'compiled' if compiled else 'eager'} PyTorch peer (the first step compiles)")
   ema = [p.detach().clone() for p in model.parameters()]
   opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.0)
   abar = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64).neg().add(1).cumprod(0).float().to(device)
   x0 = torch.rand(batch, 3, size, size, device=device).mul(2).sub(1).contiguous(memory_format=fmt)
   autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
   out: dict[str, Any] = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads()}
+  start = time.perf_counter()
 
   def step():
     t = torch.randint(0, 1000, (batch,), device=device)
     noise = torch.randn_like(x0)
     a = abar[t][:, None, None, None]
     with autocast():
-      pred = model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t)
+      pred = net(a.sqrt() * x0 + (1 - a).sqrt() * noise, t)
     loss = (pred.float() - noise).abs().mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -310,27 +356,30 @@ def torch_bench(preset: str, batch: int, precision: str, args: argparse.Namespac
     with torch.no_grad():
       torch._foreach_lerp_(ema, list(model.parameters()), 1 - 0.9999)  # pylint: disable=protected-access
 
-  def train_run():
-    for _ in range(args.steps):
+  def train_run(n: int) -> None:
+    for _ in range(n):
       step()
     sync()
 
   model.train()
-  train_run()
-  out["torch_train_images_per_s"] = median_rate(train_run, args.steps * batch, args.repeats)
+  train_run(1)  # compiles under torch.compile
+  out[f"{name}_first_step_s"] = time.perf_counter() - start
+  out[f"{name}_train_images_per_s"], out[f"{name}_train_spread"], _ = timed_steps(train_run, batch, args)
   model.eval()
   t = torch.full((batch,), 500, device=device)
 
-  def fwd_run():
+  def fwd_run(n: int) -> None:
     with torch.no_grad(), autocast():
-      for _ in range(args.steps):
-        model(x0, t)
+      for _ in range(n):
+        net(x0, t)
     sync()
 
-  fwd_run()
-  out["torch_forward_images_per_s"] = median_rate(fwd_run, args.steps * batch, args.repeats)
+  fwd_run(1)
+  out[f"{name}_forward_images_per_s"], out[f"{name}_forward_spread"], _ = timed_steps(fwd_run, batch, args)
+  progress(name, f"train {out[f'{name}_train_images_per_s']:.4g} img/s, forward "
+           f"{out[f'{name}_forward_images_per_s']:.4g} img/s")
   if device == "cuda":
-    out["torch_peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    out[f"{name}_peak_memory_bytes"] = torch.cuda.max_memory_allocated()
   return out
 
 
@@ -354,9 +403,13 @@ def run_one(preset: str, batch: int, precision: str, peak: float, args: argparse
   res["torch_skipped"] = None if torch_res else ("--no_torch" if args.no_torch else "PyTorch is not installed")
   res.update(torch_res or {"torch_train_images_per_s": None, "torch_forward_images_per_s": None,
                            "torch_version": None})
+  compiled_res = torch_bench(preset, batch, precision, args, compiled=True) if torch_res and args.torch_compile else None
+  res.update(compiled_res or {"torch_compiled_train_images_per_s": None, "torch_compiled_forward_images_per_s": None})
   ratio = lambda a, b: res[a] / res[b] if res.get(b) else None
   res["train_ratio"] = ratio("jax_train_images_per_s", "torch_train_images_per_s")
   res["forward_ratio"] = ratio("jax_forward_images_per_s", "torch_forward_images_per_s")
+  res["compiled_train_ratio"] = ratio("jax_train_images_per_s", "torch_compiled_train_images_per_s")
+  res["compiled_forward_ratio"] = ratio("jax_forward_images_per_s", "torch_compiled_forward_images_per_s")
   res["device"] = str(jax.local_devices()[0].device_kind)
   print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=None), flush=True)
   return res
@@ -375,16 +428,19 @@ def markdown(results: list[dict[str, Any]]) -> str:
            f"({env['matmul_n']}x{env['matmul_n']}), measured in each run: "
            + ", ".join(f"{r['preset']}/{r['precision']} {r['matmul_peak_flops_per_s'] / 1e12:.3f} TFLOP/s"
                        for r in results) + ".", "",
-           "| preset | batch | precision | JAX train img/s | PyTorch train img/s | train ratio | "
-           "JAX fwd img/s | PyTorch fwd img/s | fwd ratio | train GFLOP/img | train TFLOP/s | fraction of peak | "
+           "| preset | batch | precision | JAX train img/s (spread) | PyTorch train img/s eager / compiled | "
+           "train ratio eager / compiled | JAX fwd img/s | PyTorch fwd img/s eager / compiled | "
+           "fwd ratio eager / compiled | train GFLOP/img | train TFLOP/s | fraction of peak | "
            "DDIM-50 img/s | DDPM-1000 img/s | sampler overhead (DDIM-50) | peak memory MiB | compile s |",
            "|" + " --- |" * 17]
   for r in results:
+    pair = lambda a, b, spec: f"{fmt(r.get(a), spec)} / {fmt(r.get(b), spec)}"  # pylint: disable=cell-var-from-loop
     lines.append(
-        f"| {r['preset']} | {r['batch']} | {r['precision']} | {fmt(r['jax_train_images_per_s'], '.3g')} | "
-        f"{fmt(r['torch_train_images_per_s'], '.3g')} | {fmt(r['train_ratio'], '.2f')} | "
-        f"{fmt(r['jax_forward_images_per_s'], '.3g')} | {fmt(r['torch_forward_images_per_s'], '.3g')} | "
-        f"{fmt(r['forward_ratio'], '.2f')} | {r['train_flops_per_image'] / 1e9:.2f} | "
+        f"| {r['preset']} | {r['batch']} | {r['precision']} | {fmt(r['jax_train_images_per_s'], '.3g')} "
+        f"({r['jax_train_spread']:.1%}) | {pair('torch_train_images_per_s', 'torch_compiled_train_images_per_s', '.3g')} | "
+        f"{pair('train_ratio', 'compiled_train_ratio', '.2f')} | {fmt(r['jax_forward_images_per_s'], '.3g')} | "
+        f"{pair('torch_forward_images_per_s', 'torch_compiled_forward_images_per_s', '.3g')} | "
+        f"{pair('forward_ratio', 'compiled_forward_ratio', '.2f')} | {r['train_flops_per_image'] / 1e9:.2f} | "
         f"{r['train_flops_per_s'] / 1e12:.3f} | {r['train_fraction_of_peak']:.3f} | "
         f"{fmt(r['sample_ddim50_images_per_s'], '.3g')} | {fmt(r['sample_ddpm1000_images_per_s'], '.3g')} | "
         f"{fmt(r['sample_ddim50_overhead'], '.2f')} | {fmt(r['peak_memory_bytes'] and r['peak_memory_bytes'] / 2**20, '.0f')} | "
@@ -401,8 +457,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
   import optax  # pylint: disable=g-import-not-at-top
 
   if args.device == "gpu" and jax.default_backend() != "gpu":
-    raise SystemExit(f"bench.py: error: --device gpu but JAX's backend is {jax.default_backend()!r}: "
-                     "install jax[cuda13] (or jax[cuda12])")
+    print(f"bench.py: error: --device gpu but JAX's backend is {jax.default_backend()!r}: install jax[cuda13] "
+          "(or jax[cuda12])", file=sys.stderr)
+    sys.exit(2)
   (preset,), (batch,), (precision,) = args.presets, args.batches, args.precisions
   n = 8192 if args.device == "gpu" else 2048
   peak = jax_matmul_peak(PRECISIONS[precision], n, args.repeats)
@@ -417,8 +474,10 @@ def child_argv(args: argparse.Namespace, preset: str, batch: int, precision: str
   argv = [sys.executable, os.path.abspath(__file__), f"--preset={preset}", f"--batch={batch}",
           f"--precision={precision}", f"--json={json_path}", f"--device={args.device}",
           f"--repeats={args.repeats}", f"--steps={args.steps}", f"--sample_repeats={args.sample_repeats}",
-          f"--ddpm1000={args.ddpm1000}", f"--image_size={args.image_size}", f"--parallelism={args.parallelism}"]
-  return argv + ["--no_torch"] * args.no_torch + ["--torch_channels_last"] * args.torch_channels_last
+          f"--ddpm1000={args.ddpm1000}", f"--image_size={args.image_size}", f"--parallelism={args.parallelism}",
+          f"--min_run_s={args.min_run_s}"]
+  return (argv + ["--no_torch"] * args.no_torch + ["--torch_channels_last"] * args.torch_channels_last +
+          ["--torch_compile"] * args.torch_compile)
 
 
 MEMORY_CASES = (("book64", 64), ("ddpm_cifar10", 128))  # the GPU batch sizes

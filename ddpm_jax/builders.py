@@ -367,9 +367,11 @@ def build_training(config: ml_collections.ConfigDict, workdir: str,
       evaluate = build_evaluator(config, workdir, source) if jax.process_index() == 0 else None
       hooks.append(loop.Hook(config.eval_every_steps, _eval_hook(generate, evaluate, sample_key,
                                                                  config.eval_num_samples, num_classes)))
+  runner = parallel.make_runner(build_train_step(config, schedule), config.parallelism)
   return loop.Training(
-      create_state=lambda: create_train_state(model, tx, init_key, input_shape),
-      runner=parallel.make_runner(build_train_step(config, schedule), config.parallelism),
+      # Created in the runner's shardings: each device computes its own shards, no host holds the state.
+      create_state=lambda: create_train_state(model, tx, init_key, input_shape, runner.state_shardings),
+      runner=runner,
       batches=build_batches(config, source, jax.process_index(), jax.process_count()),
       key=train_key,
       end_step=min(config.num_train_steps, stop_at_step or config.num_train_steps),

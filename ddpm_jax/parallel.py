@@ -9,6 +9,7 @@ import functools
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -36,6 +37,8 @@ class Runner:
   get_metrics: Callable[[dict], dict[str, float]]  # placed metrics -> host floats
   to_save: Callable[[Any], TrainState]  # placed state -> the arrays a checkpoint holds (each process writes its shards)
   restore_layout: Callable[[TrainState], TrainState]  # abstract state -> the same, with the shardings to restore into
+  # abstract state -> the shardings to create it in (create_train_state's layout); None: on the default device
+  state_shardings: Callable[[TrainState], Any]
 
 
 def _first(tree: Any) -> Any:
@@ -103,11 +106,16 @@ def _unchanged(tree: Any) -> Any:
   return tree
 
 
+def _default_device(abstract: Any) -> None:
+  """No shardings: the state is created on the default device."""
+  del abstract
+
+
 def _single_runner(step_fn: Callable) -> Runner:
   """The step jitted for the one device there is (checkpoints restore onto it: the default of restore_state)."""
   return Runner(step=jax.jit(step_fn, donate_argnums=0), put_state=jax.device_put, put_batch=jax.device_put,
                 get_state=jax.device_get, get_metrics=lambda m: _metrics(m, jax.device_get), to_save=_unchanged,
-                restore_layout=_unchanged)
+                restore_layout=_unchanged, state_shardings=_default_device)
 
 
 def _pmap_runner(step_fn: Callable) -> Runner:
@@ -120,10 +128,20 @@ def _pmap_runner(step_fn: Callable) -> Runner:
       raise ValueError(f"this process's batch of {rows} rows does not split over its {n} devices")
     return jax.tree_util.tree_map(lambda x: x.reshape((n, rows // n) + x.shape[1:]), batch)
 
-  replicate = lambda state: jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), state)
+  devices = jax.local_devices()
+  stacked = NamedSharding(Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS))  # pmap's layout of its inputs
+
+  def replicate(x: Any) -> jax.Array:
+    """One copy of x on each local device, stacked along a new leading axis (device to device: no host copy of a
+    device array)."""
+    x = jnp.asarray(x)
+    return jax.make_array_from_single_device_arrays((n,) + x.shape, stacked,
+                                                    [jax.device_put(x[None], d) for d in devices])
+
   step = jax.pmap(functools.partial(step_fn, axis_name=AXIS), axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=0)
-  return Runner(step=step, put_state=replicate, put_batch=put_batch, get_state=_first,
-                get_metrics=lambda m: _metrics(m, _first), to_save=_first, restore_layout=_unchanged)
+  return Runner(step=step, put_state=lambda state: jax.tree_util.tree_map(replicate, state), put_batch=put_batch,
+                get_state=_first, get_metrics=lambda m: _metrics(m, _first), to_save=_first,
+                restore_layout=_unchanged, state_shardings=_default_device)
 
 
 class _MeshStep:
@@ -156,7 +174,8 @@ def _mesh_runner(step_fn: Callable, sharded: bool) -> Runner:
                 put_batch=lambda batch: jax.tree_util.tree_map(
                     lambda x: jax.make_array_from_process_local_data(rows, x), batch),
                 get_state=host, get_metrics=lambda m: _metrics(m, host), to_save=_unchanged,
-                restore_layout=lambda abstract: with_shardings(abstract, state_shardings(abstract)))
+                restore_layout=lambda abstract: with_shardings(abstract, state_shardings(abstract)),
+                state_shardings=state_shardings)
 
 
 def make_runner(step_fn: Callable[..., tuple[TrainState, dict]], mode: str = "pmap") -> Runner:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -173,8 +174,29 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def start_two_processes(workdir, *flags):
-  """train.py as 2 processes x 2 devices on 127.0.0.1, in the background."""
+SLURM_PORTS = 61440  # JAX's SLURM detector puts the coordinator on port SLURM_JOB_ID % 4096 + 61440
+
+
+def _free_slurm_job_id():
+  """A SLURM job id whose coordinator port (JAX's rule) is free on 127.0.0.1."""
+  for job_id in random.Random().sample(range(4096), 4096):
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", SLURM_PORTS + job_id))
+      except OSError:
+        continue
+      return job_id
+  pytest.skip(f"no free port in {SLURM_PORTS}..65535")
+
+
+def start_two_processes(workdir, *flags, slurm=False):
+  """train.py as 2 processes x 2 devices on 127.0.0.1, in the background: told so by flags, or (slurm) by nothing
+  but the environment srun gives the tasks of a job of two one-task nodes."""
+  if slurm:
+    job = {"SLURM_JOB_ID": str(_free_slurm_job_id()), "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
+           "SLURM_LOCALID": "0"}
+    return [run_train(workdir, *flags, devices=2, background=True, env_extra={**job, "SLURM_PROCID": str(i)})
+            for i in range(2)]
   port = _free_port()
   return [run_train(workdir, *flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                     f"--process_id={i}", devices=2, background=True) for i in range(2)]
@@ -225,6 +247,7 @@ def checkpoint_steps(workdir):
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+@pytest.mark.multiprocess
 def test_checkpoints_move_between_layouts_and_a_signal_to_one_process_stops_every_process(tmp_path):
   # optim.eps=1 keeps Adam's update linear in the gradient (see test_pmap_jit_and_fsdp_on_four_devices_...).
   flags = ["--config.ema.decay=0.5", "--config.optim.eps=1.0"]
@@ -239,11 +262,14 @@ def test_checkpoints_move_between_layouts_and_a_signal_to_one_process_stops_ever
   # ... resumed on 1 device: the never-interrupted reference of what follows
   out = run_train(single, f"--stop_at_step={END}", fsdp, *flags, devices=1)
   assert out.returncode == 0, out.stderr[-2000:]
-  # ... and on 2 processes x 2 devices: under fsdp, stopped by SIGTERM to process 1 alone; resumed under pmap,
-  # stopped by SIGINT to process 0 alone; resumed under jit to the end.
+  # ... and on 2 processes x 2 devices: started as a SLURM job (no flags say there are several processes) under
+  # fsdp, stopped by SIGTERM to process 1 alone; resumed with the flags under pmap, stopped by SIGINT to process 0
+  # alone; resumed under jit to the end.
   for signum, index, kept, mode in ((signal.SIGTERM, 1, 2, fsdp), (signal.SIGINT, 0, 3, pmap)):
-    seconds, errs = signal_one_and_collect(start_two_processes(run, f"--stop_at_step={END}", mode, *flags), index,
-                                           signum, run)
+    slurm = signum == signal.SIGTERM
+    seconds, errs = signal_one_and_collect(start_two_processes(run, f"--stop_at_step={END}", mode, *flags,
+                                                               slurm=slurm), index, signum, run)
+    assert not slurm or "slurm job detected: process 0 of 2" in errs[0], errs[0]
     stops = [int(m.group(1)) for m in (re.search(rf"stopped by {signum.name} at step (\d+); checkpoint saved", e)
                                        for e in errs) if m]
     assert len(stops) == 2 and stops[0] == stops[1] < END, errs  # both stop, at one step, before the end
@@ -267,6 +293,7 @@ def test_checkpoints_move_between_layouts_and_a_signal_to_one_process_stops_ever
   assert sampled.returncode == 0 and np.load(tmp_path / "samples.npz")["images"].shape == (4, 8, 8, 1), sampled.stderr
 
 
+@pytest.mark.multiprocess
 def test_a_process_that_dies_makes_the_others_fail_within_the_heartbeat_timeout(tmp_path):
   procs = start_two_processes(tmp_path, "--stop_at_step=100000", "--heartbeat_timeout=5")
   wait_until((tmp_path / "config.json").exists, procs)  # both processes are connected and building the run
@@ -312,6 +339,12 @@ def test_pmap_jit_and_fsdp_on_four_devices_match_one_device():
           assert kernel.sharding.spec == ("data", None, None, None) or "data" in tuple(kernel.sharding.spec), \\
               kernel.sharding
           assert kernel.addressable_shards[0].data.size * 4 == kernel.size
+          # Created in those shardings from the start (each device computes its shards): the same bits.
+          made = create_train_state(builders.build_model(c), builders.build_optimizer(c), jax.random.key(0),
+                                    (1, 8, 8, 1), runner.state_shardings)
+          for a, b in zip(jax.tree_util.tree_leaves(placed), jax.tree_util.tree_leaves(made)):
+            assert a.sharding == b.sharding, (a.sharding, b.sharding)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         for b in batches:
           placed, m = runner.step(placed, runner.put_batch(b), key)
         got = runner.get_state(placed)
@@ -330,6 +363,7 @@ def test_pmap_jit_and_fsdp_on_four_devices_match_one_device():
         print("OK", mode)
   """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  # 600 s: a 2-core machine shared with other test runs took just over 300 s.
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.split() == ["OK", "pmap", "OK", "jit", "OK", "fsdp"]
