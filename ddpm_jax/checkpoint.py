@@ -84,7 +84,8 @@ def make_manager(workdir: str, keep: int = 3, create: bool = True) -> ocp.Checkp
     raise ValueError(f"keep_checkpoints={keep!r} is invalid: keep at least 1")
   if create:  # a start removes what a failed save's late writer threads (or kill -9) left behind
     _remove_leftovers(checkpoint_dir(workdir))
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                         async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
   handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
   handlers["config"] = ocp.JsonCheckpointHandler()
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
@@ -126,6 +127,13 @@ def _cause(error: BaseException) -> str:
     return "no permission to write there (or a read-only file system)"
   first = text.strip().splitlines()[0]
   return first if len(first) <= 300 else first[:300] + " ..."
+
+
+def steps_on_disk(directory: str) -> list[int]:
+  """The step folders a checkpoint folder holds, ascending: the disk's own listing (the manager's list can leave out
+  a step still on disk, e.g. one it was about to delete when a save failed)."""
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
 
 
 def _remove_partial(manager: ocp.CheckpointManager) -> None:
@@ -175,7 +183,7 @@ def save(manager: ocp.CheckpointManager, state: TrainState, config: dict) -> Non
     manager.wait_until_finished()
   except Exception as e:  # orbax and tensorstore raise many types; every one means the write failed
     _remove_partial(manager)
-    kept = sorted(s for s in manager.all_steps() if s != step)
+    kept = [s for s in steps_on_disk(str(manager.directory)) if s != step]
     raise CheckpointError(f"could not write the checkpoint of step {step} to {manager.directory}: {_cause(e)}; "
                           f"kept: {', '.join(map(str, kept)) or 'no checkpoint'}") from e
 
@@ -268,6 +276,15 @@ def intact_steps(manager: ocp.CheckpointManager, restore: Any) -> list[int]:
   return good
 
 
+def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The config saved with checkpoint `step`; CheckpointReadError when it cannot be read."""
+  try:
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  except Exception as e:  # a damaged or missing config file
+    raise CheckpointReadError(f"the config of checkpoint {step} in {manager.directory} could not be read: "
+                              f"{_cause(e)}") from e
+
+
 def load_config(workdir: str, step: Optional[int] = None) -> tuple[dict, int]:
   """The config saved with a workdir's checkpoint (the latest, or `step`), and that step."""
   manager = make_manager(workdir, create=False) if os.path.isdir(checkpoint_dir(workdir)) else None
@@ -280,11 +297,7 @@ def load_config(workdir: str, step: Optional[int] = None) -> tuple[dict, int]:
     if step not in steps:
       raise ValueError(f"no checkpoint of step {step} in {checkpoint_dir(workdir)}: it holds steps "
                        f"{', '.join(map(str, sorted(steps)))}")
-    try:
-      return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config, step
-    except Exception as e:  # a damaged or missing config file
-      raise CheckpointReadError(f"the config of checkpoint {step} in {checkpoint_dir(workdir)} could not be read: "
-                                f"{_cause(e)}") from e
+    return saved_config(manager, step), step
   finally:
     if manager:
       manager.close()

@@ -6,8 +6,11 @@ import glob
 import json
 import logging
 import os
+import re
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
@@ -80,8 +83,9 @@ def test_sample_names_the_intact_checkpoints_when_the_latest_is_damaged(tmp_path
 
 
 def test_a_failed_write_names_the_step_path_cause_and_what_was_kept(tmp_path, monkeypatch):
-  workdir, config, create = small_run(tmp_path, steps=(2,))
+  workdir, config, create = small_run(tmp_path, steps=(1, 2))
   manager = checkpoint.make_manager(str(workdir))
+  monkeypatch.setattr(manager, "all_steps", lambda: [2])  # a manager's list without step 1, still on disk
 
   def full_disk(step, args):
     os.makedirs(os.path.join(str(manager.directory), f"{step}.orbax-checkpoint-tmp-123"))
@@ -91,8 +95,8 @@ def test_a_failed_write_names_the_step_path_cause_and_what_was_kept(tmp_path, mo
   with pytest.raises(checkpoint.CheckpointError) as info:
     checkpoint.save(manager, create().replace(step=jax.numpy.asarray(4)), config.to_dict())
   assert str(info.value) == (f"could not write the checkpoint of step 4 to {workdir}/checkpoints: the disk is full; "
-                             "kept: 2")
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]  # the partial folder is gone
+                             "kept: 1, 2")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]  # the partial folder is gone
   manager.close()
 
 
@@ -118,6 +122,41 @@ def small_tmpfs(path, size):
     yield path
   finally:
     subprocess.run(["umount", str(path)], check=False)
+
+
+@contextlib.contextmanager
+def read_only(path):
+  """path bind-mounted read-only onto itself, or a skip where mounting is not allowed."""
+  if subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, check=False).returncode:
+    pytest.skip("bind mounts are not allowed here")
+  try:
+    if subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], capture_output=True, check=False).returncode:
+      pytest.skip("read-only remounts are not allowed here")
+    yield path
+  finally:
+    subprocess.run(["umount", str(path)], check=False)
+
+
+def test_a_save_into_a_read_only_folder_ends_the_process_within_seconds(tmp_path):
+  workdir, _, _ = small_run(tmp_path, steps=(2,))
+  # A process saving step 4 into the read-only folder; the error propagates (exit 1, its last line).
+  code = ("import pathlib, sys, tempfile, jax; from ddpm_jax import checkpoint; from test_failures import small_run; "
+          "checkpoint.quiet_orbax(); _, config, create = small_run(pathlib.Path(tempfile.mkdtemp()), steps=()); "
+          "manager = checkpoint.make_manager(sys.argv[1]); "
+          "checkpoint.save(manager, create().replace(step=jax.numpy.asarray(4)), config.to_dict())")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT}/tests")
+  with read_only(workdir / "checkpoints"):
+    start = time.time()
+    res = subprocess.run([sys.executable, "-c", code, str(workdir)], env=env, capture_output=True, text=True,
+                         timeout=400)
+    seconds = time.time() - start
+  # Orbax's threads waiting for a step folder that was never made kept the process alive for 300 s after the error.
+  assert seconds < 30, seconds
+  assert res.returncode == 1
+  last = res.stderr.strip().splitlines()[-1]
+  assert last.endswith(f"CheckpointError: could not write the checkpoint of step 4 to {workdir}/checkpoints: no "
+                       "permission to write there (or a read-only file system); kept: 2"), last
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
 
 
 def test_a_full_disk_stops_training_at_that_save_with_one_line_and_exit_1(tmp_path):
