@@ -9,6 +9,7 @@ model, optimizer, schedule, train step, data stream, sampler and evaluator.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import functools
 import importlib.util
@@ -68,6 +69,23 @@ def build_model(config: ml_collections.ConfigDict) -> UNet:
   fields = {k: v for k, v in config.model.items() if k != "preset" and v is not None}
   fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}  # a saved config gives lists
   return unet_preset(config.model.preset, **fields)
+
+
+# UNet fields that leave trained parameters meaning the same: compute precision, dropout rate, initialisation.
+_FREE_MODEL_FIELDS = ("dtype", "dropout", "init_scheme", "parent", "name")
+
+
+def parameter_meaning(config: dict) -> dict[str, Any]:
+  """What gives a config's parameters their meaning, by dotted key: every architecture field of the model it builds
+  (presets resolved), the image shape, the prediction target and the noise schedule (the network's t input)."""
+  c = ml_collections.ConfigDict(config)
+  model = build_model(c)
+  meaning = {f"model.{f.name}": getattr(model, f.name) for f in dataclasses.fields(model)
+             if f.name not in _FREE_MODEL_FIELDS}
+  d = c.diffusion
+  return {**meaning, "image_size": c.image_size, "data.channels": c.data.channels, "diffusion.prediction": d.prediction,
+          "diffusion.schedule": d.schedule, "diffusion.num_timesteps": d.num_timesteps,
+          "diffusion.beta_start": d.beta_start, "diffusion.beta_end": d.beta_end}
 
 
 def build_schedule(config: ml_collections.ConfigDict) -> Schedule:
@@ -337,6 +355,7 @@ def build_training(config: ml_collections.ConfigDict, workdir: str,
       checkpoint_every=config.checkpoint_every_steps,
       keep_checkpoints=config.keep_checkpoints,
       config=config.to_dict(),
+      parameter_meaning=parameter_meaning,
       hooks=tuple(hooks))
 
 

@@ -229,3 +229,48 @@ def test_the_input_pipeline_leaves_no_autograph_files_when_killed(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path))
   assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
   assert not list(tmp_path.glob("__autograph_generated_file*")), os.listdir(tmp_path)
+
+
+def test_a_second_run_on_a_live_workdir_is_refused_and_a_dead_runs_lock_taken_over(tmp_path):
+  from ddpm_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+
+  held = workdir_lock.acquire(str(tmp_path))  # this process plays the live first run
+  try:
+    res = run_train(tmp_path, "--stop_at_step=1")
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert re.fullmatch(rf"workdir '{tmp_path}' is in use by another run: pid {os.getpid()} on host "
+                        rf"{re.escape(socket.gethostname())}, running since [\d-]+ [\d:]+; wait for it to end or give "
+                        r"another --workdir", one_error_line(res, "train.py"))
+    assert not (tmp_path / "checkpoints").exists()  # refused before the manager clears the live run's saves
+  finally:
+    workdir_lock.release(held)
+  # A run killed with -9 leaves its record behind, but not its lock: the next run takes it over.
+  code = "import sys; from ddpm_jax import workdir_lock; workdir_lock.acquire(sys.argv[1]); import os; os._exit(0)"
+  subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=dict(os.environ, PYTHONPATH=ROOT), check=True)
+  dead = json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())
+  assert dead["pid"] != os.getpid()
+  fd = workdir_lock.acquire(str(tmp_path))
+  assert json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
+  workdir_lock.release(fd)
+  assert (tmp_path / workdir_lock.LOCK_FILE).read_text() == ""
+
+
+@pytest.mark.parametrize("key, saved, value", [("model.norm_groups", 8, 4), ("diffusion.prediction", "eps", "v"),
+                                               ("diffusion.schedule", "cosine", "linear")])
+def test_resuming_with_a_change_that_keeps_the_shapes_is_refused_naming_the_field(tmp_path, key, saved, value):
+  workdir, config, create = small_run(tmp_path, steps=(2,))  # the tiny preset's 8 norm groups (config: None)
+  changed = config.to_dict()
+  changed[key.split(".")[0]][key.split(".")[1]] = value
+  manager = checkpoint.make_manager(str(workdir))
+  with pytest.raises(ValueError) as info:
+    loop._restore_or_create(manager, create, lambda a: a, changed, builders.parameter_meaning)  # pylint: disable=protected-access
+  manager.close()
+  assert str(info.value) == (f"checkpoint 2 in {workdir}/checkpoints was trained with {key}={saved!r} and this run "
+                             f"has {key}={value!r}: its parameters mean something else under another value; resume "
+                             "with the checkpoint's value or give another --workdir")
+  # What does not change the parameters' meaning (compute precision, dropout, the learning rate) resumes.
+  free = config.to_dict()
+  free["model"]["dropout"], free["optim"]["learning_rate"] = 0.3, 1e-5
+  manager = checkpoint.make_manager(str(workdir))
+  assert int(loop._restore_or_create(manager, create, lambda a: a, free, builders.parameter_meaning).step) == 2  # pylint: disable=protected-access
+  manager.close()
