@@ -26,6 +26,7 @@ flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds after which the processe
 
 def main(argv):
   del argv
+  runtime.quiet_backend_discovery()
   if FLAGS.heartbeat_timeout < 1:
     print(f"train.py: error: --heartbeat_timeout={FLAGS.heartbeat_timeout} is invalid: give seconds >= 1",
           file=sys.stderr)

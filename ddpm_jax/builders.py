@@ -371,15 +371,26 @@ def restore_sampling_params(config: ml_collections.ConfigDict, workdir: str, ste
   A checkpoint that cannot be read raises CheckpointError naming the intact
   steps that could be used instead.
   """
-  template = _params_template(config)
   manager = checkpoint.make_manager(workdir, create=False)
   try:
-    try:
-      return checkpoint.restore_params(manager, template, step, ema=ema)
-    except checkpoint.CheckpointReadError as e:
-      good = checkpoint.intact_steps(manager, lambda s: checkpoint.restore_params(manager, template, s, ema=ema))
-      hint = (f"intact: {', '.join(map(str, good))} (use --checkpoint {checkpoint.checkpoint_dir(workdir)}/{good[0]})"
-              if good else "no checkpoint of this run can be read")
-      raise checkpoint.CheckpointReadError(f"{e}; {hint}") from None
+    return checkpoint.restore_params(manager, _params_template(config), step, ema=ema)
+  except checkpoint.CheckpointReadError as e:
+    raise checkpoint.CheckpointReadError(f"{e}; {intact_hint(workdir, ema)}") from None
   finally:
     manager.close()
+
+
+def intact_hint(workdir: str, ema: bool = True) -> str:
+  """'intact: S, ... (use --checkpoint ...)': the checkpoints of a workdir whose config and EMA (or raw) parameters
+  can be read, newest first, or that none can."""
+  manager = checkpoint.make_manager(workdir, create=False)
+
+  def restore(step: int) -> None:
+    config = ml_collections.ConfigDict(checkpoint.saved_config(manager, step))
+    checkpoint.restore_params(manager, _params_template(config), step, ema=ema)
+  try:
+    good = checkpoint.intact_steps(manager, restore)
+  finally:
+    manager.close()
+  return (f"intact: {', '.join(map(str, good))} (use --checkpoint {checkpoint.checkpoint_dir(workdir)}/{good[0]})"
+          if good else "no checkpoint of this run can be read")

@@ -1,7 +1,8 @@
-"""Process set-up shared by the entry points: XLA's persistent compilation cache."""
+"""Process set-up shared by the entry points: XLA's persistent compilation cache, JAX's backend discovery log."""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -24,3 +25,9 @@ def enable_compilation_cache(path: Optional[str]) -> Optional[str]:
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # the train step and samplers, not tiny ops
   return path
+
+
+def quiet_backend_discovery() -> None:
+  """Keeps JAX's INFO lines about platforms it probed and did not find (`Unable to initialize backend 'tpu'` on
+  every CPU or GPU machine) off stderr; its warnings and errors still show."""
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

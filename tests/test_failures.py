@@ -82,6 +82,30 @@ def test_sample_names_the_intact_checkpoints_when_the_latest_is_damaged(tmp_path
   assert line.endswith(f"; intact: 2 (use --checkpoint {workdir}/checkpoints/2)")
 
 
+def test_sample_names_the_intact_checkpoints_when_a_step_folder_lost_its_arrays(tmp_path):
+  workdir, _, _ = small_run(tmp_path)
+  step_dir = workdir / "checkpoints" / "4"
+  for item in step_dir.iterdir():  # the items go, the step's own metadata file stays
+    if item.is_dir():
+      subprocess.run(["rm", "-r", str(item)], check=True)
+  res = run_entry("sample.py", f"--workdir={workdir}", f"--out={tmp_path}/s.png", "--num_samples=2")
+  assert res.returncode == 2
+  line = one_error_line(res, "sample.py")
+  assert line.startswith(f"the config of checkpoint 4 in {workdir}/checkpoints could not be read: "), line
+  assert line.endswith(f"; intact: 2 (use --checkpoint {workdir}/checkpoints/2)"), line
+
+
+def test_sample_checks_out_before_sampling(tmp_path):
+  (tmp_path / "afile").write_text("")
+  for out, message in ((f"{tmp_path}/s.jpg", f"--out='{tmp_path}/s.jpg' is not a .png path: the grid is written as "
+                        "PNG (the samples beside it as .npz); give e.g. --out=samples.png"),
+                       (f"{tmp_path}/afile/s.png", f"--out='{tmp_path}/afile/s.png' cannot be written: "
+                        f"'{tmp_path}/afile' is a file, not a folder")):
+    res = run_entry("sample.py", f"--workdir={tmp_path}", f"--out={out}", "--num_samples=2")
+    assert res.returncode == 2 and "sampling" not in res.stdout
+    assert one_error_line(res, "sample.py") == message
+
+
 def test_a_failed_write_names_the_step_path_cause_and_what_was_kept(tmp_path, monkeypatch):
   workdir, config, create = small_run(tmp_path, steps=(1, 2))
   manager = checkpoint.make_manager(str(workdir))
@@ -274,3 +298,13 @@ def test_resuming_with_a_change_that_keeps_the_shapes_is_refused_naming_the_fiel
   manager = checkpoint.make_manager(str(workdir))
   assert int(loop._restore_or_create(manager, create, lambda a: a, free, builders.parameter_meaning).step) == 2  # pylint: disable=protected-access
   manager.close()
+
+
+def test_no_backend_discovery_line_before_a_one_line_error(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # as a user runs it: JAX probes for a TPU
+  res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={tmp_path}",
+                        "--config.optim.optimizer=sgd"], env=dict(env, PYTHONPATH=ROOT), capture_output=True,
+                       text=True, timeout=300)
+  assert res.returncode == 2
+  assert one_error_line(res, "train.py") == "optim.optimizer='sgd' is unknown: choose one of adam, adamw"
+  assert "Unable to initialize backend" not in res.stderr, res.stderr  # JAX's INFO line about a missing TPU
