@@ -119,7 +119,7 @@ def main(argv):
   except ValueError as e:
     print(f"sample.py: error: {e}", file=sys.stderr)
     sys.exit(2)
-  except OSError as e:  # a run-time failure writing the outputs
+  except (OSError, checkpoint.CheckpointError) as e:  # run-time failures: writing the outputs, reading a checkpoint
     print(f"sample.py: error: {e}", file=sys.stderr)
     sys.exit(1)
 

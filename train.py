@@ -48,6 +48,12 @@ def main(argv):
   except loop.Interrupted as e:
     print(f"train.py: {e}", file=sys.stderr)
     sys.exit(128 + e.signum)
+  except Exception as e:  # XLA reports running out of device memory as a runtime error
+    if not runtime.is_out_of_memory(e):
+      raise
+    print(f"train.py: error: out of memory on the devices while training: {runtime.OUT_OF_MEMORY_CURE}",
+          file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

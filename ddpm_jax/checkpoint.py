@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.serialization
 import jax
@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
+from ddpm_jax import runtime
 from ddpm_jax.train_state import TrainState
 
 
@@ -117,10 +118,53 @@ class CheckpointReadError(ValueError):
   """A checkpoint could not be read: damaged, or written by another layout (DESIGN.md: bad input, exit 2)."""
 
 
+class CheckpointOutOfMemory(CheckpointError):
+  """An intact checkpoint did not fit in memory while being restored (a run-time failure, not damage)."""
+
+
+class CheckpointUnavailable(CheckpointError):
+  """Reading a checkpoint kept failing in a way that can pass (a timeout, a lost connection): not damage."""
+
+
+READ_TRIES = 3  # a transient read error is retried this many times in all, waiting READ_RETRY_S, then twice that
+READ_RETRY_S = 1.0
+# errno values of read failures that can pass by themselves: storage that is slow or briefly away
+_TRANSIENT_ERRNOS = (errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                     errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ESTALE)
+
+
+def _transient(error: BaseException) -> bool:
+  """Whether a read error can pass by itself (timeouts, lost connections, tensorstore's UNAVAILABLE or
+  DEADLINE_EXCEEDED), as opposed to damage (a truncated or missing file, undecodable data)."""
+  text = str(error)
+  return (isinstance(error, (TimeoutError, ConnectionError)) or getattr(error, "errno", None) in _TRANSIENT_ERRNOS
+          or "UNAVAILABLE" in text or "DEADLINE_EXCEEDED" in text)
+
+
+def _read(read: Callable[[], Any], what: str) -> Any:
+  """read(), retried on transient errors; CheckpointOutOfMemory when memory runs out, CheckpointUnavailable when the
+  retries are spent, CheckpointReadError (damaged) for any other failure. `what` names the checkpoint."""
+  for attempt in range(READ_TRIES):
+    try:
+      return read()
+    except Exception as e:  # orbax and tensorstore raise many types
+      if runtime.is_out_of_memory(e):
+        raise CheckpointOutOfMemory(f"out of memory restoring {what} onto {jax.device_count()} device(s) (it is "
+                                    f"intact): {runtime.OUT_OF_MEMORY_CURE}") from e
+      if not _transient(e):
+        raise CheckpointReadError(f"{what} could not be read: {_cause(e)}") from e
+      if attempt + 1 == READ_TRIES:
+        raise CheckpointUnavailable(f"{what} could not be read, {READ_TRIES} tries: {_cause(e)}; it was left as it "
+                                    "is: try again when the storage answers") from e
+      time.sleep(READ_RETRY_S * 2 ** attempt)
+
+
 def _cause(error: BaseException) -> str:
   """A short reason for an I/O failure: disk full, no permission, or the first line of the error."""
   text = f"{type(error).__name__}: {error}"
-  if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "RESOURCE_EXHAUSTED" in text:
+  if runtime.is_out_of_memory(error):
+    return "out of memory"
+  if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text:  # tensorstore: the same words
     return "the disk is full"
   if getattr(error, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in text \
       or "Read-only file system" in text:
@@ -209,10 +253,8 @@ def _restore_items(manager: ocp.CheckpointManager, step: int, templates: dict[st
   abstract = {name: jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None) or here),
       flax.serialization.to_state_dict(t)) for name, t in templates.items()}
-  try:
-    metadata = manager.item_metadata(step)
-  except Exception as e:  # a damaged or missing metadata file
-    raise CheckpointReadError(f"checkpoint {step} in {manager.directory} could not be read: {_cause(e)}") from e
+  what = f"checkpoint {step} in {manager.directory}"
+  metadata = _read(lambda: manager.item_metadata(step), what)
   missing = [name for name in abstract if name not in metadata or metadata[name] is None]
   if missing:
     raise CheckpointReadError(f"checkpoint {step} in {manager.directory} has no {missing[0]!r} item: it was written "
@@ -226,10 +268,7 @@ def _restore_items(manager: ocp.CheckpointManager, step: int, templates: dict[st
                        f"{name}/{diff[0]} is {saved.get(diff[0], 'absent')} there and "
                        f"{wanted.get(diff[0], 'absent')} here")
   args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(**args))
-  except Exception as e:  # tensorstore reports a truncated or missing file in many ways
-    raise CheckpointReadError(f"checkpoint {step} in {manager.directory} could not be read: {_cause(e)}") from e
+  restored = _read(lambda: manager.restore(step, args=ocp.args.Composite(**args)), what)
   if not all_finite({name: restored[name] for name in templates}):
     raise CheckpointReadError(f"checkpoint {step} in {manager.directory} holds NaN or Inf values: it is damaged")
   return {name: flax.serialization.from_state_dict(templates[name], restored[name]) for name in templates}
@@ -278,11 +317,8 @@ def intact_steps(manager: ocp.CheckpointManager, restore: Any) -> list[int]:
 
 def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
   """The config saved with checkpoint `step`; CheckpointReadError when it cannot be read."""
-  try:
-    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-  except Exception as e:  # a damaged or missing config file
-    raise CheckpointReadError(f"the config of checkpoint {step} in {manager.directory} could not be read: "
-                              f"{_cause(e)}") from e
+  return _read(lambda: manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config,
+               f"the config of checkpoint {step} in {manager.directory}")
 
 
 def load_config(workdir: str, step: Optional[int] = None) -> tuple[dict, int]:

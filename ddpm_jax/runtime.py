@@ -1,4 +1,5 @@
-"""Process set-up shared by the entry points: XLA's persistent compilation cache, JAX's backend discovery log."""
+"""Process set-up shared by the entry points: XLA's persistent compilation cache, JAX's backend discovery log, and
+which failures are out-of-memory errors."""
 
 from __future__ import annotations
 
@@ -31,3 +32,16 @@ def quiet_backend_discovery() -> None:
   """Keeps JAX's INFO lines about platforms it probed and did not find (`Unable to initialize backend 'tpu'` on
   every CPU or GPU machine) off stderr; its warnings and errors still show."""
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  """Whether an error is running out of device or host memory (XLA's RESOURCE_EXHAUSTED about memory, or
+  MemoryError), as opposed to a full disk (ENOSPC, which tensorstore also reports as RESOURCE_EXHAUSTED)."""
+  text = str(error)
+  if isinstance(error, MemoryError):
+    return True
+  return "RESOURCE_EXHAUSTED" in text and "No space left" not in text and "memory" in text.lower()
+
+
+OUT_OF_MEMORY_CURE = ("shard the parameters, EMA and optimizer state over the devices with "
+                      "--config.parallelism=fsdp, or lower --config.batch_size")

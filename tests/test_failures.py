@@ -308,3 +308,70 @@ def test_no_backend_discovery_line_before_a_one_line_error(tmp_path):
   assert res.returncode == 2
   assert one_error_line(res, "train.py") == "optim.optimizer='sgd' is unknown: choose one of adam, adamw"
   assert "Unable to initialize backend" not in res.stderr, res.stderr  # JAX's INFO line about a missing TPU
+
+
+XLA_OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1073741824 bytes."  # XLA's words (GPU, CPU)
+
+
+def test_out_of_memory_on_restore_says_so_names_the_cure_and_moves_nothing_aside(tmp_path, monkeypatch):
+  workdir, _, create = small_run(tmp_path)
+  manager = checkpoint.make_manager(str(workdir))
+
+  def out_of_memory(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError(XLA_OOM)
+
+  monkeypatch.setattr(manager, "restore", out_of_memory)
+  with pytest.raises(checkpoint.CheckpointOutOfMemory) as info:
+    loop._restore_or_create(manager, create, lambda a: a)  # pylint: disable=protected-access
+  manager.close()
+  assert str(info.value) == (f"out of memory restoring checkpoint 4 in {workdir}/checkpoints onto 1 device(s) (it is "
+                             "intact): shard the parameters, EMA and optimizer state over the devices with "
+                             "--config.parallelism=fsdp, or lower --config.batch_size")
+  assert isinstance(info.value, checkpoint.CheckpointError)  # a run-time failure: exit 1, not 2 (bad input)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]  # not taken for damage
+
+
+def test_a_transient_read_error_is_retried_then_reported_and_moves_nothing_aside(tmp_path, monkeypatch):
+  workdir, _, create = small_run(tmp_path)
+  monkeypatch.setattr(checkpoint, "READ_RETRY_S", 0.0)
+  manager = checkpoint.make_manager(str(workdir))
+  real, calls = manager.restore, []
+
+  def flaky(*args, **kwargs):  # times out twice, then answers
+    calls.append(1)
+    if len(calls) <= 2:
+      raise OSError(errno.ETIMEDOUT, "Connection timed out")
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(manager, "restore", flaky)
+  assert int(loop._restore_or_create(manager, create, lambda a: a).step) == 4  # pylint: disable=protected-access
+  assert len(calls) == 3
+  calls.clear()
+
+  def away(*args, **kwargs):  # tensorstore's words for storage that does not answer
+    calls.append(1)
+    raise ValueError("UNAVAILABLE: Error reading \"ema_params/d/0\": connection reset by peer")
+
+  monkeypatch.setattr(manager, "restore", away)
+  with pytest.raises(checkpoint.CheckpointUnavailable) as info:
+    loop._restore_or_create(manager, create, lambda a: a)  # pylint: disable=protected-access
+  manager.close()
+  assert len(calls) == checkpoint.READ_TRIES == 3
+  assert str(info.value) == (f"checkpoint 4 in {workdir}/checkpoints could not be read, 3 tries: ValueError: "
+                             "UNAVAILABLE: Error reading \"ema_params/d/0\": connection reset by peer; it was left as "
+                             "it is: try again when the storage answers")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+
+
+def test_disk_full_only_for_enospc_and_out_of_memory_named_so():
+  cause = checkpoint._cause  # pylint: disable=protected-access
+  assert cause(OSError(errno.ENOSPC, "No space left on device")) == "the disk is full"
+  assert cause(ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/w/checkpoints/5/d/0\": No space left on "
+                          "device [OS error: No space left on device]")) == "the disk is full"  # tensorstore's ENOSPC
+  assert cause(jax.errors.JaxRuntimeError(XLA_OOM)) == "out of memory"
+  assert cause(MemoryError()) == "out of memory"
+  assert cause(ValueError("RESOURCE_EXHAUSTED: quota exceeded")) == "ValueError: RESOURCE_EXHAUSTED: quota exceeded"
+  from ddpm_jax import runtime  # pylint: disable=g-import-not-at-top
+
+  assert runtime.is_out_of_memory(jax.errors.JaxRuntimeError(XLA_OOM))
+  assert not runtime.is_out_of_memory(OSError(errno.ENOSPC, "No space left on device"))
