@@ -180,10 +180,24 @@ def steps_on_disk(directory: str) -> list[int]:
   return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
 
 
+ORBAX_THREADS_WAIT_S = 30.0  # the longest wait for orbax's threads still writing after a failed save
+
+
+def _join_orbax_threads(timeout: float) -> None:
+  """Waits, up to `timeout` s in all, for orbax's threads that outlive a failed save (serializing shardings, writing
+  metadata): they still create files in its temporary folder."""
+  deadline = time.time() + timeout
+  for thread in threading.enumerate():
+    if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax."):
+      with contextlib.suppress(Exception):  # orbax's threads re-raise their failure on join: already reported
+        thread.join(max(0.0, deadline - time.time()))
+
+
 def _remove_partial(manager: ocp.CheckpointManager) -> None:
   """Waits for orbax's writer threads, then deletes the temporary folders of saves that did not complete."""
   with contextlib.suppress(Exception):  # the failure is reported by the caller
     manager.wait_until_finished()
+  _join_orbax_threads(ORBAX_THREADS_WAIT_S)
   _remove_leftovers(str(manager.directory))
 
 
