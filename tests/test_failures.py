@@ -374,3 +374,18 @@ def test_disk_full_only_for_enospc_and_out_of_memory_named_so():
 
   assert runtime.is_out_of_memory(jax.errors.JaxRuntimeError(XLA_OOM))
   assert not runtime.is_out_of_memory(OSError(errno.ENOSPC, "No space left on device"))
+
+
+def test_out_of_memory_on_a_training_step_is_one_line_naming_the_cure_and_exit_1(tmp_path):
+  # train.py with a training loop that runs out of device memory as XLA reports it (a real one is not cheap on CPU).
+  code = ("import sys, jax; message = sys.argv.pop(); sys.argv[0] = 'train.py'; import train; from absl import app; "
+          "from ddpm_jax import builders, loop\n"
+          "def out_of_memory(*args): raise jax.errors.JaxRuntimeError(message)\n"
+          "loop.train = out_of_memory\n"
+          "app.run(train.main, flags_parser=builders.flags_parser('train.py', train.DEFAULT_CONFIG))")
+  res = subprocess.run([sys.executable, "-c", code, f"--workdir={tmp_path}", XLA_OOM], capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), timeout=300, cwd=ROOT)
+  assert res.returncode == 1, res.stderr[-2000:]
+  assert one_error_line(res, "train.py") == ("out of memory on the devices while training: shard the parameters, EMA "
+                                             "and optimizer state over the devices with --config.parallelism=fsdp, "
+                                             "or lower --config.batch_size")
