@@ -69,8 +69,23 @@ def requested_labels(spec: str | None, guidance: float | None, config: ml_collec
   return images.class_rows(classes, num_samples)
 
 
+def check_out(path: str) -> None:
+  """Raises ValueError unless --out names a .png file in a folder that exists and is writable, or can be made."""
+  if os.path.splitext(path)[1].lower() != ".png":
+    raise ValueError(f"--out={path!r} is not a .png path: the grid is written as PNG (the samples beside it as "
+                     ".npz); give e.g. --out=samples.png")
+  existing = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f"--out={path!r} cannot be written: {existing!r} is a file, not a folder")
+  if not os.access(existing, os.W_OK):
+    raise ValueError(f"--out={path!r} cannot be written: the folder {existing!r} is not writable")
+
+
 def main(argv):
   del argv
+  runtime.quiet_backend_discovery()
   checkpoint.quiet_orbax()
   runtime.enable_compilation_cache(FLAGS.compilation_cache)
   try:
@@ -84,8 +99,12 @@ def main(argv):
       return
     if FLAGS.num_samples < 1:
       raise ValueError(f"--num_samples={FLAGS.num_samples} is invalid: it must be >= 1")
+    check_out(FLAGS.out)
     workdir, step = checkpoint.locate(FLAGS.checkpoint or FLAGS.workdir)
-    saved, step = checkpoint.load_config(workdir, step)
+    try:
+      saved, step = checkpoint.load_config(workdir, step)
+    except checkpoint.CheckpointReadError as e:
+      raise checkpoint.CheckpointReadError(f"{e}; {builders.intact_hint(workdir, FLAGS.use_ema)}") from None
     config = FLAGS.config or ml_collections.ConfigDict(saved)
     trained = saved.get("diffusion", {}).get("prediction", "eps")
     if config.diffusion.prediction != trained:  # the checkpoint knows what its network predicts
@@ -133,7 +152,7 @@ def main(argv):
   except ValueError as e:
     print(f"sample.py: error: {e}", file=sys.stderr)
     sys.exit(2)
-  except OSError as e:  # a run-time failure writing the outputs
+  except (OSError, checkpoint.CheckpointError) as e:  # run-time failures: writing the outputs, reading a checkpoint
     print(f"sample.py: error: {e}", file=sys.stderr)
     sys.exit(1)
 

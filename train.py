@@ -27,6 +27,7 @@ flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds after which the processe
 
 def main(argv):
   del argv
+  runtime.quiet_backend_discovery()
   if FLAGS.heartbeat_timeout < 1:
     print(f"train.py: error: --heartbeat_timeout={FLAGS.heartbeat_timeout} is invalid: give seconds >= 1",
           file=sys.stderr)
@@ -54,6 +55,12 @@ def main(argv):
   except loop.Interrupted as e:
     print(f"train.py: {e}", file=sys.stderr)
     sys.exit(128 + e.signum)
+  except Exception as e:  # XLA reports running out of device memory as a runtime error
+    if not runtime.is_out_of_memory(e):
+      raise
+    print(f"train.py: error: out of memory on the devices while training: {runtime.OUT_OF_MEMORY_CURE}",
+          file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

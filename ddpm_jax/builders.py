@@ -9,6 +9,7 @@ model, optimizer, schedule, train step, data stream, sampler and evaluator.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import functools
 import importlib.util
@@ -69,6 +70,23 @@ def build_model(config: ml_collections.ConfigDict) -> UNet:
   fields = {k: v for k, v in config.model.items() if k != "preset" and v is not None}
   fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}  # a saved config gives lists
   return unet_preset(config.model.preset, **fields)
+
+
+# UNet fields that leave trained parameters meaning the same: compute precision, dropout rate, initialisation.
+_FREE_MODEL_FIELDS = ("dtype", "dropout", "init_scheme", "parent", "name")
+
+
+def parameter_meaning(config: dict) -> dict[str, Any]:
+  """What gives a config's parameters their meaning, by dotted key: every architecture field of the model it builds
+  (presets resolved), the image shape, the prediction target and the noise schedule (the network's t input)."""
+  c = ml_collections.ConfigDict(config)
+  model = build_model(c)
+  meaning = {f"model.{f.name}": getattr(model, f.name) for f in dataclasses.fields(model)
+             if f.name not in _FREE_MODEL_FIELDS}
+  d = c.diffusion
+  return {**meaning, "image_size": c.image_size, "data.channels": c.data.channels, "diffusion.prediction": d.prediction,
+          "diffusion.schedule": d.schedule, "diffusion.num_timesteps": d.num_timesteps,
+          "diffusion.beta_start": d.beta_start, "diffusion.beta_end": d.beta_end}
 
 
 def build_schedule(config: ml_collections.ConfigDict) -> Schedule:
@@ -380,6 +398,7 @@ def build_training(config: ml_collections.ConfigDict, workdir: str,
       checkpoint_every=config.checkpoint_every_steps,
       keep_checkpoints=config.keep_checkpoints,
       config=config.to_dict(),
+      parameter_meaning=parameter_meaning,
       hooks=tuple(hooks),
       wandb_project=config.wandb.project,
       class_names=source.class_names if conditional(config) else ())
@@ -397,15 +416,26 @@ def restore_sampling_params(config: ml_collections.ConfigDict, workdir: str, ste
   A checkpoint that cannot be read raises CheckpointError naming the intact
   steps that could be used instead.
   """
-  template = _params_template(config)
   manager = checkpoint.make_manager(workdir, create=False)
   try:
-    try:
-      return checkpoint.restore_params(manager, template, step, ema=ema)
-    except checkpoint.CheckpointReadError as e:
-      good = checkpoint.intact_steps(manager, lambda s: checkpoint.restore_params(manager, template, s, ema=ema))
-      hint = (f"intact: {', '.join(map(str, good))} (use --checkpoint {checkpoint.checkpoint_dir(workdir)}/{good[0]})"
-              if good else "no checkpoint of this run can be read")
-      raise checkpoint.CheckpointReadError(f"{e}; {hint}") from None
+    return checkpoint.restore_params(manager, _params_template(config), step, ema=ema)
+  except checkpoint.CheckpointReadError as e:
+    raise checkpoint.CheckpointReadError(f"{e}; {intact_hint(workdir, ema)}") from None
   finally:
     manager.close()
+
+
+def intact_hint(workdir: str, ema: bool = True) -> str:
+  """'intact: S, ... (use --checkpoint ...)': the checkpoints of a workdir whose config and EMA (or raw) parameters
+  can be read, newest first, or that none can."""
+  manager = checkpoint.make_manager(workdir, create=False)
+
+  def restore(step: int) -> None:
+    config = ml_collections.ConfigDict(checkpoint.saved_config(manager, step))
+    checkpoint.restore_params(manager, _params_template(config), step, ema=ema)
+  try:
+    good = checkpoint.intact_steps(manager, restore)
+  finally:
+    manager.close()
+  return (f"intact: {', '.join(map(str, good))} (use --checkpoint {checkpoint.checkpoint_dir(workdir)}/{good[0]})"
+          if good else "no checkpoint of this run can be read")

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.serialization
 import jax
@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
+from ddpm_jax import runtime
 from ddpm_jax.train_state import TrainState
 
 
@@ -84,7 +85,8 @@ def make_manager(workdir: str, keep: int = 3, create: bool = True) -> ocp.Checkp
     raise ValueError(f"keep_checkpoints={keep!r} is invalid: keep at least 1")
   if create:  # a start removes what a failed save's late writer threads (or kill -9) left behind
     _remove_leftovers(checkpoint_dir(workdir))
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                         async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
   handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
   handlers["config"] = ocp.JsonCheckpointHandler()
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
@@ -116,10 +118,53 @@ class CheckpointReadError(ValueError):
   """A checkpoint could not be read: damaged, or written by another layout (DESIGN.md: bad input, exit 2)."""
 
 
+class CheckpointOutOfMemory(CheckpointError):
+  """An intact checkpoint did not fit in memory while being restored (a run-time failure, not damage)."""
+
+
+class CheckpointUnavailable(CheckpointError):
+  """Reading a checkpoint kept failing in a way that can pass (a timeout, a lost connection): not damage."""
+
+
+READ_TRIES = 3  # a transient read error is retried this many times in all, waiting READ_RETRY_S, then twice that
+READ_RETRY_S = 1.0
+# errno values of read failures that can pass by themselves: storage that is slow or briefly away
+_TRANSIENT_ERRNOS = (errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                     errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ESTALE)
+
+
+def _transient(error: BaseException) -> bool:
+  """Whether a read error can pass by itself (timeouts, lost connections, tensorstore's UNAVAILABLE or
+  DEADLINE_EXCEEDED), as opposed to damage (a truncated or missing file, undecodable data)."""
+  text = str(error)
+  return (isinstance(error, (TimeoutError, ConnectionError)) or getattr(error, "errno", None) in _TRANSIENT_ERRNOS
+          or "UNAVAILABLE" in text or "DEADLINE_EXCEEDED" in text)
+
+
+def _read(read: Callable[[], Any], what: str) -> Any:
+  """read(), retried on transient errors; CheckpointOutOfMemory when memory runs out, CheckpointUnavailable when the
+  retries are spent, CheckpointReadError (damaged) for any other failure. `what` names the checkpoint."""
+  for attempt in range(READ_TRIES):
+    try:
+      return read()
+    except Exception as e:  # orbax and tensorstore raise many types
+      if runtime.is_out_of_memory(e):
+        raise CheckpointOutOfMemory(f"out of memory restoring {what} onto {jax.device_count()} device(s) (it is "
+                                    f"intact): {runtime.OUT_OF_MEMORY_CURE}") from e
+      if not _transient(e):
+        raise CheckpointReadError(f"{what} could not be read: {_cause(e)}") from e
+      if attempt + 1 == READ_TRIES:
+        raise CheckpointUnavailable(f"{what} could not be read, {READ_TRIES} tries: {_cause(e)}; it was left as it "
+                                    "is: try again when the storage answers") from e
+      time.sleep(READ_RETRY_S * 2 ** attempt)
+
+
 def _cause(error: BaseException) -> str:
   """A short reason for an I/O failure: disk full, no permission, or the first line of the error."""
   text = f"{type(error).__name__}: {error}"
-  if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "RESOURCE_EXHAUSTED" in text:
+  if runtime.is_out_of_memory(error):
+    return "out of memory"
+  if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text:  # tensorstore: the same words
     return "the disk is full"
   if getattr(error, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in text \
       or "Read-only file system" in text:
@@ -128,10 +173,31 @@ def _cause(error: BaseException) -> str:
   return first if len(first) <= 300 else first[:300] + " ..."
 
 
+def steps_on_disk(directory: str) -> list[int]:
+  """The step folders a checkpoint folder holds, ascending: the disk's own listing (the manager's list can leave out
+  a step still on disk, e.g. one it was about to delete when a save failed)."""
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+ORBAX_THREADS_WAIT_S = 30.0  # the longest wait for orbax's threads still writing after a failed save
+
+
+def _join_orbax_threads(timeout: float) -> None:
+  """Waits, up to `timeout` s in all, for orbax's threads that outlive a failed save (serializing shardings, writing
+  metadata): they still create files in its temporary folder."""
+  deadline = time.time() + timeout
+  for thread in threading.enumerate():
+    if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax."):
+      with contextlib.suppress(Exception):  # orbax's threads re-raise their failure on join: already reported
+        thread.join(max(0.0, deadline - time.time()))
+
+
 def _remove_partial(manager: ocp.CheckpointManager) -> None:
   """Waits for orbax's writer threads, then deletes the temporary folders of saves that did not complete."""
   with contextlib.suppress(Exception):  # the failure is reported by the caller
     manager.wait_until_finished()
+  _join_orbax_threads(ORBAX_THREADS_WAIT_S)
   _remove_leftovers(str(manager.directory))
 
 
@@ -175,7 +241,7 @@ def save(manager: ocp.CheckpointManager, state: TrainState, config: dict) -> Non
     manager.wait_until_finished()
   except Exception as e:  # orbax and tensorstore raise many types; every one means the write failed
     _remove_partial(manager)
-    kept = sorted(s for s in manager.all_steps() if s != step)
+    kept = [s for s in steps_on_disk(str(manager.directory)) if s != step]
     raise CheckpointError(f"could not write the checkpoint of step {step} to {manager.directory}: {_cause(e)}; "
                           f"kept: {', '.join(map(str, kept)) or 'no checkpoint'}") from e
 
@@ -201,10 +267,8 @@ def _restore_items(manager: ocp.CheckpointManager, step: int, templates: dict[st
   abstract = {name: jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None) or here),
       flax.serialization.to_state_dict(t)) for name, t in templates.items()}
-  try:
-    metadata = manager.item_metadata(step)
-  except Exception as e:  # a damaged or missing metadata file
-    raise CheckpointReadError(f"checkpoint {step} in {manager.directory} could not be read: {_cause(e)}") from e
+  what = f"checkpoint {step} in {manager.directory}"
+  metadata = _read(lambda: manager.item_metadata(step), what)
   missing = [name for name in abstract if name not in metadata or metadata[name] is None]
   if missing:
     raise CheckpointReadError(f"checkpoint {step} in {manager.directory} has no {missing[0]!r} item: it was written "
@@ -218,10 +282,7 @@ def _restore_items(manager: ocp.CheckpointManager, step: int, templates: dict[st
                        f"{name}/{diff[0]} is {saved.get(diff[0], 'absent')} there and "
                        f"{wanted.get(diff[0], 'absent')} here")
   args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(**args))
-  except Exception as e:  # tensorstore reports a truncated or missing file in many ways
-    raise CheckpointReadError(f"checkpoint {step} in {manager.directory} could not be read: {_cause(e)}") from e
+  restored = _read(lambda: manager.restore(step, args=ocp.args.Composite(**args)), what)
   if not all_finite({name: restored[name] for name in templates}):
     raise CheckpointReadError(f"checkpoint {step} in {manager.directory} holds NaN or Inf values: it is damaged")
   return {name: flax.serialization.from_state_dict(templates[name], restored[name]) for name in templates}
@@ -268,6 +329,12 @@ def intact_steps(manager: ocp.CheckpointManager, restore: Any) -> list[int]:
   return good
 
 
+def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The config saved with checkpoint `step`; CheckpointReadError when it cannot be read."""
+  return _read(lambda: manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config,
+               f"the config of checkpoint {step} in {manager.directory}")
+
+
 def load_config(workdir: str, step: Optional[int] = None) -> tuple[dict, int]:
   """The config saved with a workdir's checkpoint (the latest, or `step`), and that step."""
   manager = make_manager(workdir, create=False) if os.path.isdir(checkpoint_dir(workdir)) else None
@@ -280,11 +347,7 @@ def load_config(workdir: str, step: Optional[int] = None) -> tuple[dict, int]:
     if step not in steps:
       raise ValueError(f"no checkpoint of step {step} in {checkpoint_dir(workdir)}: it holds steps "
                        f"{', '.join(map(str, sorted(steps)))}")
-    try:
-      return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config, step
-    except Exception as e:  # a damaged or missing config file
-      raise CheckpointReadError(f"the config of checkpoint {step} in {checkpoint_dir(workdir)} could not be read: "
-                                f"{_cause(e)}") from e
+    return saved_config(manager, step), step
   finally:
     if manager:
       manager.close()

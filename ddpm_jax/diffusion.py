@@ -108,26 +108,37 @@ def snr(schedule: Schedule, t: jnp.ndarray) -> jnp.ndarray:
 
 
 def loss_weights(
-    schedule: Schedule, t: jnp.ndarray, *, prediction: str, weighting: str, min_snr_gamma: float = 5.0
+    schedule: Schedule, t: jnp.ndarray, *, prediction: str, weighting: str, loss: str, min_snr_gamma: float = 5.0
 ) -> jnp.ndarray:
-  """Per-example float32 loss weights (shape of t) of `weighting` for a model predicting `prediction`.
+  """Per-example float32 loss weights (shape of t) of `weighting` for a model predicting `prediction` under `loss`.
 
-  "none": ones. "min_snr" (Hang et al. 2023, γ = min_snr_gamma): min(SNR, γ) / SNR
-  for ε, min(SNR, γ) / (SNR + 1) for v, min(SNR, γ) for x0.
+  "none": ones. "min_snr" (Hang et al. 2023, γ = min_snr_gamma) under l2:
+  min(SNR, γ) / SNR for ε, min(SNR, γ) / (SNR + 1) for v, min(SNR, γ) for x0;
+  under l1: the square roots of these.
+
+  Why the square roots under l1: with x_t = sqrt(ᾱ) x0 + sqrt(1 - ᾱ) ε, an
+  x0 error e gives |ε - ε̂| = sqrt(SNR) |e| and |v - v̂| = sqrt(SNR + 1) |e|
+  per element, so every parameterisation's error is its x0 error times a
+  factor whose square is the factor squared errors carry (SNR, SNR + 1, 1).
+  Hang et al. weight the squared x0 error by min(SNR, γ); the l1 counterpart
+  weights |e| by sqrt(min(SNR, γ)). These weights give that for ε, v and x0
+  alike, keep the plain l1 ε loss (weight 1) where SNR <= γ, as the paper
+  keeps the plain l2 ε loss, and cap the x0 weight at sqrt(γ). The l2
+  weights applied to l1 would instead weight |e| by min(SNR, γ) / sqrt(SNR)
+  for ε: sqrt(SNR) below γ, not the plain loss, and falling as
+  γ / sqrt(SNR) above it, not capped at a constant.
   """
   _check_choice("prediction", prediction, PREDICTIONS)
   _check_choice("loss_weighting", weighting, LOSS_WEIGHTINGS)
+  _check_choice("loss", loss, LOSSES)
   if weighting == "none":
     return jnp.ones(jnp.shape(t), jnp.float32)
   if not isinstance(min_snr_gamma, jax.Array) and not float(min_snr_gamma) > 0.0:
     raise ValueError(f"min_snr_gamma={min_snr_gamma!r} is invalid: it must be positive")
   ratio = snr(schedule, t)
   clipped = jnp.minimum(ratio, jnp.asarray(min_snr_gamma, jnp.float32))
-  if prediction == "eps":
-    return clipped / ratio
-  if prediction == "v":
-    return clipped / (ratio + 1.0)
-  return clipped
+  squared = {"eps": clipped / ratio, "v": clipped / (ratio + 1.0), "x0": clipped}[prediction]
+  return squared if loss == "l2" else jnp.sqrt(squared)
 
 
 def q_posterior_mean_variance(
@@ -146,7 +157,8 @@ def loss_fn(
 ) -> jnp.ndarray:
   """Mean absolute (l1) or squared (l2) error per example, then the (weighted) batch mean.
 
-  With `weights` of shape [B] the result is mean_b(weights[b] * loss[b]).
+  With `weights` of shape [B] the result is mean_b(weights[b] * loss[b]); min-SNR weights for l1 are the square
+  roots of those for l2 (`loss_weights` says why).
   """
   if kind not in LOSSES:
     raise ValueError(f"loss={kind!r} is unknown: choose one of {', '.join(LOSSES)}")

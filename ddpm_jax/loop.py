@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from ddpm_jax import checkpoint, parallel, plots
+from ddpm_jax import checkpoint, parallel, plots, workdir_lock
 from ddpm_jax.parallel import Runner
 from ddpm_jax.reporting import MetricWriter, format_eta
 from ddpm_jax.train_state import TrainState
@@ -64,6 +64,8 @@ class Training:
   checkpoint_every: int
   keep_checkpoints: int
   config: dict  # saved with every checkpoint and as config.json
+  # config -> what gives the parameters their meaning, by dotted key: a resume that changes any of it is refused
+  parameter_meaning: Optional[Callable[[dict], dict[str, Any]]] = None
   hooks: tuple[Hook, ...] = ()
   wandb_project: Optional[str] = None  # also log to this Weights & Biases project (process 0)
   class_names: tuple[str, ...] = ()  # a conditional model's classes in label order, saved as classes.json
@@ -90,10 +92,28 @@ def check_finite(rows: list[tuple[int, dict[str, float]]], latest_checkpoint: Op
                                "optim.learning_rate or optim.grad_clip_norm=1.0)")
 
 
-def _restore_or_create(manager, create_state: Callable[[], TrainState],
-                       layout: Callable[[TrainState], TrainState]) -> TrainState:
+def check_same_meaning(saved: dict, current: dict, meaning: Callable[[dict], dict[str, Any]], where: str) -> None:
+  """Raises ValueError naming the first field whose value gives the parameters another meaning in `current` than
+  in the `saved` config of checkpoint `where` (a saved config too old to interpret is not compared)."""
+  try:
+    before = meaning(saved)
+  except (AttributeError, KeyError, TypeError, ValueError):  # written by an older release: shapes are still checked
+    return
+  now = meaning(current)
+  as_saved = lambda v: json.loads(json.dumps(v, default=str))  # tuples as JSON lists, dtypes as names
+  for key, value in now.items():
+    if key in before and as_saved(before[key]) != as_saved(value):
+      raise ValueError(f"{where} was trained with {key}={as_saved(before[key])!r} and this run has {key}="
+                       f"{as_saved(value)!r}: its parameters mean something else under another value; resume with "
+                       "the checkpoint's value or give another --workdir")
+
+
+def _restore_or_create(manager, create_state: Callable[[], TrainState], layout: Callable[[TrainState], TrainState],
+                       config: Optional[dict] = None,
+                       meaning: Optional[Callable[[dict], dict[str, Any]]] = None) -> TrainState:
   """The newest intact checkpoint's state, restored into the shapes alone (the model is not run) with the
-  shardings `layout` gives them (leaves without one: onto the first device), or a fresh one.
+  shardings `layout` gives them (leaves without one: onto the first device), or a fresh one. With `config` and
+  `meaning`, a checkpoint whose saved config gives the parameters another meaning is refused (check_same_meaning).
 
   A checkpoint that cannot be read is reported and the next older one tried
   (moved aside as STEP.damaged once an intact one is found); when none can be
@@ -107,6 +127,9 @@ def _restore_or_create(manager, create_state: Callable[[], TrainState],
   damaged = []
   for step in steps:
     try:
+      if config is not None and meaning is not None:
+        check_same_meaning(checkpoint.saved_config(manager, step), config, meaning,
+                           f"checkpoint {step} in {manager.directory}")
       state = checkpoint.restore_state(manager, template, step)
     except checkpoint.CheckpointReadError as e:
       if jax.process_count() > 1:
@@ -153,13 +176,16 @@ def train(training: Training, workdir: str) -> TrainState:
   t = training
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
+  # Before the manager, which clears unfinished saves: they may be another live run's.
+  lock = workdir_lock.acquire(workdir) if lead else None
+  manager = None
   writer = None
   received: list[int] = []
   handlers = {}
   batches = None
   try:
-    state = _restore_or_create(manager, t.create_state, t.runner.restore_layout)
+    manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
+    state = _restore_or_create(manager, t.create_state, t.runner.restore_layout, t.config, t.parameter_meaning)
     if lead:
       with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(t.config, f, indent=2)
@@ -222,8 +248,11 @@ def train(training: Training, workdir: str) -> TrainState:
     return t.runner.get_state(run_state)
   finally:
     batches = None  # close the input pipeline (and its worker processes) now, not during interpreter shutdown
-    checkpoint.close(manager)
+    if manager:
+      checkpoint.close(manager)
     if writer:
       writer.close()
     for sig, handler in handlers.items():
       signal.signal(sig, handler)
+    if lock is not None:
+      workdir_lock.release(lock)

@@ -20,13 +20,24 @@ def format_eta(seconds: float) -> str:
 
 
 def progress_printer(what: str, every: int = 1) -> Callable[[int, int], None]:
-  """A callback (done, total) printing progress, items/s and ETA on every `every`-th call and the last."""
-  start, calls = time.time(), itertools.count()
+  """A callback (done, total) printing progress, items/s and ETA on every `every`-th call and the last.
+
+  The rate is measured from the first call on, once there is a second: the
+  first call's interval holds the compilation. Until then it is measured from
+  the printer's creation (an upper bound on the ETA); with nothing done yet
+  the ETA is unknown.
+  """
+  start, calls, first = time.time(), itertools.count(), []
 
   def report(done: int, total: int) -> None:
+    now = time.time()
+    if not first:
+      first.append((now, done))
+    t0, done0 = first[0]
     if next(calls) % every == 0 or done >= total:
-      rate = done / max(time.time() - start, 1e-9)
-      print(f"{what} {done}/{total} | {rate:.1f}/s | ETA {format_eta((total - done) / max(rate, 1e-9))}", flush=True)
+      rate = (done - done0) / max(now - t0, 1e-9) if done > done0 else done / max(now - start, 1e-9)
+      eta = format_eta((total - done) / rate) if rate > 0 else "unknown"
+      print(f"{what} {done}/{total} | {rate:.1f}/s | ETA {eta}", flush=True)
   return report
 
 

@@ -1,8 +1,9 @@
-"""Process set-up shared by the entry points: XLA's persistent compilation cache, and finding the cluster job this
-process belongs to."""
+"""Process set-up shared by the entry points: XLA's persistent compilation cache, finding the cluster job this
+process belongs to, JAX's backend discovery log, and which failures are out-of-memory errors."""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -36,3 +37,22 @@ def detected_cluster() -> Optional[str]:
 
   return next((env.name for env in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
                if env.name in CLUSTERS and env.is_env_present()), None)
+
+
+def quiet_backend_discovery() -> None:
+  """Keeps JAX's INFO lines about platforms it probed and did not find (`Unable to initialize backend 'tpu'` on
+  every CPU or GPU machine) off stderr; its warnings and errors still show."""
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  """Whether an error is running out of device or host memory (XLA's RESOURCE_EXHAUSTED about memory, or
+  MemoryError), as opposed to a full disk (ENOSPC, which tensorstore also reports as RESOURCE_EXHAUSTED)."""
+  text = str(error)
+  if isinstance(error, MemoryError):
+    return True
+  return "RESOURCE_EXHAUSTED" in text and "No space left" not in text and "memory" in text.lower()
+
+
+OUT_OF_MEMORY_CURE = ("shard the parameters, EMA and optimizer state over the devices with "
+                      "--config.parallelism=fsdp, or lower --config.batch_size")

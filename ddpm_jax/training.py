@@ -95,7 +95,7 @@ def train_step(state: TrainState, batch: jnp.ndarray, key: jax.Array, *, schedul
   dropout_key = jax.random.fold_in(dropout_key, device)
   x_t = diffusion.q_sample(schedule, batch, t, noise)
   target = diffusion.prediction_target(schedule, batch, t, noise, prediction)
-  weights = diffusion.loss_weights(schedule, t, prediction=prediction, weighting=loss_weighting,
+  weights = diffusion.loss_weights(schedule, t, prediction=prediction, weighting=loss_weighting, loss=loss,
                                    min_snr_gamma=min_snr_gamma)
   conditioning = {} if labels is None else {"labels": drop_labels(labels, example_keys, cond_drop_prob)}
 

@@ -94,17 +94,42 @@ def test_min_snr_weights_against_numpy():
     assert (snr > gamma).any() and (snr < gamma).any()  # both sides of the clamp
     want = {"eps": np.minimum(snr, gamma) / snr, "v": np.minimum(snr, gamma) / (snr + 1), "x0": np.minimum(snr, gamma)}
     for prediction in d.PREDICTIONS:
-      got = d.loss_weights(SCHED, jnp.asarray(t), prediction=prediction, weighting="min_snr", min_snr_gamma=gamma)
-      assert got.dtype == jnp.float32 and got.shape == t.shape
-      # SNR comes from the float32 sqrt(1/ᾱ - 1), itself rounded from float64: ~3e-7 relative.
-      np.testing.assert_allclose(got, want[prediction], rtol=2e-6, err_msg=f"{prediction} gamma={gamma}")
+      for loss, power in (("l2", 1.0), ("l1", 0.5)):
+        got = d.loss_weights(SCHED, jnp.asarray(t), prediction=prediction, weighting="min_snr", loss=loss,
+                             min_snr_gamma=gamma)
+        assert got.dtype == jnp.float32 and got.shape == t.shape
+        # SNR comes from the float32 sqrt(1/ᾱ - 1), itself rounded from float64: ~3e-7 relative.
+        np.testing.assert_allclose(got, want[prediction] ** power, rtol=2e-6, err_msg=f"{prediction} {loss} {gamma}")
   np.testing.assert_allclose(d.snr(SCHED, jnp.asarray(t)), snr, rtol=2e-6)
   for prediction in d.PREDICTIONS:
-    np.testing.assert_array_equal(d.loss_weights(SCHED, jnp.asarray(t), prediction=prediction, weighting="none"),
-                                  np.ones(len(t), np.float32))
-  jitted = jax.jit(functools.partial(d.loss_weights, SCHED, prediction="v", weighting="min_snr"))
+    np.testing.assert_array_equal(d.loss_weights(SCHED, jnp.asarray(t), prediction=prediction, weighting="none",
+                                                 loss="l1"), np.ones(len(t), np.float32))
+  jitted = jax.jit(functools.partial(d.loss_weights, SCHED, prediction="v", weighting="min_snr", loss="l2"))
   np.testing.assert_allclose(jitted(jnp.asarray(t), min_snr_gamma=jnp.float32(5.0)), np.minimum(snr, 5.0) / (snr + 1),
                              rtol=2e-6)  # γ may be a traced array
+
+
+def test_min_snr_under_l1_weights_the_x0_error_by_sqrt_min_snr_gamma_in_every_parameterisation():
+  # One x0 error e, written as the ε, v and x0 errors it implies at each t (float64, by hand from
+  # x_t = sqrt(ᾱ) x0 + sqrt(1 - ᾱ) ε held fixed): the weighted l1 loss is sqrt(min(SNR, γ)) · mean|e| for all three.
+  t = np.array([0, 10, 100, 300, 600, 999])
+  abar = _abar64(t)
+  snr, gamma = abar / (1 - abar), 5.0
+  assert (snr > gamma).any() and (snr < gamma).any()
+  rng = np.random.default_rng(0)
+  x0, x0_hat, eps = rng.normal(size=(3, len(t), 4, 4, 1))
+  a, s = np.sqrt(abar)[:, None, None, None], np.sqrt(1 - abar)[:, None, None, None]
+  x_t = a * x0 + s * eps
+  eps_hat = (x_t - a * x0_hat) / s
+  v, v_hat = a * eps - s * x0, a * eps_hat - s * x0_hat
+  want = np.mean(np.sqrt(np.minimum(snr, gamma)) * np.abs(x0 - x0_hat).reshape(len(t), -1).mean(axis=1))
+  for prediction, (pred, target) in {"eps": (eps_hat, eps), "v": (v_hat, v), "x0": (x0_hat, x0)}.items():
+    w = d.loss_weights(SCHED, jnp.asarray(t), prediction=prediction, weighting="min_snr", loss="l1",
+                       min_snr_gamma=gamma)
+    got = d.loss_fn(jnp.asarray(pred, jnp.float32), jnp.asarray(target, jnp.float32), "l1", w)
+    # float32 inputs and weights (relative rounding ~1e-7 each; ε̂ at t=0 carries x0's error times sqrt(SNR) ≈ 100,
+    # rounded to float32 relative to its own size): 1e-5 relative.
+    assert float(got) == pytest.approx(want, rel=1e-5), prediction
 
 
 def test_prediction_helpers_reject_bad_names():
@@ -114,9 +139,9 @@ def test_prediction_helpers_reject_bad_names():
   with pytest.raises(ValueError, match="^prediction='score' is unknown: choose one of eps, v, x0$"):
     d.prediction_target(SCHED, x, t, x, "score")
   with pytest.raises(ValueError, match="^loss_weighting='snr' is unknown: choose one of none, min_snr$"):
-    d.loss_weights(SCHED, t, prediction="eps", weighting="snr")
+    d.loss_weights(SCHED, t, prediction="eps", weighting="snr", loss="l1")
   with pytest.raises(ValueError, match="^min_snr_gamma=0.0 is invalid: it must be positive$"):
-    d.loss_weights(SCHED, t, prediction="eps", weighting="min_snr", min_snr_gamma=0.0)
+    d.loss_weights(SCHED, t, prediction="eps", weighting="min_snr", loss="l1", min_snr_gamma=0.0)
 
 
 def test_posterior_matches_closed_form(batch):

@@ -6,8 +6,11 @@ import glob
 import json
 import logging
 import os
+import re
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
@@ -79,9 +82,34 @@ def test_sample_names_the_intact_checkpoints_when_the_latest_is_damaged(tmp_path
   assert line.endswith(f"; intact: 2 (use --checkpoint {workdir}/checkpoints/2)")
 
 
+def test_sample_names_the_intact_checkpoints_when_a_step_folder_lost_its_arrays(tmp_path):
+  workdir, _, _ = small_run(tmp_path)
+  step_dir = workdir / "checkpoints" / "4"
+  for item in step_dir.iterdir():  # the items go, the step's own metadata file stays
+    if item.is_dir():
+      subprocess.run(["rm", "-r", str(item)], check=True)
+  res = run_entry("sample.py", f"--workdir={workdir}", f"--out={tmp_path}/s.png", "--num_samples=2")
+  assert res.returncode == 2
+  line = one_error_line(res, "sample.py")
+  assert line.startswith(f"the config of checkpoint 4 in {workdir}/checkpoints could not be read: "), line
+  assert line.endswith(f"; intact: 2 (use --checkpoint {workdir}/checkpoints/2)"), line
+
+
+def test_sample_checks_out_before_sampling(tmp_path):
+  (tmp_path / "afile").write_text("")
+  for out, message in ((f"{tmp_path}/s.jpg", f"--out='{tmp_path}/s.jpg' is not a .png path: the grid is written as "
+                        "PNG (the samples beside it as .npz); give e.g. --out=samples.png"),
+                       (f"{tmp_path}/afile/s.png", f"--out='{tmp_path}/afile/s.png' cannot be written: "
+                        f"'{tmp_path}/afile' is a file, not a folder")):
+    res = run_entry("sample.py", f"--workdir={tmp_path}", f"--out={out}", "--num_samples=2")
+    assert res.returncode == 2 and "sampling" not in res.stdout
+    assert one_error_line(res, "sample.py") == message
+
+
 def test_a_failed_write_names_the_step_path_cause_and_what_was_kept(tmp_path, monkeypatch):
-  workdir, config, create = small_run(tmp_path, steps=(2,))
+  workdir, config, create = small_run(tmp_path, steps=(1, 2))
   manager = checkpoint.make_manager(str(workdir))
+  monkeypatch.setattr(manager, "all_steps", lambda: [2])  # a manager's list without step 1, still on disk
 
   def full_disk(step, args):
     os.makedirs(os.path.join(str(manager.directory), f"{step}.orbax-checkpoint-tmp-123"))
@@ -91,8 +119,8 @@ def test_a_failed_write_names_the_step_path_cause_and_what_was_kept(tmp_path, mo
   with pytest.raises(checkpoint.CheckpointError) as info:
     checkpoint.save(manager, create().replace(step=jax.numpy.asarray(4)), config.to_dict())
   assert str(info.value) == (f"could not write the checkpoint of step 4 to {workdir}/checkpoints: the disk is full; "
-                             "kept: 2")
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]  # the partial folder is gone
+                             "kept: 1, 2")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]  # the partial folder is gone
   manager.close()
 
 
@@ -120,6 +148,41 @@ def small_tmpfs(path, size):
     subprocess.run(["umount", str(path)], check=False)
 
 
+@contextlib.contextmanager
+def read_only(path):
+  """path bind-mounted read-only onto itself, or a skip where mounting is not allowed."""
+  if subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, check=False).returncode:
+    pytest.skip("bind mounts are not allowed here")
+  try:
+    if subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], capture_output=True, check=False).returncode:
+      pytest.skip("read-only remounts are not allowed here")
+    yield path
+  finally:
+    subprocess.run(["umount", str(path)], check=False)
+
+
+def test_a_save_into_a_read_only_folder_ends_the_process_within_seconds(tmp_path):
+  workdir, _, _ = small_run(tmp_path, steps=(2,))
+  # A process saving step 4 into the read-only folder; the error propagates (exit 1, its last line).
+  code = ("import pathlib, sys, tempfile, jax; from ddpm_jax import checkpoint; from test_failures import small_run; "
+          "checkpoint.quiet_orbax(); _, config, create = small_run(pathlib.Path(tempfile.mkdtemp()), steps=()); "
+          "manager = checkpoint.make_manager(sys.argv[1]); "
+          "checkpoint.save(manager, create().replace(step=jax.numpy.asarray(4)), config.to_dict())")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT}/tests")
+  with read_only(workdir / "checkpoints"):
+    start = time.time()
+    res = subprocess.run([sys.executable, "-c", code, str(workdir)], env=env, capture_output=True, text=True,
+                         timeout=400)
+    seconds = time.time() - start
+  # Orbax's threads waiting for a step folder that was never made kept the process alive for 300 s after the error.
+  assert seconds < 30, seconds
+  assert res.returncode == 1
+  last = res.stderr.strip().splitlines()[-1]
+  assert last.endswith(f"CheckpointError: could not write the checkpoint of step 4 to {workdir}/checkpoints: no "
+                       "permission to write there (or a read-only file system); kept: 2"), last
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+
+
 def test_a_full_disk_stops_training_at_that_save_with_one_line_and_exit_1(tmp_path):
   with small_tmpfs(tmp_path / "checkpoints", "64k"):  # smaller than one checkpoint of the small model
     res = run_train(tmp_path, "--stop_at_step=10", "--config.checkpoint_every_steps=5")
@@ -127,8 +190,7 @@ def test_a_full_disk_stops_training_at_that_save_with_one_line_and_exit_1(tmp_pa
     line = one_error_line(res, "train.py")
     assert line == (f"could not write the checkpoint of step 5 to {tmp_path}/checkpoints: the disk is full; "
                     "kept: no checkpoint")
-    # No partial folder is left: removed when the save fails, or (when a late writer thread of tensorstore's
-    # recreated it) by the next start's manager; none is ever listed as a checkpoint.
+    assert os.listdir(tmp_path / "checkpoints") == []  # no partial folder, as the failed run left it
     manager = checkpoint.make_manager(str(tmp_path))
     assert manager.all_steps() == [] and os.listdir(tmp_path / "checkpoints") == []
     manager.close()
@@ -190,3 +252,140 @@ def test_the_input_pipeline_leaves_no_autograph_files_when_killed(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path))
   assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
   assert not list(tmp_path.glob("__autograph_generated_file*")), os.listdir(tmp_path)
+
+
+def test_a_second_run_on_a_live_workdir_is_refused_and_a_dead_runs_lock_taken_over(tmp_path):
+  from ddpm_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+
+  held = workdir_lock.acquire(str(tmp_path))  # this process plays the live first run
+  try:
+    res = run_train(tmp_path, "--stop_at_step=1")
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert re.fullmatch(rf"workdir '{tmp_path}' is in use by another run: pid {os.getpid()} on host "
+                        rf"{re.escape(socket.gethostname())}, running since [\d-]+ [\d:]+; wait for it to end or give "
+                        r"another --workdir", one_error_line(res, "train.py"))
+    assert not (tmp_path / "checkpoints").exists()  # refused before the manager clears the live run's saves
+  finally:
+    workdir_lock.release(held)
+  # A run killed with -9 leaves its record behind, but not its lock: the next run takes it over.
+  code = "import sys; from ddpm_jax import workdir_lock; workdir_lock.acquire(sys.argv[1]); import os; os._exit(0)"
+  subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=dict(os.environ, PYTHONPATH=ROOT), check=True)
+  dead = json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())
+  assert dead["pid"] != os.getpid()
+  fd = workdir_lock.acquire(str(tmp_path))
+  assert json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
+  workdir_lock.release(fd)
+  assert (tmp_path / workdir_lock.LOCK_FILE).read_text() == ""
+
+
+@pytest.mark.parametrize("key, saved, value", [("model.norm_groups", 8, 4), ("diffusion.prediction", "eps", "v"),
+                                               ("diffusion.schedule", "cosine", "linear")])
+def test_resuming_with_a_change_that_keeps_the_shapes_is_refused_naming_the_field(tmp_path, key, saved, value):
+  workdir, config, create = small_run(tmp_path, steps=(2,))  # the tiny preset's 8 norm groups (config: None)
+  changed = config.to_dict()
+  changed[key.split(".")[0]][key.split(".")[1]] = value
+  manager = checkpoint.make_manager(str(workdir))
+  with pytest.raises(ValueError) as info:
+    loop._restore_or_create(manager, create, lambda a: a, changed, builders.parameter_meaning)  # pylint: disable=protected-access
+  manager.close()
+  assert str(info.value) == (f"checkpoint 2 in {workdir}/checkpoints was trained with {key}={saved!r} and this run "
+                             f"has {key}={value!r}: its parameters mean something else under another value; resume "
+                             "with the checkpoint's value or give another --workdir")
+  # What does not change the parameters' meaning (compute precision, dropout, the learning rate) resumes.
+  free = config.to_dict()
+  free["model"]["dropout"], free["optim"]["learning_rate"] = 0.3, 1e-5
+  manager = checkpoint.make_manager(str(workdir))
+  assert int(loop._restore_or_create(manager, create, lambda a: a, free, builders.parameter_meaning).step) == 2  # pylint: disable=protected-access
+  manager.close()
+
+
+def test_no_backend_discovery_line_before_a_one_line_error(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # as a user runs it: JAX probes for a TPU
+  res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={tmp_path}",
+                        "--config.optim.optimizer=sgd"], env=dict(env, PYTHONPATH=ROOT), capture_output=True,
+                       text=True, timeout=300)
+  assert res.returncode == 2
+  assert one_error_line(res, "train.py") == "optim.optimizer='sgd' is unknown: choose one of adam, adamw"
+  assert "Unable to initialize backend" not in res.stderr, res.stderr  # JAX's INFO line about a missing TPU
+
+
+XLA_OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1073741824 bytes."  # XLA's words (GPU, CPU)
+
+
+def test_out_of_memory_on_restore_says_so_names_the_cure_and_moves_nothing_aside(tmp_path, monkeypatch):
+  workdir, _, create = small_run(tmp_path)
+  manager = checkpoint.make_manager(str(workdir))
+
+  def out_of_memory(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError(XLA_OOM)
+
+  monkeypatch.setattr(manager, "restore", out_of_memory)
+  with pytest.raises(checkpoint.CheckpointOutOfMemory) as info:
+    loop._restore_or_create(manager, create, lambda a: a)  # pylint: disable=protected-access
+  manager.close()
+  assert str(info.value) == (f"out of memory restoring checkpoint 4 in {workdir}/checkpoints onto 1 device(s) (it is "
+                             "intact): shard the parameters, EMA and optimizer state over the devices with "
+                             "--config.parallelism=fsdp, or lower --config.batch_size")
+  assert isinstance(info.value, checkpoint.CheckpointError)  # a run-time failure: exit 1, not 2 (bad input)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]  # not taken for damage
+
+
+def test_a_transient_read_error_is_retried_then_reported_and_moves_nothing_aside(tmp_path, monkeypatch):
+  workdir, _, create = small_run(tmp_path)
+  monkeypatch.setattr(checkpoint, "READ_RETRY_S", 0.0)
+  manager = checkpoint.make_manager(str(workdir))
+  real, calls = manager.restore, []
+
+  def flaky(*args, **kwargs):  # times out twice, then answers
+    calls.append(1)
+    if len(calls) <= 2:
+      raise OSError(errno.ETIMEDOUT, "Connection timed out")
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(manager, "restore", flaky)
+  assert int(loop._restore_or_create(manager, create, lambda a: a).step) == 4  # pylint: disable=protected-access
+  assert len(calls) == 3
+  calls.clear()
+
+  def away(*args, **kwargs):  # tensorstore's words for storage that does not answer
+    calls.append(1)
+    raise ValueError("UNAVAILABLE: Error reading \"ema_params/d/0\": connection reset by peer")
+
+  monkeypatch.setattr(manager, "restore", away)
+  with pytest.raises(checkpoint.CheckpointUnavailable) as info:
+    loop._restore_or_create(manager, create, lambda a: a)  # pylint: disable=protected-access
+  manager.close()
+  assert len(calls) == checkpoint.READ_TRIES == 3
+  assert str(info.value) == (f"checkpoint 4 in {workdir}/checkpoints could not be read, 3 tries: ValueError: "
+                             "UNAVAILABLE: Error reading \"ema_params/d/0\": connection reset by peer; it was left as "
+                             "it is: try again when the storage answers")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+
+
+def test_disk_full_only_for_enospc_and_out_of_memory_named_so():
+  cause = checkpoint._cause  # pylint: disable=protected-access
+  assert cause(OSError(errno.ENOSPC, "No space left on device")) == "the disk is full"
+  assert cause(ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/w/checkpoints/5/d/0\": No space left on "
+                          "device [OS error: No space left on device]")) == "the disk is full"  # tensorstore's ENOSPC
+  assert cause(jax.errors.JaxRuntimeError(XLA_OOM)) == "out of memory"
+  assert cause(MemoryError()) == "out of memory"
+  assert cause(ValueError("RESOURCE_EXHAUSTED: quota exceeded")) == "ValueError: RESOURCE_EXHAUSTED: quota exceeded"
+  from ddpm_jax import runtime  # pylint: disable=g-import-not-at-top
+
+  assert runtime.is_out_of_memory(jax.errors.JaxRuntimeError(XLA_OOM))
+  assert not runtime.is_out_of_memory(OSError(errno.ENOSPC, "No space left on device"))
+
+
+def test_out_of_memory_on_a_training_step_is_one_line_naming_the_cure_and_exit_1(tmp_path):
+  # train.py with a training loop that runs out of device memory as XLA reports it (a real one is not cheap on CPU).
+  code = ("import sys, jax; message = sys.argv.pop(); sys.argv[0] = 'train.py'; import train; from absl import app; "
+          "from ddpm_jax import builders, loop\n"
+          "def out_of_memory(*args): raise jax.errors.JaxRuntimeError(message)\n"
+          "loop.train = out_of_memory\n"
+          "app.run(train.main, flags_parser=builders.flags_parser('train.py', train.DEFAULT_CONFIG))")
+  res = subprocess.run([sys.executable, "-c", code, f"--workdir={tmp_path}", XLA_OOM], capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), timeout=300, cwd=ROOT)
+  assert res.returncode == 1, res.stderr[-2000:]
+  assert one_error_line(res, "train.py") == ("out of memory on the devices while training: shard the parameters, EMA "
+                                             "and optimizer state over the devices with --config.parallelism=fsdp, "
+                                             "or lower --config.batch_size")

@@ -46,12 +46,24 @@ def test_kid_is_unbiased_and_separates_distributions():
   assert shifted > 20 * np.std(same)
 
 
-def test_inception_score_bounds():
+def test_inception_score_matches_hand_computed_values():
+  # Two classes, p(y|x) = (3/4, 1/4) and (1/4, 3/4): p(y) = (1/2, 1/2) and each KL is 3/4 ln(3/2) + 1/4 ln(1/2),
+  # so IS = (3/2)^(3/4) (1/2)^(1/4) = (27/16)^(1/4).
+  soft = np.log([[3.0, 1.0], [1.0, 3.0]])
+  assert metrics.inception_score(soft, splits=1) == pytest.approx(((27 / 16) ** 0.25, 0.0), rel=1e-12)
+  # Sure but unbalanced, two of class 0 and one of class 1: p(y) = (2/3, 1/3), KLs ln(3/2), ln(3/2), ln 3, so
+  # IS = ((3/2)^2 · 3)^(1/3) = 6.75^(1/3) (logits 50 apart: p(y|x) is 1 to e^-50).
+  sure = np.array([[50.0, 0.0], [50.0, 0.0], [0.0, 50.0]])
+  assert metrics.inception_score(sure, splits=1)[0] == pytest.approx(6.75 ** (1 / 3), rel=1e-12)
+  # Two splits, (the soft pair) and (two equal rows: IS 1): mean and std of (27/16)^(1/4) and 1.
+  s = (27 / 16) ** 0.25
+  got = metrics.inception_score(np.concatenate([soft, soft[:1], soft[:1]]), splits=2)
+  assert got == pytest.approx(((s + 1) / 2, (s - 1) / 2), rel=1e-12)
   k = 10
   confident = np.eye(k)[np.arange(1000) % k] * 50.0  # sure and balanced: score -> K
   assert metrics.inception_score(confident)[0] == pytest.approx(k, rel=1e-6)
   assert metrics.inception_score(np.zeros((1000, k)))[0] == pytest.approx(1.0)  # uninformative: 1
-  # Fewer samples than splits: one sample per split, and a single confident sample scores exp(KL(p ‖ p)) = 1.
+  # Fewer samples than splits: one sample per split, and a single sample scores exp(KL(p ‖ p)) = 1.
   assert metrics.inception_score(confident[:4], splits=10) == pytest.approx((1.0, 0.0))
 
 

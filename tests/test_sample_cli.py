@@ -182,3 +182,21 @@ def test_a_guided_model_trains_on_digit_labels_and_draws_the_classes_asked_for(t
   assert res.returncode == 2
   assert res.stderr.strip().splitlines()[-1].startswith("sample.py: error: --labels=7 needs a class-conditional "
                                                         "model: this checkpoint's model is unconditional")
+
+
+def test_progress_rate_and_eta_leave_the_first_call_out(monkeypatch, capsys):
+  from ddpm_jax import reporting  # pylint: disable=g-import-not-at-top
+
+  clock = iter([100.0, 110.0, 111.0, 113.0])  # created; first batch after 10 s (compiling); then 1 s, 2 s a batch
+  monkeypatch.setattr(reporting.time, "time", lambda: next(clock))
+  report = reporting.progress_printer("sampled")
+  for done in (25, 50, 75):
+    report(done, 100)
+  # First line: only the creation to go on, 25 in 10 s (an upper bound: 75 left at 2.5/s = 30 s). Then the rate
+  # since the first call: 25 in 1 s (50 left: 2 s), 50 in 3 s (25 left: 1.5 s, shown as 1 s).
+  assert capsys.readouterr().out.splitlines() == ["sampled 25/100 | 2.5/s | ETA 0:00:30",
+                                                  "sampled 50/100 | 25.0/s | ETA 0:00:02",
+                                                  "sampled 75/100 | 16.7/s | ETA 0:00:01"]
+  clock = iter([0.0, 0.0])
+  reporting.progress_printer("sampled")(0, 10)  # nothing done yet, no time passed: no rate to go on
+  assert capsys.readouterr().out == "sampled 0/10 | 0.0/s | ETA unknown\n"

@@ -305,6 +305,22 @@ def test_a_process_that_dies_makes_the_others_fail_within_the_heartbeat_timeout(
   assert "another task died" in err
 
 
+@pytest.mark.parametrize("shape, devices, axis", [
+    ((3, 3, 8, 16), 4, 3),       # a conv kernel: the output channels
+    ((3, 3, 64, 32), 4, 2),      # input channels larger than output: the largest axis, not the last
+    ((8, 12), 4, 1),             # both divisible: the larger, not the first
+    ((6, 8), 4, 1),              # the larger (6) is not divisible by 4: the next largest
+    ((8, 8, 3), 4, 0),           # a tie: the first
+    ((3, 5), 4, None),           # none divisible: replicated
+    ((), 2, None),               # a scalar (the step, Adam's count): replicated
+])
+def test_fsdp_shards_the_largest_axis_the_device_count_divides(shape, devices, axis):
+  from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
+
+  want = tuple(parallel.MESH_AXIS if a == axis else None for a in range(len(shape))) if axis is not None else ()
+  assert tuple(parallel.fsdp_spec(shape, devices)) == want
+
+
 def test_pmap_jit_and_fsdp_on_four_devices_match_one_device():
   code = textwrap.dedent("""
       import jax, jax.numpy as jnp, numpy as np
@@ -334,11 +350,11 @@ def test_pmap_jit_and_fsdp_on_four_devices_match_one_device():
       for mode in ("pmap", "jit", "fsdp"):
         runner = parallel.make_runner(step, mode)
         placed = runner.put_state(s)
-        if mode == "fsdp":  # the largest kernels are split over the 4 devices, not replicated
+        if mode == "fsdp":  # a 3x3x8x16 kernel is split along its largest axis (16 output channels), 4 each
           kernel = placed.params["down_1_res_0"]["Conv_0"]["kernel"]
-          assert kernel.sharding.spec == ("data", None, None, None) or "data" in tuple(kernel.sharding.spec), \\
+          assert kernel.shape == (3, 3, 8, 16) and tuple(kernel.sharding.spec) == (None, None, None, "data"), \\
               kernel.sharding
-          assert kernel.addressable_shards[0].data.size * 4 == kernel.size
+          assert kernel.addressable_shards[0].data.shape == (3, 3, 8, 4)
           # Created in those shardings from the start (each device computes its shards): the same bits.
           made = create_train_state(builders.build_model(c), builders.build_optimizer(c), jax.random.key(0),
                                     (1, 8, 8, 1), runner.state_shardings)

@@ -115,8 +115,10 @@ def test_bfloat16_compute_stays_close_to_float32(model):
   rel = float(jnp.linalg.norm(bf16 - f32) / jnp.linalg.norm(f32))
   print(f"bf16 vs f32 relative L2 error: {rel:.4f}")
   # bf16 keeps 8 mantissa bits (unit roundoff 2**-9 ≈ 0.002); about 25 layers with
-  # float32 normalisation statistics keep the error well inside 25 x 0.002 = 0.05.
-  assert rel < 0.05
+  # float32 normalisation statistics keep the error well inside 25 x 0.002 = 0.05. Rounding the input alone to
+  # bf16 already moves it by 2**-9 / sqrt(3) ≈ 1.1e-3 (rms, relative), so an error below 1e-3 means the model did
+  # not compute in bf16 (measured: 0.010 and 0.012; float32 twice: 0).
+  assert 1e-3 < rel < 0.05
 
 
 def test_dropout_only_in_training_and_keyed():
