@@ -38,10 +38,11 @@ PARSE_EACH = textwrap.dedent("""
 
 def readme_commands() -> list[tuple[str, list[str]]]:
   """(script, arguments) of every `python train.py` / `python sample.py` in README.md, in code blocks or inline
-  code: backslash continuations joined, a command ending at `&&`, a `#` comment or a closing backtick."""
+  code: backslash continuations joined, a command ending at `&&`, a `#` comment, a closing backtick or a closing
+  double quote (a command inside another's quoted argument, as gcloud's --command)."""
   text = (ROOT / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
   commands = []
-  for m in re.finditer(r"python (train\.py|sample\.py)([^`\n]*)", text):
+  for m in re.finditer(r"python (train\.py|sample\.py)([^`\n\"]*)", text):
     args = re.split(r"&&|\s#", m.group(2))[0]
     for placeholder, value in PLACEHOLDERS.items():
       args = args.replace(placeholder, value)
