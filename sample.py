@@ -146,7 +146,7 @@ def main(argv):
                                     channels=config.data.channels, random_flip=False))
       stem = os.path.splitext(FLAGS.out)[0]
       eps_fn = functools.partial(builders.model_fn(model), params)
-      shown = figures.write_book_figures(stem, real, x, eps_fn, schedule, key, options, FLAGS.scale)
+      shown = figures.write_book_figures(stem, real, x, eps_fn, schedule, key, options, FLAGS.scale, labels)
       print(f"wrote {stem}_forward.png (t = 0, 199, ..., 999), {stem}_ten.png and {stem}_trajectory.png "
             f"(t = {', '.join(map(str, shown))})")
   except ValueError as e:

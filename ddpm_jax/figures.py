@@ -39,17 +39,29 @@ def trajectory_states(x_T: np.ndarray, trajectory: np.ndarray, chain_timesteps: 
   return np.stack(picked, axis=1), shown
 
 
+def ten_indices(labels: Optional[np.ndarray], count: int) -> list[int]:
+  """Which of `count` samples the ten-sample figure shows: the first ten, or with labels the first of each class
+  asked for (in class order), then the next ones."""
+  if labels is None:
+    return list(range(min(10, count)))
+  firsts = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)]
+  return (firsts + [i for i in range(count) if i not in set(firsts)])[:10]
+
+
 def write_book_figures(stem: str, real: np.ndarray, samples: np.ndarray, eps_fn: Callable, schedule: Schedule,
-                       key: jax.Array, options: sampling.SamplerOptions, scale: Optional[int] = None) -> list[int]:
-  """Writes STEM_forward.png (4 data images noised to t = 0, 199, ..., 999), STEM_ten.png (10 samples, 2x5) and
-  STEM_trajectory.png (4 samples denoised, t = 800 .. 0), labelled; returns the trajectory's timesteps."""
+                       key: jax.Array, options: sampling.SamplerOptions, scale: Optional[int] = None,
+                       labels: Optional[np.ndarray] = None) -> list[int]:
+  """Writes STEM_forward.png (4 data images noised to t = 0, 199, ..., 999), STEM_ten.png (10 samples, 2x5; of a
+  conditional model, one per class asked for first) and STEM_trajectory.png (4 samples denoised, t = 800 .. 0; of a
+  conditional model, the classes asked for in turn, guided), labelled; returns the trajectory's timesteps."""
   images.save_png(f"{stem}_forward.png",
                   forward_diffusion_figure(real[:4], schedule, jax.random.fold_in(key, 1), scale=scale))
-  ten, _ = images.labelled_figure(images.to_uint8(samples[:10]), cols=5, title=f"Ten samples ({options.method})",
-                                  scale=scale)
+  ten, _ = images.labelled_figure(images.to_uint8(samples[ten_indices(labels, len(samples))]), cols=5,
+                                  title=f"Ten samples ({options.method})", scale=scale)
   images.save_png(f"{stem}_ten.png", ten)
   x_T = np.asarray(jax.random.normal(jax.random.fold_in(key, 2), (4,) + real.shape[1:]))
-  _, traj = options.sample(eps_fn, schedule, key, x_T.shape, x_T=x_T, return_trajectory=True)
+  traj_labels = None if labels is None else np.resize(np.unique(labels), 4).astype(np.int32)
+  _, traj = options.sample(eps_fn, schedule, key, x_T.shape, x_T=x_T, return_trajectory=True, labels=traj_labels)
   chain = sampling.timesteps(options.method, schedule.num_timesteps, options.num_steps, options.timestep_spacing)
   frames, shown = trajectory_states(x_T, np.asarray(traj), chain)
   figure, _ = images.labelled_figure(images.to_uint8(frames), title=f"Denoising trajectory ({options.method})",

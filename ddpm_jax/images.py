@@ -221,9 +221,12 @@ def save_png(path: str, image: np.ndarray) -> None:
   Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
 
 
-def class_rows(classes: Sequence[int], num_samples: int) -> tuple[np.ndarray, int]:
-  """(labels, columns) that lay num_samples out one class per grid row: class k of `classes` fills row k."""
+def class_rows(classes: Sequence[int], num_samples: int) -> tuple[np.ndarray, Optional[int]]:
+  """(labels, columns) that lay num_samples out one class per grid row: class k of `classes` fills row k (one
+  class: every sample of it, columns None for make_grid's square layout)."""
   classes = list(classes)
+  if len(classes) == 1:
+    return np.full(num_samples, classes[0], np.int32), None
   cols = -(-num_samples // len(classes))
   return np.array([classes[i // cols] for i in range(num_samples)], np.int32), cols
 

@@ -8,8 +8,6 @@ import os
 from typing import Sequence, Union
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 LOSS_KEY, LR_KEY, EVAL_PREFIX = "loss", "lr", "eval/"
 RAW_COLOUR, LINE_COLOUR = "#aabee1", "#14286e"  # light blue: the raw loss; dark blue: every other line
@@ -91,7 +89,7 @@ def _log_scale(values: np.ndarray) -> bool:
 
 
 def plot_training_curves(metrics: Union[str, Sequence[dict]], out_png: str, *, width: int = 960,
-                         height: int | None = None) -> Figure:
+                         height: int | None = None) -> "matplotlib.figure.Figure":
   """Draws loss, learning rate and eval metrics against the step into a width x height PNG; returns the figure.
 
   `metrics` is a metrics.jsonl path (read with read_metrics) or its rows. One
@@ -100,6 +98,10 @@ def plot_training_curves(metrics: Union[str, Sequence[dict]], out_png: str, *, w
   (each already a mean over its logging interval) light and their centred
   mean (`smooth`) dark, on a log axis when they span more than a factor of ten.
   """
+  # pylint: disable=g-import-not-at-top  # matplotlib only when a plot is drawn: not in every process's start-up
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
   rows = read_metrics(metrics) if isinstance(metrics, (str, os.PathLike)) else list(metrics)
   if not rows:
     raise ValueError("no metrics rows to plot")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import itertools
 import json
 import os
 import time
+import uuid
 from typing import Callable, Optional
 
 import numpy as np
@@ -87,7 +87,7 @@ class MetricWriter:
     drop_rows_after(path, start_step)
     self._jsonl = open(path, "a", encoding="utf-8")
     # A suffix of its own: event files are named by the second, and a run restarted within it would overwrite one.
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None,
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1,
                              filename_suffix=f".from{start_step}.pid{os.getpid()}")
     self._wandb = None
     if wandb_project:
@@ -127,5 +127,11 @@ class MetricWriter:
 
 
 def _run_id(workdir: str) -> str:
-  """A Weights & Biases run id fixed by the workdir, so that a resumed run continues the same W&B run."""
-  return hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:16]
+  """The workdir's Weights & Biases run id, made at its first start and kept in WORKDIR/wandb_run_id, so that a
+  resumed run continues the same W&B run and a new run in a recreated workdir starts a new one."""
+  path = os.path.join(workdir, "wandb_run_id")
+  if not os.path.isfile(path):
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(uuid.uuid4().hex[:16])
+  with open(path, encoding="utf-8") as f:
+    return f.read().strip()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Any, Callable, Optional
 
 import jax
@@ -212,7 +213,7 @@ def sample(
   `max_num_steps`) and `timestep_spacing` pick the timesteps (see `timesteps`).
   With `labels` (int [B]) the model is `eps_fn(x_t, t, labels)` and its output
   is guided with scale `guidance_scale` (see `guided`): 0 is unconditional, 1
-  conditional, above 1 guided beyond it.
+  conditional, above 1 guided beyond it; without labels the scale has no effect.
   Sample b's noise comes from fold_in(key, index_offset + b) alone, so a sample
   depends only on that and its label, not on the batch it is drawn in. With
   `return_trajectory` also returns x after every `trajectory_stride`-th step,
@@ -271,7 +272,8 @@ def check_options(options: SamplerOptions, num_timesteps: int) -> np.ndarray:
   if not isinstance(eta, jax.Array) and not 0.0 <= float(eta) <= 1.0:
     raise ValueError(f"eta={eta!r} is out of range: it must lie in [0, 1]")
   w = options.guidance_scale
-  if not isinstance(w, jax.Array) and not (isinstance(w, (int, float)) and 0.0 <= w < float("inf")):
+  if not isinstance(w, jax.Array) and not (isinstance(w, numbers.Real) and not isinstance(w, bool)
+                                           and 0.0 <= float(w) < float("inf")):
     raise ValueError(f"guidance_scale={w!r} is invalid: it must be a number >= 0 (0 unconditional, 1 conditional)")
   return timesteps(options.method, num_timesteps, options.num_steps, options.timestep_spacing)
 

@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -213,9 +214,15 @@ class UNet(nn.Module):
     """Embedding rows of int labels [B]: the label, or the last row for NO_LABEL (and for None: every example)."""
     if labels is None:
       return jnp.full(x.shape[:1], self.num_classes, jnp.int32)
+    if jnp.shape(labels) != x.shape[:1]:
+      raise ValueError(f"labels must be of shape [{x.shape[0]}] (the batch), got shape {jnp.shape(labels)}")
+    if not isinstance(labels, jax.core.Tracer):  # concrete labels are checked; traced ones (under jit) cannot be
+      values = np.asarray(labels)
+      bad = values[(values < NO_LABEL) | (values > self.num_classes)]
+      if bad.size:
+        raise ValueError(f"label {int(bad[0])} is out of range: use 0..{self.num_classes - 1}, or {NO_LABEL} (no "
+                         "label)")
     labels = jnp.asarray(labels)
-    if labels.shape != x.shape[:1]:
-      raise ValueError(f"labels must be of shape [{x.shape[0]}] (the batch), got shape {labels.shape}")
     return jnp.where(labels == NO_LABEL, self.num_classes, labels).astype(jnp.int32)
 
   def _wants_attn(self, h: jnp.ndarray, block: int, up: bool) -> bool:

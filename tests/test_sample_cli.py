@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import configs.default as default_config
-from ddpm_jax import builders, checkpoint, images, sampling
+from ddpm_jax import builders, checkpoint, figures, images, sampling
 from ddpm_jax.data import load_digits
 from ddpm_jax.train_state import create_train_state
 
@@ -168,10 +168,12 @@ def test_a_guided_model_trains_on_digit_labels_and_draws_the_classes_asked_for(t
   np.testing.assert_array_equal(saved["labels"], np.repeat(np.arange(10), 2))
   assert saved["images"].shape == (20, 8, 8, 1)
   assert Image.open(tmp_path / "all.png").size == (2 * 66 + 2, 10 * 66 + 2)
-  res = run_sample(f"--workdir={tmp_path}", "--labels=0,3,9", "--num_samples=5", "--steps=2",
+  res = run_sample(f"--workdir={tmp_path}", "--labels=0,3,9", "--num_samples=5", "--steps=2", "--figures",
                    f"--out={tmp_path}/some.png")
   assert res.returncode == 0, res.stderr[-3000:]
   np.testing.assert_array_equal(np.load(tmp_path / "some.npz")["labels"], [0, 0, 3, 3, 9])
+  assert (tmp_path / "some_ten.png").exists() and (tmp_path / "some_trajectory.png").exists()
+  assert figures.ten_indices(np.array([0, 0, 3, 3, 9]), 5) == [0, 2, 4, 1, 3]  # one of each class first
   for flag, message in [("--labels=12", "--labels=12: class 12 does not exist: the model has classes 0..9"),
                         ("--labels=seven", "--labels=seven is not understood: give a class (7), a list (0,3,9) or "
                                            "'all'")]:
