@@ -2,11 +2,12 @@
 
 import os
 import sys
+import traceback
 
 import jax
 from absl import app, flags, logging
 
-from ddpm_jax import builders, checkpoint, loop, runtime
+from ddpm_jax import builders, checkpoint, consensus, loop, runtime
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLAGS = flags.FLAGS
@@ -23,6 +24,25 @@ flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
 flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process run.")
 flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds after which the processes of a multi-process run give up on "
                      "one that stopped answering (it died) and end with an error instead of waiting for it.")
+
+
+def report(error: BaseException) -> int:
+  """Prints the line a run that ended on `error` leaves on stderr (a traceback first for an unexpected error) and
+  returns its exit code: 2 for bad input, 1 for a run-time failure, 128 + N for signal N."""
+  if isinstance(error, loop.Interrupted):
+    print(f"train.py: {error}", file=sys.stderr)
+    return 128 + error.signum
+  if isinstance(error, ValueError):
+    code = 2
+  elif isinstance(error, (FloatingPointError, checkpoint.CheckpointError, OSError)):
+    code = 1
+  elif runtime.is_out_of_memory(error):  # XLA reports running out of device memory as a runtime error
+    error, code = f"out of memory on the devices while training: {runtime.OUT_OF_MEMORY_CURE}", 1
+  else:
+    traceback.print_exception(error)
+    error, code = f"{type(error).__name__}: {error}", 1
+  print(f"train.py: error: {error}", file=sys.stderr)
+  return code
 
 
 def main(argv):
@@ -42,25 +62,15 @@ def main(argv):
     else:  # JAX reads the coordinator, the process count and this process's index from the job's environment
       jax.distributed.initialize(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
       logging.info("%s job detected: process %d of %d", cluster, jax.process_index(), jax.process_count())
+    consensus.watch_failures(report)  # a failure on any process ends every process with its line and exit code
   checkpoint.quiet_orbax()
   runtime.enable_compilation_cache(FLAGS.compilation_cache)
   try:
     loop.train(builders.build_training(FLAGS.config, FLAGS.workdir, FLAGS.stop_at_step), FLAGS.workdir)
-  except ValueError as e:
-    print(f"train.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except (FloatingPointError, checkpoint.CheckpointError, OSError) as e:  # run-time failures
-    print(f"train.py: error: {e}", file=sys.stderr)
-    sys.exit(1)
-  except loop.Interrupted as e:
-    print(f"train.py: {e}", file=sys.stderr)
-    sys.exit(128 + e.signum)
-  except Exception as e:  # XLA reports running out of device memory as a runtime error
-    if not runtime.is_out_of_memory(e):
-      raise
-    print(f"train.py: error: out of memory on the devices while training: {runtime.OUT_OF_MEMORY_CURE}",
-          file=sys.stderr)
-    sys.exit(1)
+  except Exception as e:  # pylint: disable=broad-except
+    if not isinstance(e, loop.Interrupted):
+      consensus.fail_together(e)  # with several processes: ends this one with the others (failures before the loop)
+    sys.exit(report(e))
 
 
 if __name__ == "__main__":

@@ -377,13 +377,13 @@ def build_training(config: ml_collections.ConfigDict, workdir: str,
   if config.sample.every_steps or config.eval_every_steps:
     generate = build_generator(config, model, schedule, sampler_options(config))
     num_classes = model.num_classes
-    hooks.append(loop.Hook(config.sample.every_steps,
+    hooks.append(loop.Hook("samples", config.sample.every_steps,
                            _sample_grid_hook(workdir, generate, sample_key, config.sample.num_samples, num_classes)))
     if config.eval_every_steps:
       # Process 0 alone scores samples (and computes any FID reference statistics, once); the others wait at the
       # loop's barrier.
       evaluate = build_evaluator(config, workdir, source) if jax.process_index() == 0 else None
-      hooks.append(loop.Hook(config.eval_every_steps, _eval_hook(generate, evaluate, sample_key,
+      hooks.append(loop.Hook("eval", config.eval_every_steps, _eval_hook(generate, evaluate, sample_key,
                                                                  config.eval_num_samples, num_classes)))
   runner = parallel.make_runner(build_train_step(config, schedule), config.parallelism)
   return loop.Training(

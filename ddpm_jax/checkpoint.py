@@ -84,7 +84,7 @@ def make_manager(workdir: str, keep: int = 3, create: bool = True) -> ocp.Checkp
   if keep < 1:
     raise ValueError(f"keep_checkpoints={keep!r} is invalid: keep at least 1")
   if create:  # a start removes what a failed save's late writer threads (or kill -9) left behind
-    _remove_leftovers(checkpoint_dir(workdir))
+    remove_leftovers(checkpoint_dir(workdir))
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                          async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
   handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
@@ -169,7 +169,7 @@ def _cause(error: BaseException) -> str:
   if getattr(error, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in text \
       or "Read-only file system" in text:
     return "no permission to write there (or a read-only file system)"
-  first = text.strip().splitlines()[0]
+  first = text.strip().splitlines()[0].split(" See full TensorStore details")[0]  # orbax appends a repr of a method
   return first if len(first) <= 300 else first[:300] + " ..."
 
 
@@ -198,10 +198,10 @@ def _remove_partial(manager: ocp.CheckpointManager) -> None:
   with contextlib.suppress(Exception):  # the failure is reported by the caller
     manager.wait_until_finished()
   _join_orbax_threads(ORBAX_THREADS_WAIT_S)
-  _remove_leftovers(str(manager.directory))
+  remove_leftovers(str(manager.directory))
 
 
-def _remove_leftovers(directory: str) -> None:
+def remove_leftovers(directory: str) -> None:
   """Deletes the temporary folders of unfinished saves in a checkpoint folder (process 0 only: another process may
   still be writing its shards); orbax never lists them as checkpoints."""
   if jax.process_index():

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from ddpm_jax import checkpoint, parallel, plots, workdir_lock
+from ddpm_jax import checkpoint, consensus, parallel, plots, workdir_lock
 from ddpm_jax.parallel import Runner
 from ddpm_jax.reporting import MetricWriter, format_eta
 from ddpm_jax.train_state import TrainState
@@ -24,6 +24,9 @@ from ddpm_jax.train_state import TrainState
 
 CURVES = "curves.png"  # the training-curve plot a finished run leaves in its workdir
 CLASSES = "classes.json"  # a conditional run's label -> class name mapping, in its workdir
+# What end-of-run work (the last step's hooks by name, then CURVES) a run that reached its last step has done:
+# {"step": N, "done": [...]}. A restart at that step does the rest, so nothing is lost to a signal or a kill.
+END_OF_RUN = "end_of_run.json"
 # With several processes, a signal is agreed on by a collective at every step whose answer is read this many steps
 # later (reading waits for it; a lag keeps the host that many steps ahead of the devices).
 AGREEMENT_LAG = 2
@@ -43,9 +46,10 @@ class Hook:
 
   Every process runs it at the same step (it may hold collectives, e.g. a
   sampler over every device); the writer is None but on process 0, which
-  alone writes files.
+  alone writes files. At the last step it runs once: `name` records it done.
   """
 
+  name: str
   every: int
   run: Callable[[int, Any, Optional[MetricWriter]], None]
 
@@ -115,25 +119,26 @@ def _restore_or_create(manager, create_state: Callable[[], TrainState], layout: 
   shardings `layout` gives them (leaves without one: onto the first device), or a fresh one. With `config` and
   `meaning`, a checkpoint whose saved config gives the parameters another meaning is refused (check_same_meaning).
 
-  A checkpoint that cannot be read is reported and the next older one tried
-  (moved aside as STEP.damaged once an intact one is found); when none can be
-  read, CheckpointReadError. With several processes a damaged checkpoint is an
-  error instead: they could disagree on which one to resume from.
+  Process 0 lists the checkpoints, for every process. A checkpoint that cannot be read is reported and the next older
+  one tried (moved aside as STEP.damaged once an intact one is found); when
+  none can be read, CheckpointReadError. With several processes a damaged
+  checkpoint is an error instead (on every process: consensus.fail_together).
   """
-  steps = sorted(manager.all_steps(), reverse=True)
+  steps = consensus.decide("resume/steps", lambda: sorted(manager.all_steps(), reverse=True))
   if not steps:
     return create_state()
   template = layout(jax.eval_shape(create_state))
   damaged = []
   for step in steps:
+    where = f"checkpoint {step} in {manager.directory}"
     try:
-      if config is not None and meaning is not None:
-        check_same_meaning(checkpoint.saved_config(manager, step), config, meaning,
-                           f"checkpoint {step} in {manager.directory}")
+      if config is not None and meaning is not None:  # on every process: orbax's reads end in a collective
+        check_same_meaning(checkpoint.saved_config(manager, step), config, meaning, where)
       state = checkpoint.restore_state(manager, template, step)
     except checkpoint.CheckpointReadError as e:
       if jax.process_count() > 1:
-        raise checkpoint.CheckpointReadError(f"{e}; move it aside on every host to resume from an older one") from e
+        raise checkpoint.CheckpointReadError(f"{e} (on process {jax.process_index()}); move it aside to resume from "
+                                             "an older one") from e
       print(f"warning: {e}; trying an older checkpoint", file=sys.stderr, flush=True)
       damaged.append(step)
       continue
@@ -154,6 +159,24 @@ def _restore_or_create(manager, create_state: Callable[[], TrainState], layout: 
                                        f"{', '.join(map(str, steps))}): move the folder away to start afresh")
 
 
+def end_of_run_done(workdir: str, step: int) -> list[str]:
+  """The end-of-run work recorded as done in `workdir` by a run that reached `step` (none for another step)."""
+  try:
+    with open(os.path.join(workdir, END_OF_RUN), encoding="utf-8") as f:
+      record = json.load(f)
+  except (FileNotFoundError, ValueError):
+    return []
+  return list(record["done"]) if isinstance(record, dict) and record.get("step") == step else []
+
+
+def _record_end_of_run(workdir: str, step: int, done: list[str]) -> None:
+  """Writes the end-of-run record whole or not at all (a kill leaves the previous one)."""
+  path = os.path.join(workdir, END_OF_RUN)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump({"step": step, "done": done}, f)
+  os.replace(path + ".tmp", path)
+
+
 def _catch_signals(received: list[int]) -> dict:
   """Records SIGTERM / SIGINT in `received` instead of dying (main thread only); returns the previous handlers."""
   if threading.current_thread() is not threading.main_thread():
@@ -171,8 +194,38 @@ def _stop_signal(received: list[int], votes: collections.deque, agree: Optional[
   return int(parallel.local_value(votes.popleft())) if len(votes) > AGREEMENT_LAG else 0
 
 
+def _finish(t: Training, workdir: str, run_state: Any, writer: Optional[MetricWriter],
+            stop_signal: Callable[[], int]) -> None:
+  """Does the end-of-run work at t.end_step that the workdir's record lacks (the hooks due, then CURVES), recording
+  each piece once done; a signal agreed on before a piece raises Interrupted (a restart does the rest)."""
+  lead = jax.process_index() == 0
+  done = consensus.decide("end_of_run", lambda: end_of_run_done(workdir, t.end_step))
+  hooks = [h for h in t.hooks if h.every and h.name not in done]
+  todo = hooks + ([] if CURVES in done else [CURVES])
+  if not todo:
+    logging.info("nothing to do: the run is complete at step %d (%s)", t.end_step, END_OF_RUN)
+    return
+  logging.info("end-of-run work at step %d: %s", t.end_step,
+               ", ".join(piece if piece == CURVES else piece.name for piece in todo))
+  ema_params = t.runner.get_state(run_state.ema_params) if hooks else None
+  for piece in todo:
+    signum = stop_signal()
+    if signum:
+      raise Interrupted(t.end_step, signum)
+    if piece == CURVES:
+      if lead:
+        plots.plot_training_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, CURVES))
+    else:
+      piece.run(t.end_step, ema_params, writer)
+      parallel.barrier(f"end-of-run hook {piece.name}")
+    done.append(piece if piece == CURVES else piece.name)
+    if lead:
+      _record_end_of_run(workdir, t.end_step, done)
+
+
 def train(training: Training, workdir: str) -> TrainState:
-  """Trains from workdir's latest checkpoint (or from scratch) to training.end_step; returns the host state."""
+  """Trains from workdir's latest checkpoint (or from scratch) to training.end_step, then does the end-of-run work
+  (the last step's hooks, CURVES) not yet done; returns the host state."""
   t = training
   lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -183,69 +236,43 @@ def train(training: Training, workdir: str) -> TrainState:
   received: list[int] = []
   handlers = {}
   batches = None
-  try:
-    manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
-    state = _restore_or_create(manager, t.create_state, t.runner.restore_layout, t.config, t.parameter_meaning)
-    if lead:
-      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(t.config, f, indent=2)
-      if t.class_names:
-        with open(os.path.join(workdir, CLASSES), "w", encoding="utf-8") as f:
-          json.dump({str(label): name for label, name in enumerate(t.class_names)}, f, indent=2)
-    start = int(state.step)
-    if start >= t.end_step:
-      logging.info("nothing to do: the checkpoint is at step %d, the run ends at step %d", start, t.end_step)
-      return t.runner.get_state(t.runner.put_state(state))
-    batches = prefetch(t.batches(start), t.runner.put_batch)
-    run_state = t.runner.put_state(state)
-    handlers = _catch_signals(received)
-    agree = parallel.make_agreement() if jax.process_count() > 1 else None
-    votes: collections.deque = collections.deque()
-    writer = MetricWriter(workdir, start, t.wandb_project, t.config) if lead else None
-    pending: list[tuple[int, Any]] = []
-    t_last, n_last = time.time(), start
-    logging.info("training from step %d to %d on %d device(s) in %d process(es), global batch %d", start,
-                 t.end_step, jax.device_count(), jax.process_count(), t.batch_size)
-    for step in range(start, t.end_step):
-      run_state, metrics = t.runner.step(run_state, next(batches), t.key)
-      done = step + 1
-      pending.append((done, metrics))
-      if step == start:
-        jax.block_until_ready(metrics)
-        logging.info("first step (compile included) took %.1f s", time.time() - t_last)
-        t_last, n_last = time.time(), done
-      signum = _stop_signal(received, votes, agree)
-      stop = signum != 0
-      log_now = done % t.log_every == 0 or done == t.end_step
-      save_now = done % t.checkpoint_every == 0 or done == t.end_step or stop
-      if log_now or save_now:
-        rows = [(s, t.runner.get_metrics(m)) for s, m in pending]
-        pending.clear()
-        check_finite(rows, manager.latest_step())
-        if log_now and lead:
-          now = time.time()
-          rate = (done - n_last) / max(now - t_last, 1e-9)
-          t_last, n_last = now, done
-          mean = {k: float(np.mean([r[k] for _, r in rows])) for k in rows[-1][1]}
-          writer.write(done, {**mean, "steps_per_s": rate, "images_per_s": rate * t.batch_size})
-          print(f"step {done}/{t.end_step} | loss {mean['loss']:.4f} | grad_norm {mean['grad_norm']:.3f} | "
-                f"lr {mean['lr']:.2e} | {rate:.2f} steps/s, {rate * t.batch_size:.0f} img/s | "
-                f"ETA {format_eta((t.end_step - done) / max(rate, 1e-9))}", flush=True)
-      if save_now:
-        checkpoint.save(manager, t.runner.to_save(run_state), t.config)
-      due = [h for h in t.hooks if h.every and (done % h.every == 0 or done == t.end_step)]
-      if due:
-        ema_params = t.runner.get_state(run_state.ema_params)
-        for hook in due:
-          hook.run(done, ema_params, writer)
-        parallel.barrier(f"hooks of step {done}")
-      if stop:
-        raise Interrupted(done, signum)
-    if lead:
+
+  def abandon() -> None:
+    """What a process ending on another's failure still does: no half-written checkpoint stays, metrics reach disk."""
+    if manager:
+      checkpoint.remove_leftovers(str(manager.directory))
+    if writer:
       writer.close()
-      writer = None
-      plots.plot_training_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, CURVES))
-    return t.runner.get_state(run_state)
+
+  try:
+    with consensus.cleanup(abandon):
+      manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
+      state = _restore_or_create(manager, t.create_state, t.runner.restore_layout, t.config, t.parameter_meaning)
+      if lead:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+          json.dump(t.config, f, indent=2)
+        if t.class_names:
+          with open(os.path.join(workdir, CLASSES), "w", encoding="utf-8") as f:
+            json.dump({str(label): name for label, name in enumerate(t.class_names)}, f, indent=2)
+      start = int(state.step)
+      if start > t.end_step:
+        logging.info("nothing to do: the checkpoint is at step %d, the run ends at step %d", start, t.end_step)
+        return t.runner.get_state(t.runner.put_state(state))
+      run_state = t.runner.put_state(state)
+      handlers = _catch_signals(received)
+      agree = parallel.make_agreement() if jax.process_count() > 1 else None
+      writer = MetricWriter(workdir, start, t.wandb_project, t.config) if lead else None
+      if start < t.end_step:
+        batches = prefetch(t.batches(start), t.runner.put_batch)
+        run_state = _train_steps(t, manager, run_state, batches, writer, received, agree, start)
+      own = lambda: received[0] if received else 0
+      _finish(t, workdir, run_state, writer,
+              (lambda: int(parallel.local_value(agree(own())))) if agree else own)
+      return t.runner.get_state(run_state)
+  except Exception as e:  # pylint: disable=broad-except
+    if not isinstance(e, Interrupted):  # an agreed stop: every process raises it together
+      consensus.fail_together(e)
+    raise
   finally:
     batches = None  # close the input pipeline (and its worker processes) now, not during interpreter shutdown
     if manager:
@@ -256,3 +283,53 @@ def train(training: Training, workdir: str) -> TrainState:
       signal.signal(sig, handler)
     if lock is not None:
       workdir_lock.release(lock)
+
+
+def _train_steps(t: Training, manager: Any, run_state: Any, batches: Iterator[Any], writer: Optional[MetricWriter],
+                 received: list[int], agree: Optional[Callable[[int], jax.Array]], start: int) -> Any:
+  """The train steps from `start` to t.end_step with their logging, checkpoints and periodic hooks (those of the
+  last step are _finish's); returns the state on the devices. Raises Interrupted after the checkpoint of a signal."""
+  lead = jax.process_index() == 0
+  votes: collections.deque = collections.deque()
+  pending: list[tuple[int, Any]] = []
+  t_last, n_last = time.time(), start
+  logging.info("training from step %d to %d on %d device(s) in %d process(es), global batch %d", start,
+               t.end_step, jax.device_count(), jax.process_count(), t.batch_size)
+  for step in range(start, t.end_step):
+    run_state, metrics = t.runner.step(run_state, next(batches), t.key)
+    done = step + 1
+    pending.append((done, metrics))
+    if step == start:
+      jax.block_until_ready(metrics)
+      logging.info("first step (compile included) took %.1f s", time.time() - t_last)
+      t_last, n_last = time.time(), done
+    signum = _stop_signal(received, votes, agree)
+    if done == t.end_step and not signum:  # the votes not yet read: any signal until now stops at the last step
+      signum = max([int(parallel.local_value(v)) for v in votes] + [0])
+    stop = signum != 0
+    log_now = done % t.log_every == 0 or done == t.end_step
+    save_now = done % t.checkpoint_every == 0 or done == t.end_step or stop
+    if log_now or save_now:
+      rows = [(s, t.runner.get_metrics(m)) for s, m in pending]
+      pending.clear()
+      check_finite(rows, manager.latest_step())
+      if log_now and lead:
+        now = time.time()
+        rate = (done - n_last) / max(now - t_last, 1e-9)
+        t_last, n_last = now, done
+        mean = {k: float(np.mean([r[k] for _, r in rows])) for k in rows[-1][1]}
+        writer.write(done, {**mean, "steps_per_s": rate, "images_per_s": rate * t.batch_size})
+        print(f"step {done}/{t.end_step} | loss {mean['loss']:.4f} | grad_norm {mean['grad_norm']:.3f} | "
+              f"lr {mean['lr']:.2e} | {rate:.2f} steps/s, {rate * t.batch_size:.0f} img/s | "
+              f"ETA {format_eta((t.end_step - done) / max(rate, 1e-9))}", flush=True)
+    if save_now:
+      checkpoint.save(manager, t.runner.to_save(run_state), t.config)
+    due = [h for h in t.hooks if h.every and done % h.every == 0 and done < t.end_step]
+    if due:
+      ema_params = t.runner.get_state(run_state.ema_params)
+      for hook in due:
+        hook.run(done, ema_params, writer)
+      parallel.barrier(f"hooks of step {done}")
+    if stop:
+      raise Interrupted(done, signum)
+  return run_state

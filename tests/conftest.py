@@ -10,9 +10,13 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
-  """This process and the subprocesses started by tests share XLA's persistent compilation cache, so each program
-  compiles once."""
-  path = str(tmp_path_factory.mktemp("xla_cache"))
+  """This process, the other pytest-xdist workers and the subprocesses started by tests share XLA's persistent
+  compilation cache, so each program compiles once."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # xdist: every worker's base folder sits in one shared by all of them
+    root = root.parent
+  path = str(root / "xla_cache")
+  os.makedirs(path, exist_ok=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = path
   jax.config.update("jax_compilation_cache_dir", path)
 

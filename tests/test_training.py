@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 import configs.default as default_config
-from ddpm_jax import builders, checkpoint
+from ddpm_jax import builders, checkpoint, loop
 from ddpm_jax.train_state import create_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,13 +46,22 @@ def small_config(**changes):
 def run_train(workdir, *flags, devices=1, timeout=300, env_extra=None, background=False, python_flags=(),
               config=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env_extra or {}))
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env.update(env_extra or {})
   first = [f"--config={config}"] if config else []  # the config file before its overrides
   cmd = [sys.executable, *python_flags, os.path.join(ROOT, "train.py"), f"--workdir={workdir}", *first, *SMALL,
          *flags]
   if background:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+FAULTS = os.path.join(ROOT, "tests", "faults")  # its sitecustomize.py injects the fault TEST_FAULT names
+
+
+def fault_env(spec):
+  """The environment that makes train.py's process inject the fault `spec` (tests/faults/sitecustomize.py)."""
+  return {"TEST_FAULT": spec, "PYTHONPATH": f"{FAULTS}{os.pathsep}{ROOT}"}
 
 
 def new_state(config):
@@ -133,6 +142,29 @@ def test_sigterm_leaves_a_restorable_checkpoint_at_the_step_reached(tmp_path):
   assert int(state.step) == reached and checkpoint.all_finite(state.params)
 
 
+def test_a_signal_during_the_end_of_run_work_leaves_a_run_that_a_restart_completes_once(tmp_path):
+  # The last step's hooks (here the sample grid; the eval hook is its peer) and curves.png are the end-of-run work.
+  flags = ["--stop_at_step=20", "--config.sample.every_steps=1000", "--config.sample.num_samples=4"]
+  proc = run_train(tmp_path, *flags, background=True)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None and '"step": 20,' not in (
+      metrics.read_text() if metrics.exists() else ""):
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)  # the last step is logged: it is checkpointed, then the end-of-run work starts
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+  assert "stopped by SIGTERM at step 20; checkpoint saved" in err
+  assert not (tmp_path / "curves.png").exists()  # stopped before it (the grid may be done: it is recorded then)
+  out = run_train(tmp_path, *flags)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert re.search(r"end-of-run work at step 20: (samples, )?curves\.png", out.stderr), out.stderr[-2000:]
+  assert json.loads((tmp_path / loop.END_OF_RUN).read_text()) == {"step": 20, "done": ["samples", "curves.png"]}
+  assert (tmp_path / "curves.png").exists() and (tmp_path / "samples" / "step_00000020.png").exists()
+  assert [image[:2] for image in tensorboard_images(tmp_path / "tensorboard")] == [("samples", 20)]  # drawn once
+  assert [json.loads(r)["step"] for r in metrics.read_text().splitlines()] == [5, 10, 15, 20]
+
+
 def test_nan_loss_stops_with_the_step_and_no_nan_checkpoint(tmp_path):
   out = run_train(tmp_path, "--stop_at_step=50", "--config.checkpoint_every_steps=1",
                   "--config.optim.learning_rate=1e30", "--config.optim.grad_clip_norm=0.0")
@@ -189,17 +221,17 @@ def _free_slurm_job_id():
   pytest.skip(f"no free port in {SLURM_PORTS}..65535")
 
 
-def start_two_processes(workdir, *flags, slurm=False):
+def start_two_processes(workdir, *flags, slurm=False, env_extra=None):
   """train.py as 2 processes x 2 devices on 127.0.0.1, in the background: told so by flags, or (slurm) by nothing
   but the environment srun gives the tasks of a job of two one-task nodes."""
   if slurm:
     job = {"SLURM_JOB_ID": str(_free_slurm_job_id()), "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
            "SLURM_LOCALID": "0"}
-    return [run_train(workdir, *flags, devices=2, background=True, env_extra={**job, "SLURM_PROCID": str(i)})
-            for i in range(2)]
+    return [run_train(workdir, *flags, devices=2, background=True,
+                      env_extra={**job, "SLURM_PROCID": str(i), **(env_extra or {})}) for i in range(2)]
   port = _free_port()
   return [run_train(workdir, *flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                    f"--process_id={i}", devices=2, background=True) for i in range(2)]
+                    f"--process_id={i}", devices=2, background=True, env_extra=env_extra) for i in range(2)]
 
 
 def fail_and_kill(procs, why):
@@ -276,11 +308,26 @@ def test_checkpoints_move_between_layouts_and_a_signal_to_one_process_stops_ever
     assert seconds < 60
     steps = checkpoint_steps(run)
     assert len(steps) == kept and steps[-1] == stops[0], steps  # one common checkpoint: written by both together
+  # ... resumed under jit to the end, where a SIGTERM to process 1 once the last step is logged stops both before
+  # the end-of-run work is done (the grid of the last step, curves.png); the last checkpoint is kept
   procs = start_two_processes(run, f"--stop_at_step={END}", jit, *flags)
-  outs = collect(procs, 300)
-  assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
-  assert "on 4 device(s) in 2 process(es)" in outs[0][1]
+  wait_until(lambda: f'"step": {END},' in (run / "metrics.jsonl").read_text(), procs)
+  procs[1].send_signal(signal.SIGTERM)
+  errs = [err for _, err in collect(procs, 120)]
+  assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, errs
+  assert all(f"stopped by SIGTERM at step {END}; checkpoint saved" in e for e in errs), errs
+  assert "on 4 device(s) in 2 process(es)" in errs[0] and checkpoint_steps(run)[-1] == END
+  assert not (run / "curves.png").exists()
+  # ... restarted, with process 1 listing no checkpoint (on NFS listings can differ): both resume from process 0's
+  # choice, the last step, and do the end-of-run work left, once
+  procs = start_two_processes(run, f"--stop_at_step={END}", jit, *flags,
+                              env_extra=fault_env("orbax.checkpoint:CheckpointManager.all_steps:1:0:empty"))
+  errs = [err for _, err in collect(procs, 300)]
+  assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+  assert all(f"resumed from the checkpoint of step {END}" in e for e in errs), errs
   assert (run / "samples" / f"step_{END:08d}.png").exists()  # the last step's grid, sampled by both processes
+  assert (run / "curves.png").exists()
+  assert [image[:2] for image in tensorboard_images(run / "tensorboard")].count(("samples", END)) == 1
   config = small_config(**{"ema.decay": 0.5, "optim.eps": 1.0})
   a, b = restore_host_state(single, config, END), restore_host_state(run, config, END)
   for x, y in zip(jax.tree_util.tree_leaves((a.params, a.ema_params, a.opt_state)),

@@ -1,0 +1,159 @@
+"""One answer for every process of a multi-process run: process 0's decisions, every process's outcome and any
+process's failure, shared through JAX's coordination service (its key-value store; no device collective), so that
+every process takes the same branch and a failure on one ends all of them within seconds."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+
+PREFIX = "ddpm_jax/"
+FAILURE = PREFIX + "failure"  # the first failure any process announced: {"process", "module", "name", "message"}
+LEAVING = PREFIX + "leaving/"  # + process index (but 0): that process is about to end on the failure
+WAIT_MS = 30 * 60 * 1000  # the longest wait for another process's answer (a dead process ends the run sooner:
+# the coordination service's heartbeat)
+POLL_S = 0.2  # how often the failure watch looks for a failure
+LEAVE_WAIT_S = 10.0  # how long process 0, ending on a failure, waits for the others to be leaving (it hosts the
+# key-value store: leaving earlier would take the failure with it, and the others end on a lost connection)
+
+# Process state, like signal handlers: set by the entry point that ends processes together (watch_failures).
+_report: list[Callable[[BaseException], int]] = []  # prints a failure's one line, returns its exit code
+_cleanups: list[Callable[[], None]] = []  # what an ending process still does first, innermost last
+_ending = threading.Lock()  # held by the thread that ends this process (the main thread or the failure watch)
+
+
+def _client() -> Any:
+  """The coordination service's client, or None in a single-process run."""
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top  (JAX has no public key-value API)
+
+  return distributed.global_state.client if jax.process_count() > 1 else None
+
+
+def describe(error: BaseException) -> dict[str, str]:
+  """An exception as JSON data another process can raise again."""
+  return {"module": type(error).__module__, "name": type(error).__qualname__, "message": str(error)}
+
+
+def rebuild(record: dict[str, str]) -> Exception:
+  """The exception a `describe` record names (a RuntimeError with its message when that class cannot be made from
+  one message)."""
+  with contextlib.suppress(Exception):
+    cls = getattr(importlib.import_module(record["module"]), record["name"])
+    if isinstance(cls, type) and issubclass(cls, Exception):
+      return cls(record["message"])
+  return RuntimeError(record["message"])
+
+
+def decide(name: str, decide_fn: Callable[[], Any]) -> Any:
+  """decide_fn() as process 0 computes it (a JSON value), on every process; a failure on process 0 is raised on
+  every process as the same exception class and message. `name` is unique within the run."""
+  client = _client()
+  if client is None:
+    return decide_fn()
+  key = f"{PREFIX}decide/{name}"
+  if jax.process_index() == 0:
+    try:
+      value = decide_fn()
+    except Exception as e:
+      client.key_value_set(key, json.dumps({"error": describe(e)}))
+      raise
+    client.key_value_set(key, json.dumps({"value": value}))
+    return value
+  answer = json.loads(client.blocking_key_value_get(key, WAIT_MS))
+  if "error" in answer:
+    raise rebuild(answer["error"])
+  return answer["value"]
+
+
+def gather(name: str, value: Any) -> list[Any]:
+  """Every process's JSON `value`, in process order, on every process. `name` is unique within the run."""
+  client = _client()
+  if client is None:
+    return [value]
+  client.key_value_set(f"{PREFIX}gather/{name}/{jax.process_index()}", json.dumps(value))
+  return [json.loads(client.blocking_key_value_get(f"{PREFIX}gather/{name}/{p}", WAIT_MS))
+          for p in range(jax.process_count())]
+
+
+@contextlib.contextmanager
+def cleanup(fn: Callable[[], None]) -> Iterator[None]:
+  """While inside, a process ending on a shared failure first calls fn (e.g. process 0 removing half-written
+  checkpoints)."""
+  _cleanups.append(fn)
+  try:
+    yield
+  finally:
+    _cleanups.remove(fn)
+
+
+def _end(client: Any, record: dict[str, str], error: Optional[BaseException] = None) -> None:
+  """Ends this process on a shared failure: its one line and exit code (the entry point's report), the cleanups, then
+  os._exit (a normal exit would wait for the processes stuck in a collective with the one that failed). Process 0
+  hosts the key-value store and leaves last: once every other process is leaving, or after LEAVE_WAIT_S. `error`:
+  the record's own exception, traceback and all, on the process that raised it."""
+  if not _ending.acquire(blocking=False):  # another thread of this process is ending it
+    threading.Event().wait()
+  code = _report[0](error or rebuild(record))
+  for fn in reversed(list(_cleanups)):
+    with contextlib.suppress(Exception):  # ending regardless: the failure is already reported
+      fn()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if jax.process_index():
+    with contextlib.suppress(Exception):
+      client.key_value_set(f"{LEAVING}{jax.process_index()}", "1")
+  else:
+    deadline = time.time() + LEAVE_WAIT_S
+    while time.time() < deadline:
+      with contextlib.suppress(Exception):
+        if len(client.key_value_dir_get(LEAVING)) >= jax.process_count() - 1:
+          break
+      time.sleep(POLL_S)
+    time.sleep(POLL_S)  # the last one's os._exit
+  os._exit(code)  # pylint: disable=protected-access
+
+
+def fail_together(error: BaseException) -> None:
+  """Once watch_failures runs, announces `error` (or the failure another process announced first) and ends this
+  process as every other one will end: the same line and exit code. Otherwise returns (the caller raises)."""
+  client = _client()
+  if client is None or not _report:
+    return
+  record = {"process": str(jax.process_index()), **describe(error)}
+  try:
+    client.key_value_set(FAILURE, json.dumps(record))
+  except Exception:  # pylint: disable=broad-except  (another process announced first: end on its failure)
+    with contextlib.suppress(Exception):
+      record = json.loads(client.key_value_try_get(FAILURE))
+  _end(client, record, error if record["process"] == str(jax.process_index()) else None)
+
+
+def watch_failures(report: Callable[[BaseException], int]) -> None:
+  """With several processes, ends this process as soon as any process announces a failure (fail_together), whatever
+  it is waiting for (a collective, a barrier): report(error) prints the failure's one line and returns the exit
+  code. A daemon thread; call once, after jax.distributed.initialize."""
+  client = _client()
+  if client is None:
+    return
+  _report[:] = [report]
+
+  def watch() -> None:
+    while True:
+      try:
+        record = json.loads(client.key_value_try_get(FAILURE))
+      except Exception:  # pylint: disable=broad-except  (NOT_FOUND until a failure is announced)
+        time.sleep(POLL_S)
+        continue
+      if record["process"] != str(jax.process_index()):  # the announcing process ends itself
+        _end(client, record)
+      return
+
+  threading.Thread(target=watch, name="ddpm_jax-failure-watch", daemon=True).start()

@@ -1,0 +1,65 @@
+"""Two processes x two devices agree: a failure on one process ends both within seconds with one line and one exit
+code; the resume step is process 0's; a damaged shard on one process is one error for both."""
+
+import glob
+import os
+import re
+import time
+
+import pytest
+
+from test_training import fault_env, start_two_processes
+
+# fsdp: each process writes and reads its own shards of the state
+FLAGS = ("--stop_at_step=100", "--config.checkpoint_every_steps=5", "--config.parallelism=fsdp")
+
+
+def run_two(workdir, *flags, fault=None):
+  """train.py as 2 processes x 2 devices until both end: [(exit code, stderr, seconds from start to its end)]."""
+  start = time.time()
+  procs = start_two_processes(workdir, *flags, env_extra=fault_env(fault) if fault else None)
+  ended = [None, None]
+  deadline = start + 240
+  while None in ended and time.time() < deadline:
+    for i, p in enumerate(procs):
+      if ended[i] is None and p.poll() is not None:
+        ended[i] = time.time() - start
+    time.sleep(0.05)
+  for p in procs:
+    p.kill()
+  errs = [p.communicate()[1] for p in procs]
+  assert None not in ended, f"a process did not end within 240 s: {errs[0][-1500:]} | {errs[1][-1500:]}"
+  return [(p.returncode, err, seconds) for p, err, seconds in zip(procs, errs, ended)]
+
+
+def last_line(err):
+  """The last stderr line, after checking that no traceback precedes it."""
+  assert "Traceback" not in err, err[-3000:]
+  return err.strip().splitlines()[-1]
+
+
+@pytest.mark.multiprocess
+def test_a_failure_on_one_process_ends_both_within_seconds_with_its_line_and_exit_code(tmp_path):
+  run = tmp_path / "run"
+  # 1. Process 1's save of step 10 fails (its disk is full); process 0 saves its shards and waits for process 1 in
+  #    orbax's barrier. Both end with process 1's line, exit 1, and no half-written checkpoint stays.
+  ends = run_two(run, *FLAGS, fault="orbax.checkpoint:CheckpointManager.save:1:1")
+  lines = [last_line(err) for _, err, _ in ends]
+  want = (f"train.py: error: could not write the checkpoint of step 10 to {run}/checkpoints: the disk is full; "
+          "kept: 5")
+  assert lines == [want, want], lines
+  assert [code for code, _, _ in ends] == [1, 1]
+  assert abs(ends[0][2] - ends[1][2]) < 10, ends  # the heartbeat timeout (100 s) is not waited for
+  assert sorted(os.listdir(run / "checkpoints")) == ["5"]
+  # 2. The shards of checkpoint 5 that only process 1 reads are damaged (cut to half their size): both end with one
+  #    line naming it, exit 2.
+  for path in glob.glob(str(run / "checkpoints" / "5" / "params" / "ocdbt.process_1" / "**" / "*"), recursive=True):
+    if os.path.isfile(path):
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+  ends = run_two(run, *FLAGS)
+  lines = [last_line(err) for _, err, _ in ends]
+  assert lines[0] == lines[1] and re.fullmatch(
+      rf"train\.py: error: checkpoint 5 in {run}/checkpoints could not be read: .* \(on process 1\); move it aside "
+      "to resume from an older one", lines[0]), lines
+  assert [code for code, _, _ in ends] == [2, 2] and abs(ends[0][2] - ends[1][2]) < 10, ends
