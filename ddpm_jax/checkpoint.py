@@ -1,7 +1,9 @@
 """Orbax checkpoints of a TrainState (params, EMA params, optimizer state) plus the config that produced it.
 
 Orbax writes each step into a temporary folder and renames it when complete,
-so a checkpoint that is half written is never listed as the latest.
+so a checkpoint that is half written is never listed as the latest. Saves are
+asynchronous: save returns once the arrays are copied to host memory; the next
+save, or close, waits for the write and reports its failure.
 """
 
 from __future__ import annotations
