@@ -1,7 +1,9 @@
 """Orbax checkpoints of a TrainState (params, EMA params, optimizer state) plus the config that produced it.
 
 Orbax writes each step into a temporary folder and renames it when complete,
-so a checkpoint that is half written is never listed as the latest.
+so a checkpoint that is half written is never listed as the latest. Saves are
+asynchronous: save returns once the arrays are copied to host memory; the next
+save, or close, waits for the write and reports its failure.
 """
 
 from __future__ import annotations
@@ -216,21 +218,47 @@ def remove_leftovers(directory: str) -> None:
 
 
 def close(manager: ocp.CheckpointManager) -> None:
-  """Finishes pending saves, closes the manager and removes what a failed save left behind."""
+  """Waits for the save in flight, closes the manager and removes what a failed save left behind; CheckpointError
+  (naming the step) when that save failed."""
+  try:
+    _finish(manager)
+  finally:
+    with contextlib.suppress(Exception):
+      manager.close()
+    _remove_partial(manager)
+
+
+def _write_error(manager: ocp.CheckpointManager, step: int, error: BaseException) -> CheckpointError:
+  """The CheckpointError of a failed write of `step`, after removing its temporary folder: the step, the path, the
+  cause and the checkpoints still on disk from before it (nothing from it or later is counted as kept)."""
   _remove_partial(manager)
-  with contextlib.suppress(Exception):
-    manager.close()
-  _remove_partial(manager)
+  kept = [s for s in steps_on_disk(str(manager.directory)) if s < step]
+  return CheckpointError(f"could not write the checkpoint of step {step} to {manager.directory}: {_cause(error)}; "
+                         f"kept: {', '.join(map(str, kept)) or 'no checkpoint'}")
+
+
+def _finish(manager: ocp.CheckpointManager) -> None:
+  """Waits for the save in flight (the manager lists its step, its latest, from the start of its write); a
+  CheckpointError naming that step when its write failed."""
+  step = manager.latest_step()
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # orbax and tensorstore raise many types; every one means the write failed
+    raise _write_error(manager, step, e) from e
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, config: dict) -> None:
-  """Saves a TrainState of host or global (possibly sharded) arrays at its step with the run's config, each process
-  writing its own shards, and waits until it is on disk.
+  """Starts saving a TrainState of host or global (possibly sharded) arrays at its step with the run's config, each
+  process writing its own shards: it returns once the arrays are copied to host memory, and the write goes on in
+  the background while training continues.
 
-  Refuses non-finite values (FloatingPointError); a failed write removes its
-  temporary folder and raises CheckpointError naming the step, the path, the
-  cause and the checkpoints kept.
+  First waits for the previous save. Refuses non-finite values
+  (FloatingPointError). A failed write, this one's or the previous one's
+  (reported here, or by close at the end), removes its temporary folder and
+  raises CheckpointError naming that step, the path, the cause and the
+  checkpoints kept before it.
   """
+  _finish(manager)
   step = int(state.step)
   arrays = {name: flax.serialization.to_state_dict(getattr(state, name)) for name in ARRAY_ITEMS}
   if not all_finite(arrays):
@@ -238,12 +266,8 @@ def save(manager: ocp.CheckpointManager, state: TrainState, config: dict) -> Non
   args = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
   try:
     manager.save(step, args=ocp.args.Composite(config=ocp.args.JsonSave(config), **args))
-    manager.wait_until_finished()
   except Exception as e:  # orbax and tensorstore raise many types; every one means the write failed
-    _remove_partial(manager)
-    kept = [s for s in steps_on_disk(str(manager.directory)) if s != step]
-    raise CheckpointError(f"could not write the checkpoint of step {step} to {manager.directory}: {_cause(e)}; "
-                          f"kept: {', '.join(map(str, kept)) or 'no checkpoint'}") from e
+    raise _write_error(manager, step, e) from e
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:

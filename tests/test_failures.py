@@ -13,12 +13,14 @@ import sys
 import time
 
 import jax
+import numpy as np
 import pytest
+import tensorstore
 
 import configs.default as default_config
 from ddpm_jax import builders, checkpoint, loop
 from ddpm_jax.train_state import create_train_state
-from test_training import run_train
+from test_training import run_train, small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,6 +126,54 @@ def test_a_failed_write_names_the_step_path_cause_and_what_was_kept(tmp_path, mo
   manager.close()
 
 
+def test_a_failed_background_write_is_reported_at_the_next_save_and_at_close_naming_its_step(tmp_path, monkeypatch):
+  workdir, config, create = small_run(tmp_path, steps=(2,))
+  state, manager = create(), checkpoint.make_manager(str(workdir))
+
+  def full_disk(*args, **kwargs):  # tensorstore's words; it opens each array in orbax's background writer
+    raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device")
+
+  monkeypatch.setattr(tensorstore, "open", full_disk)
+  checkpoint.save(manager, state.replace(step=jax.numpy.asarray(4)), config.to_dict())  # returns: writes go on
+  with pytest.raises(checkpoint.CheckpointError) as info:  # the next save reports step 4, and does not start
+    checkpoint.save(manager, state.replace(step=jax.numpy.asarray(6)), config.to_dict())
+  assert str(info.value) == (f"could not write the checkpoint of step 4 to {workdir}/checkpoints: the disk is full; "
+                             "kept: 2")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+  checkpoint.save(manager, state.replace(step=jax.numpy.asarray(8)), config.to_dict())
+  with pytest.raises(checkpoint.CheckpointError) as info:  # the end of a run reports the last save's failure
+    checkpoint.close(manager)
+  assert str(info.value) == (f"could not write the checkpoint of step 8 to {workdir}/checkpoints: the disk is full; "
+                             "kept: 2")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+
+
+def test_an_async_save_writes_its_steps_values_while_the_next_steps_reuse_their_buffers(tmp_path):
+  training = builders.build_training(small_config(), str(tmp_path))
+  runner, batches = training.runner, training.batches(0)
+
+  def train(state, steps):
+    for _ in range(steps):
+      state, _ = runner.step(state, runner.put_batch(next(batches)), training.key)
+    return state
+
+  host = lambda state: jax.tree_util.tree_map(lambda x: np.array(x, copy=True), runner.get_state(state))
+  state = train(runner.put_state(training.create_state()), 2)
+  at_2 = host(state)
+  manager = checkpoint.make_manager(str(tmp_path))
+  checkpoint.save(manager, runner.to_save(state), training.config)
+  state = train(state, 3)  # donates the saved arrays while orbax writes them
+  at_5 = host(state)
+  checkpoint.close(manager)
+  manager = checkpoint.make_manager(str(tmp_path))
+  restored = host(checkpoint.restore_state(manager, jax.eval_shape(training.create_state), 2))
+  manager.close()
+  same = lambda a, b: jax.tree_util.tree_all(jax.tree_util.tree_map(
+      lambda x, y: x.dtype == y.dtype and x.tobytes() == y.tobytes(), a, b))
+  assert same(restored, at_2)
+  assert not same(at_5.params, at_2.params)  # the steps after the save changed the state
+
+
 def test_asyncio_reports_of_failed_orbax_tasks_are_dropped_and_other_asyncio_errors_kept():
   # A failed save raises CheckpointError; asyncio may later log the same failure of one of orbax's tasks or futures,
   # with a traceback, from its base_events module (seen on a loaded machine: 40 more lines in the full-disk test).
@@ -183,18 +233,20 @@ def test_a_save_into_a_read_only_folder_ends_the_process_within_seconds(tmp_path
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
 
 
-def test_a_full_disk_stops_training_at_that_save_with_one_line_and_exit_1(tmp_path):
+def test_a_full_disk_stops_training_at_the_next_save_or_the_end_with_one_line_and_exit_1(tmp_path):
   with small_tmpfs(tmp_path / "checkpoints", "64k"):  # smaller than one checkpoint of the small model
-    res = run_train(tmp_path, "--stop_at_step=10", "--config.checkpoint_every_steps=5")
-    assert res.returncode == 1, res.stderr[-3000:]
-    line = one_error_line(res, "train.py")
-    assert line == (f"could not write the checkpoint of step 5 to {tmp_path}/checkpoints: the disk is full; "
-                    "kept: no checkpoint")
-    assert os.listdir(tmp_path / "checkpoints") == []  # no partial folder, as the failed run left it
-    manager = checkpoint.make_manager(str(tmp_path))
-    assert manager.all_steps() == [] and os.listdir(tmp_path / "checkpoints") == []
-    manager.close()
-  assert [json.loads(r)["step"] for r in open(tmp_path / "metrics.jsonl")] == [5]  # stopped at that save
+    # The save of step 5 fails in the background: the save of step 10 reports it; the run to step 5 at its end.
+    for stop, logged in ((15, [5, 10]), (5, [5])):
+      res = run_train(tmp_path, f"--stop_at_step={stop}", "--config.checkpoint_every_steps=5")
+      assert res.returncode == 1, res.stderr[-3000:]
+      line = one_error_line(res, "train.py")
+      assert line == (f"could not write the checkpoint of step 5 to {tmp_path}/checkpoints: the disk is full; "
+                      "kept: no checkpoint")
+      assert os.listdir(tmp_path / "checkpoints") == []  # no partial folder, as the failed run left it
+      manager = checkpoint.make_manager(str(tmp_path))
+      assert manager.all_steps() == [] and os.listdir(tmp_path / "checkpoints") == []
+      manager.close()
+      assert [json.loads(r)["step"] for r in open(tmp_path / "metrics.jsonl")] == logged  # stopped at that save
 
 
 def test_a_failed_start_leaves_an_existing_run_untouched_and_makes_no_workdir(tmp_path):
