@@ -221,7 +221,7 @@ def close(manager: ocp.CheckpointManager) -> None:
   """Waits for the save in flight, closes the manager and removes what a failed save left behind; CheckpointError
   (naming the step) when that save failed."""
   try:
-    _finish(manager)
+    wait(manager)
   finally:
     with contextlib.suppress(Exception):
       manager.close()
@@ -237,7 +237,7 @@ def _write_error(manager: ocp.CheckpointManager, step: int, error: BaseException
                          f"kept: {', '.join(map(str, kept)) or 'no checkpoint'}")
 
 
-def _finish(manager: ocp.CheckpointManager) -> None:
+def wait(manager: ocp.CheckpointManager) -> None:
   """Waits for the save in flight (the manager lists its step, its latest, from the start of its write); a
   CheckpointError naming that step when its write failed."""
   step = manager.latest_step()
@@ -258,7 +258,7 @@ def save(manager: ocp.CheckpointManager, state: TrainState, config: dict) -> Non
   raises CheckpointError naming that step, the path, the cause and the
   checkpoints kept before it.
   """
-  _finish(manager)
+  wait(manager)
   step = int(state.step)
   arrays = {name: flax.serialization.to_state_dict(getattr(state, name)) for name in ARRAY_ITEMS}
   if not all_finite(arrays):

@@ -265,6 +265,7 @@ def train(training: Training, workdir: str) -> TrainState:
       if start < t.end_step:
         batches = prefetch(t.batches(start), t.runner.put_batch)
         run_state = _train_steps(t, manager, run_state, batches, writer, received, agree, start)
+        checkpoint.wait(manager)  # the last checkpoint is on disk before the end-of-run work is recorded as done
       own = lambda: received[0] if received else 0
       _finish(t, workdir, run_state, writer,
               (lambda: int(parallel.local_value(agree(own())))) if agree else own)
