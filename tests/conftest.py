@@ -8,6 +8,12 @@ import numpy as np
 import pytest
 
 
+def pytest_collection_modifyitems(items):
+  """Runs the multi-process and slow tests first: with several workers (-n 2) none of them is left to run alone at
+  the end while the other workers idle."""
+  items.sort(key=lambda item: not (item.get_closest_marker("multiprocess") or item.get_closest_marker("slow")))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
   """This process, the other pytest-xdist workers and the subprocesses started by tests share XLA's persistent

@@ -53,6 +53,7 @@ def test_padding_taps_are_counted_only_on_request():
   assert flops.conv_flops(strided, (1, 4, 4, 3), (1, 2, 2, 5)) == 2 * 5 * 5 * 3 * 5
 
 
+@pytest.mark.slow
 def test_bench_prints_a_progress_line_per_phase():
   out = subprocess.run(
       [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--device=cpu", "--preset=tiny",

@@ -148,6 +148,7 @@ def test_a_failed_background_write_is_reported_at_the_next_save_and_at_close_nam
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
 
 
+@pytest.mark.slow
 def test_an_async_save_writes_its_steps_values_while_the_next_steps_reuse_their_buffers(tmp_path):
   training = builders.build_training(small_config(), str(tmp_path))
   runner, batches = training.runner, training.batches(0)
@@ -233,6 +234,7 @@ def test_a_save_into_a_read_only_folder_ends_the_process_within_seconds(tmp_path
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_training_at_the_next_save_or_the_end_with_one_line_and_exit_1(tmp_path):
   with small_tmpfs(tmp_path / "checkpoints", "64k"):  # smaller than one checkpoint of the small model
     # The save of step 5 fails in the background: the save of step 10 reports it; the run to step 5 at its end.

@@ -112,6 +112,7 @@ def test_timestep_embedding_matches_the_formula():
   assert got[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
+@pytest.mark.slow
 def test_bfloat16_train_step_keeps_float32_params_and_tracks_the_float32_loss():
   sched = make_schedule("cosine", 1000)
   batch = jax.random.uniform(jax.random.key(3), (8, 8, 8, 1), minval=-1, maxval=1)
@@ -137,6 +138,7 @@ def readme_library_code() -> str:
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_the_readme_loop_trains_samples_and_repeats_bit_for_bit():
   runs = []
   for _ in range(2):
@@ -195,6 +197,7 @@ def test_labels_are_dropped_at_the_configured_rate_from_the_step_key():
   assert (training.drop_labels(labels, keys, 1.0) == -1).all()
 
 
+@pytest.mark.slow
 def test_a_conditional_train_step_sees_the_labels_and_drops_them_all_at_probability_one():
   model = unet_preset("tiny", base_channels=8, channel_mult=(1, 2), num_classes=3)
   tx = optax.adam(1e-3)

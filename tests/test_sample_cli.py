@@ -46,6 +46,7 @@ def run_sample(*flags, python_flags=()):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_sample_writes_grid_npz_and_figures(workdir, tmp_path, imported_tensorflow):
   out = tmp_path / "s.png"
   res = run_sample(f"--workdir={workdir}", "--num_samples=11", "--batch_size=4", "--method=ddim", "--steps=5",
@@ -98,6 +99,7 @@ def test_sampling_reads_only_the_ema_params_so_another_optimizer_section_works(w
   assert np.load(tmp_path / "x.npz")["images"].shape == (2, 8, 8, 1)
 
 
+@pytest.mark.slow
 def test_eval_of_a_folder_dataset_reports_fid_with_the_given_weights(tmp_path, inception_weights):
   images = tmp_path / "digits"
   images.mkdir()
@@ -117,6 +119,7 @@ def test_eval_of_a_folder_dataset_reports_fid_with_the_given_weights(tmp_path, i
   assert "eval: 4 samples vs 8 real: FID" in res.stdout
 
 
+@pytest.mark.slow
 def test_v_prediction_with_min_snr_trains_and_samples_with_dpm_solver(tmp_path):
   from test_training import run_train  # pylint: disable=g-import-not-at-top
 
@@ -150,6 +153,7 @@ def test_v_prediction_with_min_snr_trains_and_samples_with_dpm_solver(tmp_path):
   assert (draw("eps") != got).mean() > 0.5
 
 
+@pytest.mark.slow
 def test_a_guided_model_trains_on_digit_labels_and_draws_the_classes_asked_for(tmp_path, workdir):
   from test_training import run_train  # pylint: disable=g-import-not-at-top
 

@@ -69,6 +69,7 @@ def test_attention_placement_matches_the_references():
   assert book["up_0_attn_1"]["Dense_0"]["kernel"].shape == (256, 384)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [TINY, TINY_BOOK], ids=["ddpm", "book"])
 def test_skip_connections_carry_gradient_with_the_bottleneck_zeroed(model):
   params = _init(model, (1, 16, 16, 3))
@@ -121,6 +122,7 @@ def test_bfloat16_compute_stays_close_to_float32(model):
   assert 1e-3 < rel < 0.05
 
 
+@pytest.mark.slow
 def test_dropout_only_in_training_and_keyed():
   model = unet_preset("tiny", dropout=0.3)
   params = _init(model, (1, 8, 8, 1))
@@ -189,6 +191,7 @@ def _fingerprint(params):
   return h.hexdigest()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="parameter bits are pinned on the CPU backend")
 def test_unconditional_parameters_are_unchanged_bit_for_bit_and_conditioning_only_adds_the_label_table():
   x, t = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), jnp.int32)
