@@ -9,6 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
+from etils import epath
 
 from ddpm_jax import builders, checkpoint, data, evaluation, figures, images, loop, plots, runtime, sampling
 from ddpm_jax.reporting import progress_printer
@@ -137,8 +138,7 @@ def main(argv):
                     num_steps=options.num_steps, eta=options.eta, timestep_spacing=options.timestep_spacing,
                     labels=FLAGS.labels, guidance_scale=None if labels is None else options.guidance_scale)
       path = os.path.join(workdir, f"eval_step_{step}.json")
-      with open(path, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+      epath.Path(path).write_text(json.dumps(result, indent=2), encoding="utf-8")
       print(f"eval: {evaluation.report(result)}\nwrote {path}")
     if FLAGS.figures:
       source = builders.build_source(config)

@@ -23,10 +23,11 @@ import ml_collections
 import numpy as np
 import optax
 from absl import flags
+from etils import epath
 from ml_collections import config_flags
 
 from ddpm_jax import (checkpoint, data, diffusion, evaluation, images, inception, loop, parallel, reporting, sampling,
-                      training)
+                      storage, training)
 from ddpm_jax.evaluation import Evaluator
 from ddpm_jax.reporting import MetricWriter
 from ddpm_jax.schedule import Schedule, make_schedule
@@ -210,6 +211,9 @@ def flags_parser(program: str, default_config: Optional[str]) -> Callable[[list[
 def check_workdir(workdir: str) -> None:
   """Raises ValueError unless workdir is a folder this process can write in, or can be made one (it is not made
   here: a start that fails later leaves nothing behind)."""
+  if storage.is_remote(workdir):
+    check_remote_workdir(workdir)
+    return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"workdir {workdir!r} is a file, not a folder: give a folder path")
   existing = os.path.abspath(workdir)
@@ -222,6 +226,19 @@ def check_workdir(workdir: str) -> None:
       pass
   except OSError as e:
     raise ValueError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from None
+
+
+def check_remote_workdir(workdir: str) -> None:
+  """Raises ValueError naming workdir unless this process can write an object there (the bucket exists, the
+  credentials allow it): writes one and deletes it."""
+  probe = epath.Path(storage.absolute(workdir), ".write_check")
+  try:
+    probe.write_text("", encoding="utf-8")
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except  # gcsfs, google-auth and aiohttp raise many types
+    cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise ValueError(f"workdir {workdir!r} cannot be written ({type(e).__name__}: {cause}): check that the bucket "
+                     "exists and that the credentials allow writing there") from None
 
 
 def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, process_count: int = 1,

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import logging
 import os
-import shutil
 import sys
 import threading
 import time
@@ -26,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
+from etils import epath
 
-from ddpm_jax import runtime
+from ddpm_jax import runtime, storage
 from ddpm_jax.train_state import TrainState
 
 
@@ -74,7 +73,7 @@ def quiet_orbax() -> None:
 
 def checkpoint_dir(workdir: str) -> str:
   """Where a workdir keeps its checkpoints."""
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return os.path.join(storage.absolute(workdir), "checkpoints")
 
 
 ARRAY_ITEMS = ("params", "ema_params", "opt_state")  # a TrainState's arrays, one orbax item each; the step is the
@@ -178,8 +177,9 @@ def _cause(error: BaseException) -> str:
 def steps_on_disk(directory: str) -> list[int]:
   """The step folders a checkpoint folder holds, ascending: the disk's own listing (the manager's list can leave out
   a step still on disk, e.g. one it was about to delete when a save failed)."""
-  names = os.listdir(directory) if os.path.isdir(directory) else []
-  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+  folder = epath.Path(directory)
+  found = folder.iterdir() if folder.is_dir() else []
+  return sorted(int(p.name) for p in found if p.name.isdigit() and p.is_dir())
 
 
 ORBAX_THREADS_WAIT_S = 30.0  # the longest wait for orbax's threads still writing after a failed save
@@ -208,11 +208,12 @@ def remove_leftovers(directory: str) -> None:
   still be writing its shards); orbax never lists them as checkpoints."""
   if jax.process_index():
     return
-  pattern = os.path.join(directory, "*.orbax-checkpoint-tmp*")
+  folder, pattern = epath.Path(directory), "*.orbax-checkpoint-tmp*"
   for _ in range(20):  # tensorstore's writer threads can still be closing files: retry for up to 2 s
-    for partial in glob.glob(pattern):
-      shutil.rmtree(partial, ignore_errors=True)
-    if not glob.glob(pattern):
+    for partial in folder.glob(pattern):
+      with contextlib.suppress(OSError):
+        partial.rmtree()
+    if not list(folder.glob(pattern)):
       return
     time.sleep(0.1)
 
@@ -331,7 +332,7 @@ def restore_params(manager: ocp.CheckpointManager, template: Any, step: Optional
 
 def locate(path: str) -> tuple[str, Optional[int]]:
   """A workdir or one of its checkpoint step folders -> (workdir, step or None for the latest)."""
-  path = os.path.abspath(path)
+  path = storage.absolute(path)
   parent, leaf = os.path.split(path)
   if os.path.basename(parent) == "checkpoints":
     if not leaf.isdigit():
@@ -361,7 +362,7 @@ def saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
 
 def load_config(workdir: str, step: Optional[int] = None) -> tuple[dict, int]:
   """The config saved with a workdir's checkpoint (the latest, or `step`), and that step."""
-  manager = make_manager(workdir, create=False) if os.path.isdir(checkpoint_dir(workdir)) else None
+  manager = make_manager(workdir, create=False) if epath.Path(checkpoint_dir(workdir)).is_dir() else None
   try:
     steps = manager.all_steps() if manager else []
     if not steps:

@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
-from ddpm_jax import metrics
+from ddpm_jax import metrics, storage
 from ddpm_jax.data import load_digits
 
 CONFIDENCE = 0.9
@@ -85,15 +86,12 @@ def load_or_train(workdir: str, seed: int = 0) -> Any:
   """The classifier of `seed`, trained on all but the held-out digits, cached in workdir."""
   path = os.path.join(workdir, f"digits_classifier_seed{seed}.msgpack")
   template = DigitsClassifier().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
-  if os.path.exists(path):
-    with open(path, "rb") as f:
-      return flax.serialization.from_bytes(template, f.read())
+  if epath.Path(path).exists():
+    return flax.serialization.from_bytes(template, epath.Path(path).read_bytes())
   images, labels, perm = real_digits(seed)
   params = train_classifier(images[perm[HELD_OUT:]], labels[perm[HELD_OUT:]], seed)
-  os.makedirs(workdir, exist_ok=True)
-  with open(path + ".tmp", "wb") as f:
-    f.write(flax.serialization.to_bytes(params))
-  os.replace(path + ".tmp", path)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  storage.write_atomic(path, flax.serialization.to_bytes(params))
   return params
 
 

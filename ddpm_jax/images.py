@@ -9,6 +9,7 @@ import os
 from typing import Optional, Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
 
@@ -217,8 +218,9 @@ def labelled_figure(images: np.ndarray, cols: Optional[int] = None, *, title: Op
 
 def save_png(path: str, image: np.ndarray) -> None:
   """Writes a uint8 HWC image (1 or 3 channels) as PNG, creating its folder."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  with epath.Path(path).open("wb") as f:
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="PNG")
 
 
 def class_rows(classes: Sequence[int], num_samples: int) -> tuple[np.ndarray, Optional[int]]:

@@ -15,8 +15,9 @@ from typing import Any, Callable, Iterator, Optional
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
-from ddpm_jax import checkpoint, consensus, parallel, plots, workdir_lock
+from ddpm_jax import checkpoint, consensus, parallel, plots, storage, workdir_lock
 from ddpm_jax.parallel import Runner
 from ddpm_jax.reporting import MetricWriter, format_eta
 from ddpm_jax.train_state import TrainState
@@ -145,12 +146,12 @@ def _restore_or_create(manager, create_state: Callable[[], TrainState], layout: 
     logging.info("resumed from the checkpoint of step %d in %s", step, manager.directory)
     if damaged:  # moved aside, not deleted: the run will write these steps again
       for bad in damaged:
-        target = os.path.join(str(manager.directory), f"{bad}.damaged")
+        target = epath.Path(manager.directory) / f"{bad}.damaged"
         k = 1
-        while os.path.exists(target):  # damaged before: keep every copy
-          target = os.path.join(str(manager.directory), f"{bad}.damaged.{k}")
+        while target.exists():  # damaged before: keep every copy
+          target = epath.Path(manager.directory) / f"{bad}.damaged.{k}"
           k += 1
-        os.rename(os.path.join(str(manager.directory), str(bad)), target)
+        (epath.Path(manager.directory) / str(bad)).rename(target)
       manager.reload()
       print(f"resuming from checkpoint {step}, the newest intact one; the damaged "
             f"{', '.join(f'{b}.damaged' for b in damaged)} stay in {manager.directory}", file=sys.stderr, flush=True)
@@ -162,8 +163,7 @@ def _restore_or_create(manager, create_state: Callable[[], TrainState], layout: 
 def end_of_run_done(workdir: str, step: int) -> list[str]:
   """The end-of-run work recorded as done in `workdir` by a run that reached `step` (none for another step)."""
   try:
-    with open(os.path.join(workdir, END_OF_RUN), encoding="utf-8") as f:
-      record = json.load(f)
+    record = json.loads(epath.Path(workdir, END_OF_RUN).read_text(encoding="utf-8"))
   except (FileNotFoundError, ValueError):
     return []
   return list(record["done"]) if isinstance(record, dict) and record.get("step") == step else []
@@ -171,10 +171,7 @@ def end_of_run_done(workdir: str, step: int) -> list[str]:
 
 def _record_end_of_run(workdir: str, step: int, done: list[str]) -> None:
   """Writes the end-of-run record whole or not at all (a kill leaves the previous one)."""
-  path = os.path.join(workdir, END_OF_RUN)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump({"step": step, "done": done}, f)
-  os.replace(path + ".tmp", path)
+  storage.write_atomic(os.path.join(workdir, END_OF_RUN), json.dumps({"step": step, "done": done}))
 
 
 def _catch_signals(received: list[int]) -> dict:
@@ -228,7 +225,7 @@ def train(training: Training, workdir: str) -> TrainState:
   (the last step's hooks, CURVES) not yet done; returns the host state."""
   t = training
   lead = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   # Before the manager, which clears unfinished saves: they may be another live run's.
   lock = workdir_lock.acquire(workdir) if lead else None
   manager = None
@@ -249,11 +246,10 @@ def train(training: Training, workdir: str) -> TrainState:
       manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
       state = _restore_or_create(manager, t.create_state, t.runner.restore_layout, t.config, t.parameter_meaning)
       if lead:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-          json.dump(t.config, f, indent=2)
+        epath.Path(workdir, "config.json").write_text(json.dumps(t.config, indent=2), encoding="utf-8")
         if t.class_names:
-          with open(os.path.join(workdir, CLASSES), "w", encoding="utf-8") as f:
-            json.dump({str(label): name for label, name in enumerate(t.class_names)}, f, indent=2)
+          epath.Path(workdir, CLASSES).write_text(
+              json.dumps({str(label): name for label, name in enumerate(t.class_names)}, indent=2), encoding="utf-8")
       start = int(state.step)
       if start > t.end_step:
         logging.info("nothing to do: the checkpoint is at step %d, the run ends at step %d", start, t.end_step)

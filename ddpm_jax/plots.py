@@ -8,6 +8,9 @@ import os
 from typing import Sequence, Union
 
 import numpy as np
+from etils import epath
+
+from ddpm_jax import storage
 
 LOSS_KEY, LR_KEY, EVAL_PREFIX = "loss", "lr", "eval/"
 RAW_COLOUR, LINE_COLOUR = "#aabee1", "#14286e"  # light blue: the raw loss; dark blue: every other line
@@ -24,21 +27,20 @@ def read_metrics(path: str) -> list[dict]:
   on, are dropped, so each step keeps what the last run wrote. Raises ValueError naming the path when the file
   is missing or holds no rows.
   """
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise ValueError(f"no metrics file at {path}")
   by_step: dict[int, dict] = {}
   highest = -math.inf  # the highest step kept
-  with open(path, encoding="utf-8", errors="replace") as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-        step = int(row["step"])
-      except (ValueError, KeyError, TypeError):
-        continue
-      if step < highest:
-        by_step = {s: r for s, r in by_step.items() if s < step}
-      by_step.setdefault(step, {}).update(row, step=step)
-      highest = step
+  for line in storage.read_lines(path):
+    try:
+      row = json.loads(line)
+      step = int(row["step"])
+    except (ValueError, KeyError, TypeError):
+      continue
+    if step < highest:
+      by_step = {s: r for s, r in by_step.items() if s < step}
+    by_step.setdefault(step, {}).update(row, step=step)
+    highest = step
   if not by_step:
     raise ValueError(f"no metrics rows in {path} (empty or unreadable)")
   return [by_step[s] for s in sorted(by_step)]
@@ -127,6 +129,7 @@ def plot_training_curves(metrics: Union[str, Sequence[dict]], out_png: str, *, w
     ax.tick_params(labelsize=8)
     ax.grid(True, color="#e8e8e8")
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-  fig.savefig(out_png, dpi=100)
+  epath.Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+  with epath.Path(out_png).open("wb") as f:
+    fig.savefig(f, dpi=100, format="png")
   return fig

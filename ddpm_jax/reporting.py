@@ -11,6 +11,9 @@ import uuid
 from typing import Callable, Optional
 
 import numpy as np
+from etils import epath
+
+from ddpm_jax import storage
 
 
 def format_eta(seconds: float) -> str:
@@ -43,16 +46,13 @@ def progress_printer(what: str, every: int = 1) -> Callable[[int, int], None]:
 
 def drop_rows_after(path: str, step: int) -> None:
   """Rewrites a metrics.jsonl without the rows of steps after `step` (a resumed run writes them again)."""
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     return
-  with open(path, encoding="utf-8", errors="replace") as f:
-    lines = f.readlines()
+  lines = storage.read_lines(path)
   kept = [line for line in lines if _row_step(line) <= step]
   if len(kept) == len(lines):
     return
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.writelines(kept)
-  os.replace(path + ".tmp", path)
+  storage.write_atomic(path, "".join(kept))
 
 
 def _row_step(line: str) -> float:
@@ -71,7 +71,7 @@ def check_wandb(project: Optional[str]) -> None:
 
 
 class MetricWriter:
-  """Appends scalars to workdir/metrics.jsonl, scalars and images to TensorBoard event files (tensorboardX), and to
+  """Appends scalars to workdir/metrics.jsonl (in a bucket: rewrites it whole, storage.appender), scalars and images to TensorBoard event files (tensorboardX), and to
   Weights & Biases when a project is named.
 
   A writer opened at `start_step` (a resumed run) first drops the rows the
@@ -85,7 +85,7 @@ class MetricWriter:
 
     path = os.path.join(workdir, "metrics.jsonl")
     drop_rows_after(path, start_step)
-    self._jsonl = open(path, "a", encoding="utf-8")
+    self._jsonl = storage.appender(path)
     # A suffix of its own: event files are named by the second, and a run restarted within it would overwrite one.
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1,
                              filename_suffix=f".from{start_step}.pid{os.getpid()}")
