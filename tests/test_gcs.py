@@ -9,7 +9,7 @@ import pytest
 
 from test_training import ROOT, run_train
 
-pytestmark = pytest.mark.gcs
+pytestmark = [pytest.mark.gcs, pytest.mark.slow]
 FLAGS = ["--config.sample.num_steps=4", "--config.sample.num_samples=4"]  # the end-of-run grid: 4 samples, 4 steps
 
 
