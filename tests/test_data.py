@@ -90,6 +90,19 @@ def test_image_folder_skips_corrupt_files_with_one_warning(tmp_path, caplog):
     data.batch_stream(source, seed=1, global_batch=7, image_size=16, labels=True)
 
 
+def test_a_tiff_named_png_is_read_as_the_image_it_holds(tmp_path):
+  # PIL decodes by content, not by name: the file the old decoder failed on mid-run is an image like any other.
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  Image.fromarray(pixels).save(tmp_path / "disguised.png", format="TIFF")
+  assert open(tmp_path / "disguised.png", "rb").read(2) in (b"II", b"MM")  # a TIFF header
+  source = data.make_source(f"folder:{tmp_path}")
+  assert source.size == 1
+  batch = take(data.batch_stream(source, seed=0, global_batch=1, image_size=16, random_flip=False, worker_count=0),
+               1)[0]
+  np.testing.assert_allclose(batch[0], pixels / 127.5 - 1, atol=1e-6)
+
+
 def test_decoding_in_worker_processes_gives_the_same_batches(tmp_path):
   _write_folder(str(tmp_path))
   source = data.make_source(f"folder:{tmp_path}")
@@ -183,6 +196,16 @@ def test_two_processes_read_disjoint_halves_of_each_global_batch():
   for s in range(steps):
     np.testing.assert_array_equal(single[s], np.concatenate([halves[0][32 * s:32 * (s + 1)],
                                                              halves[1][32 * s:32 * (s + 1)]]))
+
+
+def test_digits_are_scikit_learns_read_without_importing_sklearn_datasets():
+  import sklearn.datasets  # pylint: disable=g-import-not-at-top
+
+  images, labels = data.load_digits()
+  bunch = sklearn.datasets.load_digits()
+  assert images.shape == (1797, 8, 8, 1) and images.dtype == np.uint8 and labels.dtype == np.int32
+  np.testing.assert_array_equal(images[..., 0], np.round(bunch.images * 255 / 16).astype(np.uint8))
+  np.testing.assert_array_equal(labels, bunch.target)
 
 
 def test_digit_labels_belong_to_their_images():
