@@ -1,5 +1,5 @@
-"""Two processes x two devices agree: a failure on one process ends both within seconds with one line and one exit
-code; the resume step is process 0's; a damaged shard on one process is one error for both."""
+"""Two processes x two devices agree: a failure on one process (a save, a damaged shard it reads, a hook) ends both
+within seconds with one line and one exit code (test_training's chain test: the resume step is process 0's)."""
 
 import glob
 import os
@@ -10,8 +10,10 @@ import pytest
 
 from test_training import fault_env, start_two_processes
 
-# fsdp: each process writes and reads its own shards of the state
-FLAGS = ("--stop_at_step=100", "--config.checkpoint_every_steps=5", "--config.parallelism=fsdp")
+# fsdp: each process writes and reads its own shards of the state; the model flags of test_training's chain test,
+# whose compiled programs the compilation cache shares
+MODEL = ("--config.ema.decay=0.5", "--config.optim.eps=1.0")
+FLAGS = ("--stop_at_step=100", "--config.checkpoint_every_steps=5", "--config.parallelism=fsdp", *MODEL)
 
 
 def run_two(workdir, *flags, fault=None):
@@ -63,3 +65,13 @@ def test_a_failure_on_one_process_ends_both_within_seconds_with_its_line_and_exi
       rf"train\.py: error: checkpoint 5 in {run}/checkpoints could not be read: .* \(on process 1\); move it aside "
       "to resume from an older one", lines[0]), lines
   assert [code for code, _, _ in ends] == [2, 2] and abs(ends[0][2] - ends[1][2]) < 10, ends
+  # 3. Process 1 fails in the end-of-run sample grid (a hook) while process 0 is busy with work of its own for a
+  #    minute (as with an evaluation only process 0 runs): both end with process 1's line within seconds, exit 1.
+  #    (Above, process 0 also learns of the failure from its collective with the process that ended; here only the
+  #    announcement reaches it.)
+  sampler = "ddpm_jax.sampling:SamplerOptions.sample"
+  ends = run_two(tmp_path / "hook", "--stop_at_step=2", "--config.parallelism=jit", *MODEL,
+                 fault=f"{sampler}:1:0,{sampler}:0:0:sleep")
+  want = "train.py: error: [Errno 5] Input/output error (injected into SamplerOptions.sample on process 1)"
+  assert [last_line(err) for _, err, _ in ends] == [want, want], ends
+  assert [code for code, _, _ in ends] == [1, 1] and abs(ends[0][2] - ends[1][2]) < 10, ends

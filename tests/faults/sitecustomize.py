@@ -1,33 +1,45 @@
 """Fault injection for subprocess tests. With this folder first on PYTHONPATH (Python imports this file at start-up),
-TEST_FAULT="module:attr:process:calls[:empty]" changes module.attr (a function or a class's method) on JAX process
-`process` once it has been called `calls` times: it raises (OSError ENOSPC for names containing "save" or "write",
-else RuntimeError), or with ":empty" returns [] without calling it (a listing that differs between processes)."""
+TEST_FAULT="module:attr:process:calls[:kind]" (several joined by ",") changes module.attr (a function or a class's
+method) on JAX process `process` once it has been called `calls` times: it raises OSError (ENOSPC for names
+containing "save" or "write", else EIO); with kind "empty" it returns [] without calling it (a listing that differs
+between processes); with kind "sleep" it waits SLEEP_S first (a long piece of work only that process does)."""
 
 import errno
 import functools
 import importlib
 import os
+import time
 
-_SPEC = os.environ.get("TEST_FAULT")
-if _SPEC:
-  _module_name, _attr, _process, _calls, *_kind = _SPEC.split(":")
-  _owner_name, _, _member = _attr.rpartition(".")
-  _module = importlib.import_module(_module_name)
-  _owner = functools.reduce(getattr, _owner_name.split("."), _module) if _owner_name else _module
-  _original = getattr(_owner, _member)
-  _count = [0]
+SLEEP_S = 60.0
 
-  def _faulty(*args, **kwargs):
+
+def _inject(spec):
+  """Replaces the function `spec` names by its faulty version."""
+  module_name, attr, process, calls, *kind = spec.split(":")
+  owner_name, _, member = attr.rpartition(".")
+  module = importlib.import_module(module_name)
+  owner = functools.reduce(getattr, owner_name.split("."), module) if owner_name else module
+  original = getattr(owner, member)
+  count = [0]
+
+  def faulty(*args, **kwargs):
     import jax  # pylint: disable=g-import-not-at-top  (after jax.distributed.initialize: the process index)
 
-    if jax.process_index() == int(_process):
-      _count[0] += 1
-      if _count[0] > int(_calls):
-        if _kind == ["empty"]:
+    if jax.process_index() == int(process):
+      count[0] += 1
+      if count[0] > int(calls):
+        if kind == ["empty"]:
           return []
-        if "save" in _member or "write" in _member:
-          raise OSError(errno.ENOSPC, f"No space left on device (injected into {_attr})")
-        raise RuntimeError(f"injected failure of {_attr} on process {_process}")
-    return _original(*args, **kwargs)
+        if kind == ["sleep"]:
+          time.sleep(SLEEP_S)
+          return original(*args, **kwargs)
+        if "save" in member or "write" in member:
+          raise OSError(errno.ENOSPC, f"No space left on device (injected into {attr})")
+        raise OSError(errno.EIO, f"Input/output error (injected into {attr} on process {process})")
+    return original(*args, **kwargs)
 
-  setattr(_owner, _member, _faulty)
+  setattr(owner, member, faulty)
+
+
+for _spec in filter(None, os.environ.get("TEST_FAULT", "").split(",")):
+  _inject(_spec)
