@@ -1,5 +1,5 @@
-"""One answer for every process of a multi-process run: process 0's decisions, every process's outcome and any
-process's failure, shared through JAX's coordination service (its key-value store; no device collective), so that
+"""One answer for every process of a multi-process run: process 0's decisions and any process's failure, shared
+through JAX's coordination service (its key-value store; no device collective), so that
 every process takes the same branch and a failure on one ends all of them within seconds."""
 
 from __future__ import annotations
@@ -71,16 +71,6 @@ def decide(name: str, decide_fn: Callable[[], Any]) -> Any:
   if "error" in answer:
     raise rebuild(answer["error"])
   return answer["value"]
-
-
-def gather(name: str, value: Any) -> list[Any]:
-  """Every process's JSON `value`, in process order, on every process. `name` is unique within the run."""
-  client = _client()
-  if client is None:
-    return [value]
-  client.key_value_set(f"{PREFIX}gather/{name}/{jax.process_index()}", json.dumps(value))
-  return [json.loads(client.blocking_key_value_get(f"{PREFIX}gather/{name}/{p}", WAIT_MS))
-          for p in range(jax.process_count())]
 
 
 @contextlib.contextmanager
