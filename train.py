@@ -69,7 +69,7 @@ def main(argv):
     loop.train(builders.build_training(FLAGS.config, FLAGS.workdir, FLAGS.stop_at_step), FLAGS.workdir)
   except Exception as e:  # pylint: disable=broad-except
     if not isinstance(e, loop.Interrupted):
-      consensus.fail_together(e)  # with several processes: ends this one with the others (failures before the loop)
+      consensus.fail_together(e)  # several processes: the failures the loop did not announce (before it, its last save)
     sys.exit(report(e))
 
 
