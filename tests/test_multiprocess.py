@@ -53,12 +53,12 @@ def test_a_failure_on_one_process_ends_both_within_seconds_with_its_line_and_exi
   assert [code for code, _, _ in ends] == [1, 1]
   assert abs(ends[0][2] - ends[1][2]) < 10, ends  # the heartbeat timeout (100 s) is not waited for
   assert sorted(os.listdir(run / "checkpoints")) == ["5"]
-  # 2. The shards of checkpoint 5 that only process 1 reads are damaged (cut to half their size): both end with one
-  #    line naming it, exit 2.
-  for path in glob.glob(str(run / "checkpoints" / "5" / "params" / "ocdbt.process_1" / "**" / "*"), recursive=True):
-    if os.path.isfile(path):
-      with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
+  # 2. The data files of checkpoint 5 that only process 1 reads are damaged (emptied: cut to half, the chunks process
+  #    1 reads can lie in the intact half, since the order of the background writes varies): both end with one line
+  #    naming it, exit 2.
+  for path in glob.glob(str(run / "checkpoints" / "5" / "params" / "ocdbt.process_1" / "d" / "*")):
+    with open(path, "r+b") as f:
+      f.truncate(0)
   ends = run_two(run, *FLAGS)
   lines = [last_line(err) for _, err, _ in ends]
   assert lines[0] == lines[1] and re.fullmatch(
