@@ -1,5 +1,6 @@
 """Draws samples from a trained workdir: `python sample.py --workdir runs/default --num_samples 64 --out samples.png`."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -11,7 +12,8 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from ddpm_jax import builders, checkpoint, data, evaluation, figures, images, loop, plots, runtime, sampling
+from ddpm_jax import (builders, checkpoint, data, evaluation, figures, images, loop, plots, run_record, runtime,
+                      sampling)
 from ddpm_jax.reporting import progress_printer
 
 FLAGS = flags.FLAGS
@@ -41,6 +43,8 @@ flags.DEFINE_string("labels", None, "Classes to draw, for a class-conditional mo
                     "'all'; the samples are shared out in that order, one class per grid row.")
 flags.DEFINE_float("guidance", None, "Classifier-free guidance scale w for --labels (0: unconditional, 1: "
                    "conditional, > 1: guided); default config.sample.guidance_scale.")
+flags.DEFINE_bool("deterministic", False, "Deterministic GPU kernels and full float32 matmul and convolution "
+                  "precision (no TF32 / bf16 passes): slower; see docs/reproducibility.md.")
 flags.DEFINE_string("inception_weights", None, "FID Inception weights (tools/convert_inception_weights.py) for "
                     "--eval on datasets other than digits; overrides the config's inception_weights.")
 
@@ -87,6 +91,8 @@ def check_out(path: str) -> None:
 def main(argv):
   del argv
   runtime.quiet_backend_discovery()
+  if FLAGS.deterministic:
+    runtime.make_deterministic()  # before anything starts JAX's backends
   checkpoint.quiet_orbax()
   runtime.enable_compilation_cache(FLAGS.compilation_cache)
   try:
@@ -131,7 +137,13 @@ def main(argv):
           f"{options.method}{guidance}", flush=True)
     x = generate(params, key, FLAGS.num_samples, progress_printer("sampled"), labels=labels)
     png, npz = images.save_samples(FLAGS.out, x, cols, scale=FLAGS.scale, labels=labels)
-    print(f"wrote {png} and {npz}")
+    record = os.path.splitext(FLAGS.out)[0] + ".json"
+    made = {"workdir": workdir, "checkpoint_step": step, "ema": FLAGS.use_ema, "seed": FLAGS.seed,
+            "num_samples": FLAGS.num_samples, "sampler": dataclasses.asdict(options), "labels": FLAGS.labels,
+            "deterministic": runtime.is_deterministic(), "command": sys.argv,
+            "run": run_record.run_of_step(run_record.read(workdir), step)}
+    epath.Path(record).write_text(json.dumps(made, indent=2, default=str), encoding="utf-8")
+    print(f"wrote {png}, {npz} and {record}")
     if evaluate:
       result = evaluate(x, labels)
       result.update(step=step, ema=FLAGS.use_ema, seed=FLAGS.seed, method=options.method,

@@ -22,6 +22,8 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for mu
                     "not needed in a TPU pod slice, SLURM or Open MPI job, whose environment JAX reads.")
 flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
 flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process run.")
+flags.DEFINE_bool("deterministic", False, "Deterministic GPU kernels and full float32 matmul and convolution "
+                  "precision (no TF32 / bf16 passes): slower; see docs/reproducibility.md.")
 flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds after which the processes of a multi-process run give up on "
                      "one that stopped answering (it died) and end with an error instead of waiting for it.")
 
@@ -48,6 +50,8 @@ def report(error: BaseException) -> int:
 def main(argv):
   del argv
   runtime.quiet_backend_discovery()
+  if FLAGS.deterministic:
+    runtime.make_deterministic()  # before anything starts JAX's backends
   if FLAGS.heartbeat_timeout < 1:
     print(f"train.py: error: --heartbeat_timeout={FLAGS.heartbeat_timeout} is invalid: give seconds >= 1",
           file=sys.stderr)
@@ -66,7 +70,7 @@ def main(argv):
   checkpoint.quiet_orbax()
   runtime.enable_compilation_cache(FLAGS.compilation_cache)
   try:
-    loop.train(builders.build_training(FLAGS.config, FLAGS.workdir, FLAGS.stop_at_step), FLAGS.workdir)
+    loop.train(builders.build_training(FLAGS.config, FLAGS.workdir, FLAGS.stop_at_step, sys.argv), FLAGS.workdir)
   except Exception as e:  # pylint: disable=broad-except
     if not isinstance(e, loop.Interrupted):
       consensus.fail_together(e)  # several processes: the failures the loop did not announce (before it, its last save)

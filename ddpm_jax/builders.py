@@ -16,7 +16,7 @@ import importlib.util
 import os
 import sys
 import tempfile
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import ml_collections
@@ -26,8 +26,8 @@ from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
-from ddpm_jax import (checkpoint, data, diffusion, evaluation, images, inception, loop, parallel, reporting, sampling,
-                      storage, training)
+from ddpm_jax import (checkpoint, data, diffusion, evaluation, images, inception, loop, parallel, reporting,
+                      run_record, sampling, storage, training)
 from ddpm_jax.evaluation import Evaluator
 from ddpm_jax.reporting import MetricWriter
 from ddpm_jax.schedule import Schedule, make_schedule
@@ -380,9 +380,10 @@ def check_classes(config: ml_collections.ConfigDict, source: data.Source) -> Non
                      f"set model.num_classes={source.num_classes}")
 
 
-def build_training(config: ml_collections.ConfigDict, workdir: str,
-                   stop_at_step: Optional[int] = None) -> loop.Training:
-  """Validates the config and builds every part of its training run; reads the dataset, writes nothing."""
+def build_training(config: ml_collections.ConfigDict, workdir: str, stop_at_step: Optional[int] = None,
+                   command: Sequence[str] = ()) -> loop.Training:
+  """Validates the config and builds every part of its training run (its run record names `command`, the command
+  line that started it); reads the dataset, writes nothing."""
   validate(config, device_count=jax.device_count(), process_count=jax.process_count(), stop_at_step=stop_at_step)
   check_workdir(workdir)
   source = build_source(config)  # a missing dataset fails before any JAX
@@ -403,6 +404,8 @@ def build_training(config: ml_collections.ConfigDict, workdir: str,
       hooks.append(loop.Hook("eval", config.eval_every_steps, _eval_hook(generate, evaluate, sample_key,
                                                                  config.eval_num_samples, num_classes)))
   runner = parallel.make_runner(build_train_step(config, schedule), config.parallelism)
+  record = run_record.describe(config=config.to_dict(), dataset=source.identity, parallelism=runner.mode,
+                               command=command)
   return loop.Training(
       # Created in the runner's shardings: each device computes its own shards, no host holds the state.
       create_state=lambda: create_train_state(model, tx, init_key, input_shape, runner.state_shardings),
@@ -418,7 +421,8 @@ def build_training(config: ml_collections.ConfigDict, workdir: str,
       parameter_meaning=parameter_meaning,
       hooks=tuple(hooks),
       wandb_project=config.wandb.project,
-      class_names=source.class_names if conditional(config) else ())
+      class_names=source.class_names if conditional(config) else (),
+      record=record)
 
 
 def _params_template(config: ml_collections.ConfigDict) -> Any:

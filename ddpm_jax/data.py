@@ -14,6 +14,7 @@ No TensorFlow: TFDS datasets are read through `tfds.data_source`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import io
 import os
@@ -40,6 +41,7 @@ class Source:
   read: Callable[[int], tuple[np.ndarray, int]]
   class_names: tuple[str, ...] = ()  # labelled sources: the class of each label, in label order
   arrays: Optional[tuple[np.ndarray, np.ndarray]] = None  # (images, labels) held decoded in memory
+  identity: Optional[dict[str, Any]] = None  # what names this data exactly (name and version, or a hash), for records
 
   @property
   def num_classes(self) -> int:
@@ -79,16 +81,24 @@ def _read_arrays(images: np.ndarray, labels: np.ndarray, index: int) -> tuple[np
   return images[index], int(labels[index])
 
 
-def array_source(images: np.ndarray, labels: Optional[np.ndarray] = None,
-                 class_names: Sequence[str] = ()) -> Source:
+def array_source(images: np.ndarray, labels: Optional[np.ndarray] = None, class_names: Sequence[str] = (),
+                 identity: Optional[dict[str, Any]] = None) -> Source:
   """A source of uint8 NHWC images held in memory, labelled when `class_names` is given."""
   labels = np.full(len(images), NO_LABEL, np.int32) if labels is None else np.asarray(labels, np.int32)
-  return Source(len(images), functools.partial(_read_arrays, images, labels), tuple(class_names), (images, labels))
+  return Source(len(images), functools.partial(_read_arrays, images, labels), tuple(class_names), (images, labels),
+                identity)
+
+
+def sha256_file(path: str) -> str:
+  """The SHA-256 of a file's bytes, in hex."""
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
 
 
 def digits_source() -> Source:
   """The embedded digits, labelled 0..9."""
-  return array_source(*load_digits(), class_names=[str(k) for k in range(10)])
+  identity = {"name": "digits", "sha256": sha256_file(_digits_table())}
+  return array_source(*load_digits(), class_names=[str(k) for k in range(10)], identity=identity)
 
 
 def decode_file(path: str) -> np.ndarray:
@@ -148,7 +158,9 @@ def folder_source(root: str) -> Source:
   index = {name: k for k, name in enumerate(classes)}
   labels = np.array([index[os.path.relpath(p, root).split(os.sep)[0]] if classes else NO_LABEL for p in good],
                     np.int32)
-  return Source(len(good), functools.partial(_read_file, np.array(good), labels), classes)
+  listing = "\n".join(os.path.relpath(p, root) for p in good).encode("utf-8")
+  identity = {"name": f"folder:{root}", "files": len(good), "listing_sha256": hashlib.sha256(listing).hexdigest()}
+  return Source(len(good), functools.partial(_read_file, np.array(good), labels), classes, identity=identity)
 
 
 def _read_tfds(records: Any, has_label: bool, index: int) -> tuple[np.ndarray, int]:
@@ -179,7 +191,8 @@ def tfds_source(name: str, split: str, data_dir: Optional[str]) -> Source:
     raise ValueError(f"TFDS dataset {name!r} split {split!r} is empty")
   label = features["label"] if "label" in features else None
   classes = tuple(label.names) if isinstance(label, tfds.features.ClassLabel) else ()
-  return Source(len(records), functools.partial(_read_tfds, records, bool(classes)), classes)
+  identity = {"name": f"tfds:{name}", "version": str(builder.info.version), "split": split, "records": len(records)}
+  return Source(len(records), functools.partial(_read_tfds, records, bool(classes)), classes, identity=identity)
 
 
 def make_source(dataset: str, *, data_dir: Optional[str] = None, split: str = "train") -> Source:

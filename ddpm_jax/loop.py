@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from ddpm_jax import checkpoint, consensus, parallel, plots, storage, workdir_lock
+from ddpm_jax import checkpoint, consensus, parallel, plots, run_record, storage, workdir_lock
 from ddpm_jax.parallel import Runner
 from ddpm_jax.reporting import MetricWriter, format_eta
 from ddpm_jax.train_state import TrainState
@@ -68,12 +68,13 @@ class Training:
   log_every: int
   checkpoint_every: int
   keep_checkpoints: int
-  config: dict  # saved with every checkpoint and as config.json
+  config: dict  # saved with every checkpoint, as config.json (the latest) and in the run record (every start's)
   # config -> what gives the parameters their meaning, by dotted key: a resume that changes any of it is refused
   parameter_meaning: Optional[Callable[[dict], dict[str, Any]]] = None
   hooks: tuple[Hook, ...] = ()
   wandb_project: Optional[str] = None  # also log to this Weights & Biases project (process 0)
   class_names: tuple[str, ...] = ()  # a conditional model's classes in label order, saved as classes.json
+  record: Optional[dict] = None  # how the run is made (run_record.describe): a row of run_record.RUNS per start
 
 
 def prefetch(iterator: Iterator[Any], put: Callable[[Any], Any], size: int = 2) -> Iterator[Any]:
@@ -174,6 +175,30 @@ def _record_end_of_run(workdir: str, step: int, done: list[str]) -> None:
   storage.write_atomic(os.path.join(workdir, END_OF_RUN), json.dumps({"step": step, "done": done}))
 
 
+def _write_config(workdir: str, config: dict) -> None:
+  """Writes config.json, the config of the latest start, warning which keys changed since the previous one (every
+  start's config stays in the run record)."""
+  path = epath.Path(workdir, "config.json")
+  try:
+    before = _flatten(json.loads(path.read_text(encoding="utf-8")))
+  except (FileNotFoundError, ValueError, AttributeError):  # none yet, or not a config
+    before = None
+  after = _flatten(json.loads(json.dumps(config, default=str)))
+  changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k)) if before else []
+  if changed:
+    logging.warning("config.json: this start changes %s (every start's config is in %s)", ", ".join(changed),
+                    run_record.RUNS)
+  path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """A nested dict as {dotted key: leaf}."""
+  out = {}
+  for key, value in tree.items():
+    out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+  return out
+
+
 def _catch_signals(received: list[int]) -> dict:
   """Records SIGTERM / SIGINT in `received` instead of dying (main thread only); returns the previous handlers."""
   if threading.current_thread() is not threading.main_thread():
@@ -246,7 +271,9 @@ def train(training: Training, workdir: str) -> TrainState:
       manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
       state = _restore_or_create(manager, t.create_state, t.runner.restore_layout, t.config, t.parameter_meaning)
       if lead:
-        epath.Path(workdir, "config.json").write_text(json.dumps(t.config, indent=2), encoding="utf-8")
+        if t.record is not None:
+          run_record.append(workdir, t.record, int(state.step) or None)
+        _write_config(workdir, t.config)
         if t.class_names:
           epath.Path(workdir, CLASSES).write_text(
               json.dumps({str(label): name for label, name in enumerate(t.class_names)}, indent=2), encoding="utf-8")

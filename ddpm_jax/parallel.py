@@ -39,6 +39,7 @@ class Runner:
   restore_layout: Callable[[TrainState], TrainState]  # abstract state -> the same, with the shardings to restore into
   # abstract state -> the shardings to create it in (create_train_state's layout); None: on the default device
   state_shardings: Callable[[TrainState], Any]
+  mode: str  # the placement in use: "single" (one device: plain jit) or one of MODES
 
 
 def _first(tree: Any) -> Any:
@@ -115,7 +116,7 @@ def _single_runner(step_fn: Callable) -> Runner:
   """The step jitted for the one device there is (checkpoints restore onto it: the default of restore_state)."""
   return Runner(step=jax.jit(step_fn, donate_argnums=0), put_state=jax.device_put, put_batch=jax.device_put,
                 get_state=jax.device_get, get_metrics=lambda m: _metrics(m, jax.device_get), to_save=_unchanged,
-                restore_layout=_unchanged, state_shardings=_default_device)
+                restore_layout=_unchanged, state_shardings=_default_device, mode="single")
 
 
 def _pmap_runner(step_fn: Callable) -> Runner:
@@ -141,7 +142,7 @@ def _pmap_runner(step_fn: Callable) -> Runner:
   step = jax.pmap(functools.partial(step_fn, axis_name=AXIS), axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=0)
   return Runner(step=step, put_state=lambda state: jax.tree_util.tree_map(replicate, state), put_batch=put_batch,
                 get_state=_first, get_metrics=lambda m: _metrics(m, _first), to_save=_first,
-                restore_layout=_unchanged, state_shardings=_default_device)
+                restore_layout=_unchanged, state_shardings=_default_device, mode="pmap")
 
 
 class _MeshStep:
@@ -175,7 +176,7 @@ def _mesh_runner(step_fn: Callable, sharded: bool) -> Runner:
                     lambda x: jax.make_array_from_process_local_data(rows, x), batch),
                 get_state=host, get_metrics=lambda m: _metrics(m, host), to_save=_unchanged,
                 restore_layout=lambda abstract: with_shardings(abstract, state_shardings(abstract)),
-                state_shardings=state_shardings)
+                state_shardings=state_shardings, mode="fsdp" if sharded else "jit")
 
 
 def make_runner(step_fn: Callable[..., tuple[TrainState, dict]], mode: str = "pmap") -> Runner:

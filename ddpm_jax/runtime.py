@@ -1,5 +1,5 @@
-"""Process set-up shared by the entry points: XLA's persistent compilation cache, finding the cluster job this
-process belongs to, JAX's backend discovery log, and which failures are out-of-memory errors."""
+"""Process set-up shared by the entry points: XLA's persistent compilation cache, deterministic settings, finding the
+cluster job this process belongs to, JAX's backend discovery log, and which failures are out-of-memory errors."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import jax
 # SLURM and Open MPI jobs.
 CLUSTERS = ("gcetpu", "gketpu", "slurm", "ompi")
 DEFAULT_CACHE = os.path.join("~", ".cache", "ddpm_jax", "xla")  # overridden by JAX_COMPILATION_CACHE_DIR when set
+DETERMINISTIC_OPS = "--xla_gpu_deterministic_ops=true"  # XLA's GPU kernels without atomics or run-dependent choices
+FULL_PRECISION = ("float32", "highest")  # jax_default_matmul_precision values that keep float32 matmuls float32
 
 
 def default_cache_dir() -> str:
@@ -29,6 +31,25 @@ def enable_compilation_cache(path: Optional[str]) -> Optional[str]:
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # the train step and samplers, not tiny ops
   return path
+
+
+def make_deterministic() -> None:
+  """Deterministic GPU kernels (DETERMINISTIC_OPS in XLA_FLAGS) and full float32 precision in every matmul and
+  convolution (no TF32 or bf16 passes); called before JAX starts its backends, which read XLA_FLAGS once."""
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top  (JAX has no public test for a started backend)
+
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError("make_deterministic() must run before JAX starts its backends: XLA has read XLA_FLAGS")
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  if DETERMINISTIC_OPS not in flags:
+    os.environ["XLA_FLAGS"] = " ".join(flags + [DETERMINISTIC_OPS])
+  jax.config.update("jax_default_matmul_precision", "float32")
+
+
+def is_deterministic() -> bool:
+  """Whether make_deterministic's settings are in force (XLA_FLAGS and the default matmul precision)."""
+  return (DETERMINISTIC_OPS in os.environ.get("XLA_FLAGS", "").split()
+          and jax.config.jax_default_matmul_precision in FULL_PRECISION)
 
 
 def detected_cluster() -> Optional[str]:

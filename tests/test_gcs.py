@@ -57,6 +57,7 @@ def test_a_gs_workdir_trains_resumes_and_samples(emulator, tmp_path):
                            capture_output=True, text=True, timeout=300)
   assert sampled.returncode == 0, sampled.stderr[-2000:]
   assert "sampling 2 images at step 12" in sampled.stdout and out.exists()
+  made = json.loads((tmp_path / "s.json").read_text())  # beside the samples: which checkpoint, which start
 
   objects = bucket_objects("run/")
   names = set(objects)
@@ -66,6 +67,9 @@ def test_a_gs_workdir_trains_resumes_and_samples(emulator, tmp_path):
   rows = [json.loads(line) for line in objects["run/metrics.jsonl"].decode().splitlines()]
   assert [row["step"] for row in rows] == [5, 6, 10, 12]  # the resumed run continued it: no row lost or repeated
   assert json.loads(objects["run/config.json"])["batch_size"] == 16
+  runs = [json.loads(line) for line in objects["run/runs.jsonl"].decode().splitlines()]
+  assert [run["resumed_from"] for run in runs] == [None, 6]  # appended to in the bucket: one row per start
+  assert made["checkpoint_step"] == 12 and made["run"]["run_id"] == runs[1]["run_id"]
   assert json.loads(objects["run/end_of_run.json"]) == {"step": 12, "done": ["samples", "curves.png"]}
   assert objects["run/curves.png"].startswith(b"\x89PNG")
   assert len([n for n in names if n.startswith("run/tensorboard/events.out.tfevents.")]) == 2  # one per run

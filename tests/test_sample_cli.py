@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import configs.default as default_config
-from ddpm_jax import builders, checkpoint, figures, images, sampling
+from ddpm_jax import builders, checkpoint, figures, images, run_record, sampling
 from ddpm_jax.data import load_digits
 from ddpm_jax.train_state import create_train_state
 
@@ -135,6 +135,10 @@ def test_v_prediction_with_min_snr_trains_and_samples_with_dpm_solver(tmp_path):
   assert res.returncode == 0, res.stderr[-3000:]
   got = np.load(tmp_path / "v.npz")["images"]
   assert "with dpmpp_2m" in res.stdout and got.shape == (4, 8, 8, 1)
+  # Beside them, what made them: the checkpoint, the sampler, and the run record's row of the training start.
+  made = json.loads((tmp_path / "v.json").read_text())
+  assert (made["checkpoint_step"], made["sampler"]["method"], made["sampler"]["num_steps"]) == (4, "dpmpp_2m", 20)
+  assert made["run"] == run_record.read(str(tmp_path))[0] and made["run"]["resumed_from"] is None
   # A --config that says eps does not override what the checkpoint's network predicts.
   res = run_sample(f"--workdir={tmp_path}", f"--config={ROOT}/configs/default.py", *SMALL_MODEL, *flags,
                    f"--out={tmp_path}/c.png")

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 import configs.default as default_config
-from ddpm_jax import builders, checkpoint, loop
+from ddpm_jax import builders, checkpoint, loop, run_record
 from ddpm_jax.train_state import create_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,6 +90,12 @@ def test_resume_is_bit_identical(tmp_path, imported_tensorflow):
   second = run_train(tmp_path / "resumed", "--stop_at_step=12")
   assert second.returncode == 0, second.stderr[-2000:]
   assert "resumed from the checkpoint of step 6" in second.stderr
+  # Each start added its row to the run record.
+  from test_run_record import assert_row_describes_this_machine  # pylint: disable=g-import-not-at-top
+  rows = run_record.read(str(tmp_path / "resumed"))
+  assert len(rows) == 2 and rows[0]["run_id"] != rows[1]["run_id"]
+  assert_row_describes_this_machine(rows[0], command_has="--stop_at_step=6", resumed_from=None)
+  assert_row_describes_this_machine(rows[1], command_has="--stop_at_step=12", resumed_from=6)
   # The straight run also evaluates at its last step: sampling must not disturb the training state.
   straight = run_train(tmp_path / "straight", "--stop_at_step=12", "--config.eval_every_steps=12",
                        "--config.eval_num_samples=32", "--config.sample.num_steps=4", "--config.sample.every_steps=12",
