@@ -7,6 +7,35 @@ import jax
 import numpy as np
 import pytest
 
+import precision_sim
+from ddpm_jax import runtime
+
+
+def pytest_addoption(parser):
+  """--precision-sim=tf32|bf16: float32 matmuls and convolutions at default precision rounded as GPUs / TPUs do."""
+  parser.addoption("--precision-sim", choices=sorted(precision_sim.MANTISSA_BITS), default=None,
+                   help="simulate accelerator matmul / convolution precision on the CPU (tests/precision_sim.py)")
+
+
+def pytest_configure(config):
+  """Installs the precision simulation the command line asks for, before anything is compiled."""
+  simulated = config.getoption("--precision-sim")
+  if simulated:
+    precision_sim.install(simulated)
+
+
+def pytest_report_header(config):
+  """Says which matmul precision the session runs at."""
+  return f"precision-sim: {precision_sim.mode() or 'off (exact float32)'}"
+
+
+def pytest_runtest_setup(item):
+  """Skips a `bitwise` test off the CPU unless XLA's deterministic GPU ops are on: elsewhere two runs of one
+  program need not give the same bits (a GPU's atomics and autotuning vary between runs)."""
+  if item.get_closest_marker("bitwise") and jax.default_backend() != "cpu" and \
+      runtime.DETERMINISTIC_OPS not in os.environ.get("XLA_FLAGS", "").split():
+    pytest.skip(f"compares runs bit for bit: on {jax.default_backend()} only with XLA_FLAGS={runtime.DETERMINISTIC_OPS}")
+
 
 def pytest_collection_modifyitems(items):
   """Runs the multi-process and slow tests first: with several workers (-n 2) none of them is left to run alone at

@@ -1,6 +1,7 @@
 """The functional training API by value: EMA and its warmup, the learning-rate schedule, gradient accumulation,
 the attention block and the timestep embedding against hand computations, a bf16 step, the README's loop."""
 
+import contextlib
 import functools
 import math
 import re
@@ -88,7 +89,8 @@ def test_attention_block_matches_a_float64_hand_computation():
   x = jax.random.normal(jax.random.key(0), (2, 2, 3, 4))  # 6 pixels, 4 channels
   params = block.init(jax.random.key(1), x)["params"]
   params = jax.tree_util.tree_map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
-  got = block.apply({"params": params}, x)
+  with jax.default_matmul_precision("float32"):  # the math in float32: no TF32 / bf16 operands on a GPU or TPU
+    got = block.apply({"params": params}, x)
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   h = np.asarray(x, np.float64).reshape(2, 6, 4)
   ln = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6) * p["LayerNorm_0"]["scale"]
@@ -121,7 +123,9 @@ def test_bfloat16_train_step_keeps_float32_params_and_tracks_the_float32_loss():
     model = unet_preset("tiny", base_channels=8, channel_mult=(1, 2), attn_resolutions=(4,), dtype=dtype)
     tx = training.make_optimizer(learning_rate=1e-3, total_steps=10)
     state = create_train_state(model, tx, jax.random.key(0), (1, 8, 8, 1))
-    new, metrics = jax.jit(functools.partial(training.train_step, schedule=sched))(state, batch, jax.random.key(4))
+    # The float32 reference in float32 throughout, also where matmuls would default to TF32 or bf16 passes.
+    with jax.default_matmul_precision("float32") if dtype == "float32" else contextlib.nullcontext():
+      new, metrics = jax.jit(functools.partial(training.train_step, schedule=sched))(state, batch, jax.random.key(4))
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(new.params))
     losses[dtype] = float(metrics["loss"])
     assert np.isfinite(float(metrics["grad_norm"]))
@@ -139,6 +143,7 @@ def readme_library_code() -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.bitwise
 def test_the_readme_loop_trains_samples_and_repeats_bit_for_bit():
   runs = []
   for _ in range(2):

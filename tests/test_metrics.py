@@ -94,6 +94,7 @@ def test_digits_evaluator_scores_real_digits_high_and_noise_near_zero(classifier
   assert "classified with confidence >= 0.9" in digits_eval.report(real)
 
 
+@pytest.mark.bitwise
 def test_digits_classifier_is_seeded_and_cached(classifier, tmp_path):
   again = digits_eval.load_or_train(str(tmp_path), seed=0)  # trained afresh in another folder: same bits
   for a, b in zip(jax.tree_util.tree_leaves(classifier), jax.tree_util.tree_leaves(again)):
