@@ -146,30 +146,37 @@ def _pmap_runner(step_fn: Callable) -> Runner:
 
 
 class _MeshStep:
-  """The jit / fsdp step, jitted with the shardings of the first state put_state places (they depend on its
-  structure); callable and lowerable like a jitted function."""
+  """The jit / fsdp step, jitted with the shardings of the first state it meets (they depend on its structure);
+  callable and lowerable like a jitted function."""
 
-  def __init__(self) -> None:
+  def __init__(self, step_fn: Callable, state_shardings: Callable[[Any], Any], rows: NamedSharding,
+               replicated: NamedSharding) -> None:
+    self._step_fn, self._state_shardings, self._rows, self._replicated = step_fn, state_shardings, rows, replicated
     self.jitted: Any = None
 
+  def jitted_for(self, state: Any) -> Any:
+    """The jitted step for states of this structure (concrete or abstract), made on the first call."""
+    if self.jitted is None:
+      shardings = self._state_shardings(state)
+      self.jitted = jax.jit(self._step_fn, in_shardings=(shardings, self._rows, self._replicated),
+                            out_shardings=(shardings, self._replicated), donate_argnums=0)
+    return self.jitted
+
   def __call__(self, state: Any, batch: jax.Array, key: jax.Array) -> tuple[Any, dict]:
-    return self.jitted(state, batch, key)
+    return self.jitted_for(state)(state, batch, key)
 
   def lower(self, state: Any, batch: jax.Array, key: jax.Array) -> Any:
-    return self.jitted.lower(state, batch, key)
+    return self.jitted_for(state).lower(state, batch, key)
 
 
 def _mesh_runner(step_fn: Callable, sharded: bool) -> Runner:
   """The step jitted over a 1-D mesh of every device: the batch split along it, the state replicated or sharded."""
   state_shardings, rows, replicated = mesh_layout(jax.devices(), sharded)
-  step = _MeshStep()
+  step = _MeshStep(step_fn, state_shardings, rows, replicated)
 
   def put_state(state: TrainState) -> Any:
-    shardings = state_shardings(state)
-    if step.jitted is None:
-      step.jitted = jax.jit(step_fn, in_shardings=(shardings, rows, replicated), out_shardings=(shardings, replicated),
-                            donate_argnums=0)
-    return place(state, shardings)
+    step.jitted_for(state)
+    return place(state, state_shardings(state))
 
   return Runner(step=step, put_state=put_state,
                 put_batch=lambda batch: jax.tree_util.tree_map(

@@ -339,4 +339,5 @@ def make_generator(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, ima
         progress(min(start + per_call, num_samples), num_samples)
     return np.concatenate(out)[:num_samples]
 
+  generate.program = run  # (key impl, labelled) -> the jitted sharded sampler it calls, for lowering and export
   return generate

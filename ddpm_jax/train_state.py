@@ -66,17 +66,9 @@ def init_params(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) 
   return model.lazy_init(key, x, t)["params"]
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
-                       input_shape: tuple[int, ...],
-                       layout: Optional[Callable[[TrainState], Any]] = None) -> TrainState:
-  """A fresh TrainState at step 0: params initialised from `key`, EMA equal to them, `tx` initialised.
-
-  Everything is computed by one jitted program on the devices. `layout` maps
-  the abstract state (jax.ShapeDtypeStruct leaves) to the shardings to create
-  it in (a Runner's state_shardings): each device then computes and holds only
-  its own shards, and no host ever holds the state. Without it (or when it
-  returns None), the state is created on the default device.
-  """
+def init_program(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array, input_shape: tuple[int, ...],
+                 layout: Optional[Callable[[TrainState], Any]] = None) -> tuple[Callable[[Any], TrainState], Any]:
+  """(the jitted program that makes create_train_state's TrainState from key data, `key`'s data to give it)."""
   impl = jax.random.key_impl(key)
 
   def init(key_data: jax.Array) -> TrainState:
@@ -94,4 +86,20 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
   key_data = key_data if traced else np.asarray(key_data)
   shardings = layout(jax.eval_shape(init, key_data)) if layout else None
   return jax.jit(init, out_shardings=shardings,
-                 compiler_options=None if traced else INIT_COMPILER_OPTIONS)(key_data)
+                 compiler_options=None if traced else INIT_COMPILER_OPTIONS), key_data
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
+                       input_shape: tuple[int, ...],
+                       layout: Optional[Callable[[TrainState], Any]] = None) -> TrainState:
+  """A fresh TrainState at step 0: params initialised from `key`, EMA equal to them, `tx` initialised.
+
+  Everything is computed by one jitted program on the devices (init_program).
+  `layout` maps the abstract state (jax.ShapeDtypeStruct leaves) to the
+  shardings to create it in (a Runner's state_shardings): each device then
+  computes and holds only its own shards, and no host ever holds the state.
+  Without it (or when it returns None), the state is created on the default
+  device.
+  """
+  program, key_data = init_program(model, tx, key, input_shape, layout)
+  return program(key_data)
