@@ -156,9 +156,22 @@ def jax_forward_cost(preset: str, precision: str, size: int) -> tuple[int, float
   return count_params(params), float(flops.forward_flops(model, (1, size, size, 3), count_padding=True))
 
 
-def jax_bench(preset: str, batch: int, precision: str, args: argparse.Namespace) -> dict[str, Any]:
+def on_device(run: Callable[..., Any]) -> Callable[..., Any]:
+  """run with host-to-device copies refused: every timed program reads arguments already on the devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def guarded(*args: Any) -> Any:
+    with jax.transfer_guard_host_to_device("disallow"):
+      return run(*args)
+  return guarded
+
+
+def jax_bench(preset: str, batch: int, precision: str, args: argparse.Namespace,
+              keep: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
   """JAX numbers for one configuration: the train step as train.py runs it on one device, with the DDPM paper's
-  CIFAR-10 recipe (AdamW without decay, lr 2e-4, clip 1, EMA 0.9999, L1, linear schedule)."""
+  CIFAR-10 recipe (AdamW without decay, lr 2e-4, clip 1, EMA 0.9999, L1, linear schedule); keep(numbers so far)
+  after each phase. Parameters, inputs and keys are on the devices and passed as arguments to every timed program
+  (none uploaded per call, none compiled in as constants)."""
   import functools  # pylint: disable=g-import-not-at-top
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -187,6 +200,7 @@ def jax_bench(preset: str, batch: int, precision: str, args: argparse.Namespace)
   jax.block_until_ready(state)
   out["init_s"] = time.perf_counter() - start
   out["params"] = count_params(state.params)
+  keep(out)
   progress("init", f"done in {out['init_s']:.1f} s ({out['params']:,} parameters)")
   # Counted analytically (benchmarks/flops.py) for the global batch, on whatever devices run it.
   out["train_flops_per_image"] = flops.train_flops(model, shape) / batch
@@ -198,6 +212,7 @@ def jax_bench(preset: str, batch: int, precision: str, args: argparse.Namespace)
   start = time.perf_counter()
   compiled = runner.step.lower(state, x, key).compile()
   out["train_compile_s"] = time.perf_counter() - start
+  keep(out)
   progress("compile", f"done in {out['train_compile_s']:.1f} s")
   holder = [state]
 
@@ -210,10 +225,11 @@ def jax_bench(preset: str, batch: int, precision: str, args: argparse.Namespace)
 
   progress("train", "timing the train step")
   out["jax_train_images_per_s"], out["jax_train_spread"], out["train_steps_per_run"] = timed_steps(
-      train_run, batch, args)
+      on_device(train_run), batch, args)
+  keep(out)
   progress("train", f"{out['jax_train_images_per_s']:.4g} img/s (spread {out['jax_train_spread']:.1%}, "
            f"{args.repeats} runs of {out['train_steps_per_run']} steps)")
-  params = runner.get_state(holder[0]).params
+  params = jax.device_put(runner.get_state(holder[0]).params)
   apply_fn = model.apply
   x = jnp.asarray(np.asarray(x).reshape(shape))
   del holder[:], state
@@ -226,12 +242,12 @@ def jax_bench(preset: str, batch: int, precision: str, args: argparse.Namespace)
   fwd_compiled = fwd.lower(params, x, t).compile()
   out["forward_compile_s"] = time.perf_counter() - start
   fwd_run = lambda n: [fwd_compiled(params, x, t) for _ in range(n)][-1].block_until_ready()
-  out["jax_forward_images_per_s"], out["jax_forward_spread"], _ = timed_steps(fwd_run, batch, args)
+  out["jax_forward_images_per_s"], out["jax_forward_spread"], _ = timed_steps(on_device(fwd_run), batch, args)
+  keep(out)
   progress("forward", f"{out['jax_forward_images_per_s']:.4g} img/s (spread {out['jax_forward_spread']:.1%}; "
            f"compile {out['forward_compile_s']:.1f} s)")
 
-  # The lax.scan samplers.
-  eps_fn = lambda xt, tt: apply_fn({"params": params}, xt, tt)
+  # The lax.scan samplers, the parameters an argument of the program.
   sample_key = jax.random.key(2)
   for name, method, steps in (("ddim50", "ddim", 50), ("ddpm1000", "ddpm", 1000)):
     wanted = {"auto": args.device == "gpu" or preset == "tiny", "on": True, "off": False}[args.ddpm1000]
@@ -239,17 +255,20 @@ def jax_bench(preset: str, batch: int, precision: str, args: argparse.Namespace)
       out[f"sample_{name}_images_per_s"] = out[f"sample_{name}_overhead"] = None
       progress(f"sample {name}", f"skipped (--ddpm1000={args.ddpm1000})")
       continue
-    run = lambda: sampling.sample(eps_fn, schedule, sample_key, shape, method=method, num_steps=steps,
-                                  eta=1.0).block_until_ready()
+    def draw(p: Any, key: jax.Array, method: str = method, steps: int = steps) -> jax.Array:
+      return sampling.sample(lambda xt, tt: apply_fn({"params": p}, xt, tt), schedule, key, shape, method=method,
+                             num_steps=steps, eta=1.0)
+    run = functools.partial(lambda fn: fn(params, sample_key).block_until_ready(), jax.jit(draw))
     progress(f"sample {name}", "compiling and timing")
     start = time.perf_counter()
     run()
     out[f"sample_{name}_first_call_s"] = time.perf_counter() - start
-    rate, out[f"sample_{name}_spread"] = median_rate(run, batch, args.sample_repeats if steps <= 50 else 1)
+    rate, out[f"sample_{name}_spread"] = median_rate(on_device(run), batch, args.sample_repeats if steps <= 50 else 1)
     out[f"sample_{name}_images_per_s"] = rate
     progress(f"sample {name}", f"{rate:.4g} img/s (first call {out[f'sample_{name}_first_call_s']:.1f} s)")
     # > 1: time beyond `steps` jitted forward passes (the sampler's own arithmetic and the scan).
     out[f"sample_{name}_overhead"] = (batch / rate) / (steps * batch / out["jax_forward_images_per_s"])
+    keep(out)
 
   dev = jax.local_devices()[0]
   if dev.platform == "cpu":
@@ -386,23 +405,27 @@ def torch_bench(preset: str, batch: int, precision: str, args: argparse.Namespac
 # ----------------------------------------------------------------------------------------------------------- main
 
 
-def run_one(preset: str, batch: int, precision: str, peak: float, args: argparse.Namespace) -> dict[str, Any]:
-  """Every number for one (preset, batch, precision)."""
+def run_one(preset: str, batch: int, precision: str, peak: float, args: argparse.Namespace,
+            env: dict[str, Any]) -> dict[str, Any]:
+  """Every number for one (preset, batch, precision), each written to --json (marked "complete": false until the
+  last) as it is measured, so that a run cut short (gpu.sh's time limits) keeps what it measured."""
   import jax  # pylint: disable=g-import-not-at-top
 
   print(f"== {preset} batch {batch} {precision} on {args.device}", flush=True)
   res: dict[str, Any] = {"preset": preset, "batch": batch, "precision": precision, "devices": jax.device_count(),
                          "parallelism": args.parallelism if jax.device_count() > 1 else "jit",
-                         "image_size": args.image_size or PRESET_SIZES[preset]}
+                         "image_size": args.image_size or PRESET_SIZES[preset], "matmul_peak_flops_per_s": peak,
+                         "device": str(jax.local_devices()[0].device_kind), **env}
+  keep = lambda part: report.write_json({**res, **part, "complete": False}, args.json) if args.json else None
   res.update(checked_peer(preset, batch, precision, args))  # before any timing
-  res.update(jax_bench(preset, batch, precision, args))
-  res["matmul_peak_flops_per_s"] = peak
+  res.update(jax_bench(preset, batch, precision, args, keep))
   res["train_flops_per_s"] = res["train_flops_per_image"] * res["jax_train_images_per_s"]
   res["train_fraction_of_peak"] = res["train_flops_per_s"] / peak
   torch_res = None if args.no_torch else torch_bench(preset, batch, precision, args)
   res["torch_skipped"] = None if torch_res else ("--no_torch" if args.no_torch else "PyTorch is not installed")
   res.update(torch_res or {"torch_train_images_per_s": None, "torch_forward_images_per_s": None,
                            "torch_version": None})
+  keep({})
   compiled_res = torch_bench(preset, batch, precision, args, compiled=True) if torch_res and args.torch_compile else None
   res.update(compiled_res or {"torch_compiled_train_images_per_s": None, "torch_compiled_forward_images_per_s": None})
   ratio = lambda a, b: res[a] / res[b] if res.get(b) else None
@@ -410,7 +433,7 @@ def run_one(preset: str, batch: int, precision: str, peak: float, args: argparse
   res["forward_ratio"] = ratio("jax_forward_images_per_s", "torch_forward_images_per_s")
   res["compiled_train_ratio"] = ratio("jax_train_images_per_s", "torch_compiled_train_images_per_s")
   res["compiled_forward_ratio"] = ratio("jax_forward_images_per_s", "torch_compiled_forward_images_per_s")
-  res["device"] = str(jax.local_devices()[0].device_kind)
+  res["complete"] = True
   print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=None), flush=True)
   return res
 
@@ -466,7 +489,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
   print(f"matmul peak ({n}x{n}, {precision}): {peak / 1e12:.3f} TFLOP/s", flush=True)
   env = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax_version": jax.__version__,
          "flax_version": flax.__version__, "optax_version": optax.__version__, "python": platform.python_version(), "matmul_n": n}
-  return {**run_one(preset, batch, precision, peak, args), **env}
+  return run_one(preset, batch, precision, peak, args, env)
 
 
 def child_argv(args: argparse.Namespace, preset: str, batch: int, precision: str, json_path: str) -> list[str]:

@@ -29,9 +29,9 @@ PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 PHASES = ("import_s", "backend_s", "state_s", "compile_s", "first_step_s")
 
 
-def measure(preset: str, batch: int, precision: str, cache: str) -> dict[str, float]:
+def measure(preset: str, batch: int, precision: str, cache: str, device: str) -> dict[str, float]:
   """The phases' seconds in this process (JAX must not have been imported yet), with train.py's compilation cache
-  setting in folder `cache`."""
+  setting in folder `cache`; exits with code 2 and one line when `device` is gpu and JAX's backend is not."""
   start = time.perf_counter()
   import functools  # pylint: disable=g-import-not-at-top
 
@@ -49,6 +49,10 @@ def measure(preset: str, batch: int, precision: str, cache: str) -> dict[str, fl
   start = time.perf_counter()
   jax.devices()
   out["backend_s"] = lap()
+  if device == "gpu" and jax.default_backend() != "gpu":
+    print(f"startup.py: error: --device gpu but JAX's backend is {jax.default_backend()!r}: install jax[cuda12] "
+          "(or jax[cuda13])", file=sys.stderr)
+    sys.exit(2)
 
   size = PRESET_SIZES[preset]
   model = unet_preset(preset, dtype=PRECISIONS[precision])
@@ -88,7 +92,7 @@ def main(argv: list[str]) -> int:
     p.error(f"invalid --preset {','.join(bad)} or --batch {args.batch}: presets are {', '.join(PRESET_SIZES)}, "
             "the batch a positive integer")
   if args.child:
-    print(json.dumps(measure(presets[0], args.batch, args.precision, args.child)))
+    print(json.dumps(measure(presets[0], args.batch, args.precision, args.child, args.device)))
     return 0
   rows: list[dict[str, Any]] = []
   for preset in presets:
@@ -96,8 +100,11 @@ def main(argv: list[str]) -> int:
       env = dict(os.environ, **({"JAX_PLATFORMS": "cpu"} if args.device == "cpu" else {}))
       for state in ("cold", "warm"):
         done = subprocess.run([sys.executable, os.path.abspath(__file__), f"--child={cache}", f"--preset={preset}",
-                               f"--batch={args.batch}", f"--precision={args.precision}"], env=env,
-                              capture_output=True, text=True, check=False)
+                               f"--batch={args.batch}", f"--precision={args.precision}", f"--device={args.device}"],
+                              env=env, capture_output=True, text=True, check=False)
+        if done.returncode == 2:  # a wrong backend: the child's one line
+          print(done.stderr.strip().splitlines()[-1], file=sys.stderr)
+          return 2
         if done.returncode:
           print(done.stderr[-3000:], file=sys.stderr)
           print(f"startup.py: error: the {state} run of {preset} failed with exit code {done.returncode}",

@@ -1,6 +1,8 @@
-"""benchmarks/: the analytic FLOP count against XLA's, and bench.py's progress lines."""
+"""benchmarks/: the analytic FLOP count against XLA's; bench.py's progress lines, figures kept as measured and
+device-resident arguments; startup.py's refusal to measure the CPU for a GPU."""
 
 import functools
+import json
 import os
 import re
 import subprocess
@@ -54,13 +56,40 @@ def test_padding_taps_are_counted_only_on_request():
 
 
 @pytest.mark.slow
-def test_bench_prints_a_progress_line_per_phase():
-  out = subprocess.run(
+def test_bench_prints_a_progress_line_per_phase_keeps_each_figure_and_passes_parameters_as_arguments(tmp_path):
+  result = tmp_path / "bench.json"
+  # JAX warns when a program captures more constant bytes than this: the tiny model's parameters (about 1 MiB) would,
+  # the schedule (10 arrays of 1,000 float32, 40 KB) does not.
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_CAPTURED_CONSTANTS_WARN_BYTES=str(2 ** 18))
+  proc = subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--device=cpu", "--preset=tiny",
        "--image_size=8", "--batch=2", "--repeats=1", "--steps=1", "--sample_repeats=1", "--ddpm1000=off",
-       "--no_torch"], capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
-  assert out.returncode == 0, out.stderr[-2000:]
-  phases = re.findall(r"^\[bench\] ([\w ]+?): ", out.stdout, re.M)
+       "--no_torch", f"--json={result}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  lines, kept = [], None
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith("[bench] train: ") and "img/s" in line:  # measured: already in the JSON, the run unfinished
+      kept = json.loads(result.read_text())
+      assert kept["complete"] is False and kept["jax_train_images_per_s"] > 0 and kept["train_compile_s"] > 0
+      assert "jax_forward_images_per_s" not in kept and kept["preset"] == "tiny" and kept["jax_version"]
+  _, err = proc.communicate(timeout=300)
+  out = "".join(lines)
+  assert proc.returncode == 0, err[-2000:]
+  assert kept is not None, out  # the train figure's line was printed
+  phases = re.findall(r"^\[bench\] ([\w ]+?): ", out, re.M)
   assert list(dict.fromkeys(phases)) == ["peer", "init", "compile", "train", "forward", "sample ddim50",
-                                         "sample ddpm1000"], out.stdout
-  assert "| tiny | 2 | fp32 |" in out.stdout
+                                         "sample ddpm1000"], out
+  assert "| tiny | 2 | fp32 |" in out
+  final = json.loads(result.read_text())
+  assert final["complete"] is True and final["sample_ddim50_images_per_s"] > 0
+  # Every timed program ran under a transfer guard refusing host-to-device copies (bench.py fails otherwise), and
+  # none compiled the parameters in as constants.
+  assert "A large amount of constants were captured" not in err, err[-2000:]
+
+
+def test_startup_refuses_to_measure_the_cpu_when_asked_for_a_gpu():
+  res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "startup.py"), "--device=gpu"],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert res.returncode == 2
+  assert res.stderr.strip().splitlines() == [
+      "startup.py: error: --device gpu but JAX's backend is 'cpu': install jax[cuda12] (or jax[cuda13])"]
