@@ -41,7 +41,8 @@ def report(error: BaseException) -> int:
   else:
     traceback.print_exception(error)
     error, code = f"{type(error).__name__}: {error}", 1
-  print(f"train.py: error: {error}", file=sys.stderr)
+  print(f"train.py: error: {consensus.one_line(error) if isinstance(error, BaseException) else error}",
+        file=sys.stderr)
   return code
 
 

@@ -218,6 +218,33 @@ def remove_leftovers(directory: str) -> None:
     time.sleep(0.1)
 
 
+def check(manager: ocp.CheckpointManager) -> None:
+  """Raises the CheckpointError of the save in flight as soon as its background write has failed, without waiting
+  for it (with several processes, the others' parts of that save wait for this one's, which never comes)."""
+  try:
+    manager.check_for_errors()
+  except Exception as e:  # orbax and tensorstore raise many types; every one means the write failed
+    raise CheckpointError(f"could not write the checkpoint of step {manager.latest_step()} to {manager.directory}: "
+                          f"{_cause(e)}") from e
+
+
+def settle(manager: ocp.CheckpointManager, timeout: float) -> None:
+  """Waits up to `timeout` s for the save in flight to finish or fail; a failure is left to its own report (the next
+  wait or close), or to nobody on a process that is ending on another failure."""
+  def wait_quietly() -> None:
+    with contextlib.suppress(Exception):
+      manager.wait_until_finished()
+
+  waiter = threading.Thread(target=wait_quietly, name="ddpm_jax-settle", daemon=True)
+  waiter.start()
+  waiter.join(timeout)
+
+
+def kept(directory: str) -> str:
+  """What a stopped run leaves to resume from: 'kept: 5, 10' (the complete checkpoints) or 'kept: no checkpoint'."""
+  return f"kept: {', '.join(map(str, steps_on_disk(directory))) or 'no checkpoint'}"
+
+
 def close(manager: ocp.CheckpointManager) -> None:
   """Waits for the save in flight, closes the manager and removes what a failed save left behind; CheckpointError
   (naming the step) when that save failed."""
@@ -233,9 +260,8 @@ def _write_error(manager: ocp.CheckpointManager, step: int, error: BaseException
   """The CheckpointError of a failed write of `step`, after removing its temporary folder: the step, the path, the
   cause and the checkpoints still on disk from before it (nothing from it or later is counted as kept)."""
   _remove_partial(manager)
-  kept = [s for s in steps_on_disk(str(manager.directory)) if s < step]
   return CheckpointError(f"could not write the checkpoint of step {step} to {manager.directory}: {_cause(error)}; "
-                         f"kept: {', '.join(map(str, kept)) or 'no checkpoint'}")
+                         f"{kept(str(manager.directory))}")
 
 
 def wait(manager: ocp.CheckpointManager) -> None:

@@ -1,12 +1,14 @@
 """Failures a user meets: damaged checkpoints, full disks, bad config files and workdirs, failed starts."""
 
 import contextlib
+import dataclasses
 import errno
 import glob
 import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import pytest
 import tensorstore
 
 import configs.default as default_config
-from ddpm_jax import builders, checkpoint, loop
+from ddpm_jax import builders, checkpoint, consensus, loop, reporting, workdir_lock
 from ddpm_jax.train_state import create_train_state
 from test_training import run_train, small_config
 
@@ -237,8 +239,9 @@ def test_a_save_into_a_read_only_folder_ends_the_process_within_seconds(tmp_path
 @pytest.mark.slow
 def test_a_full_disk_stops_training_at_the_next_save_or_the_end_with_one_line_and_exit_1(tmp_path):
   with small_tmpfs(tmp_path / "checkpoints", "64k"):  # smaller than one checkpoint of the small model
-    # The save of step 5 fails in the background: the save of step 10 reports it; the run to step 5 at its end.
-    for stop, logged in ((15, [5, 10]), (5, [5])):
+    # The save of step 5 fails in the background: a step after it reports it (by the save of step 10 at the latest);
+    # the run to step 5 at its end.
+    for stop, logged in ((15, ([5], [5, 10])), (5, ([5],))):
       res = run_train(tmp_path, f"--stop_at_step={stop}", "--config.checkpoint_every_steps=5")
       assert res.returncode == 1, res.stderr[-3000:]
       line = one_error_line(res, "train.py")
@@ -248,7 +251,9 @@ def test_a_full_disk_stops_training_at_the_next_save_or_the_end_with_one_line_an
       manager = checkpoint.make_manager(str(tmp_path))
       assert manager.all_steps() == [] and os.listdir(tmp_path / "checkpoints") == []
       manager.close()
-      assert [json.loads(r)["step"] for r in open(tmp_path / "metrics.jsonl")] == logged  # stopped at that save
+      assert [json.loads(r)["step"] for r in open(tmp_path / "metrics.jsonl")] in logged  # stopped by step 10
+      # the end-of-run work waits for the last checkpoint: none of it is done, nor recorded as done
+      assert not (tmp_path / "end_of_run.json").exists() and not (tmp_path / "curves.png").exists()
 
 
 def test_a_failed_start_leaves_an_existing_run_untouched_and_makes_no_workdir(tmp_path):
@@ -291,9 +296,9 @@ def test_small_ones(tmp_path):
   with pytest.raises(ValueError, match="best is not a checkpoint step folder: give WORKDIR/checkpoints/STEP"):
     checkpoint.locate(str(tmp_path / "checkpoints" / "best"))
   with pytest.raises(FloatingPointError, match="at step 7: training stopped; no checkpoint was written"):
-    loop.check_finite([(7, {"loss": float("nan")})], None)
-  with pytest.raises(FloatingPointError, match="the latest checkpoint, of step 5, predates it"):
-    loop.check_finite([(7, {"loss": float("inf")})], 5)
+    loop.check_finite([(7, {"loss": float("nan")})], lambda: None)
+  with pytest.raises(FloatingPointError, match="the newest complete checkpoint, of step 5, predates it"):
+    loop.check_finite([(7, {"loss": float("inf")})], lambda: 5)
   res = run_entry("sample.py", f"--workdir={tmp_path}", "--num_samples=-5")
   assert res.returncode == 2 and "sampling" not in res.stdout
   assert one_error_line(res, "sample.py") == "--num_samples=-5 is invalid: it must be >= 1"
@@ -443,3 +448,41 @@ def test_out_of_memory_on_a_training_step_is_one_line_naming_the_cure_and_exit_1
   assert one_error_line(res, "train.py") == ("out of memory on the devices while training: shard the parameters, EMA "
                                              "and optimizer state over the devices with --config.parallelism=fsdp, "
                                              "or lower --config.batch_size")
+
+
+def test_every_cleanup_runs_when_closing_the_checkpoints_fails_and_on_the_path_that_ends_by_os_exit(tmp_path,
+                                                                                                   monkeypatch):
+  # no train step (nothing to compile): straight to the end-of-run work
+  training = dataclasses.replace(builders.build_training(small_config(), str(tmp_path), 1), end_step=0)
+  writers = []
+  monkeypatch.setattr(loop, "MetricWriter", lambda *a: writers.append(reporting.MetricWriter(*a)) or writers[-1])
+  before = signal.getsignal(signal.SIGINT)
+  seen = {}
+
+  def end_of_run(*_):
+    """Stands for a failure: first does what a process ending on another's failure does before os._exit."""
+    assert signal.getsignal(signal.SIGINT) is not before  # the loop's handler is in place
+    seen["notes"] = [fn(RuntimeError()) for fn in list(consensus._cleanups)]  # pylint: disable=protected-access
+    seen["writer closed"] = writers[0]._jsonl.closed  # pylint: disable=protected-access
+    try:
+      workdir_lock.release(workdir_lock.acquire(str(tmp_path)))  # a new open file: free only once released
+      seen["lock free"] = True
+    except workdir_lock.WorkdirBusy:
+      seen["lock free"] = False
+    raise RuntimeError("the end-of-run work failed")
+
+  real_close = checkpoint.close
+
+  def failing_close(manager):
+    real_close(manager)
+    raise checkpoint.CheckpointError("closing failed")
+
+  monkeypatch.setattr(loop, "_finish", end_of_run)
+  monkeypatch.setattr(checkpoint, "close", failing_close)
+  with pytest.raises(checkpoint.CheckpointError, match="closing failed"):
+    loop.train(training, str(tmp_path))
+  assert seen == {"notes": ["kept: no checkpoint"], "writer closed": True, "lock free": True}
+  # Closing the checkpoint manager raised, and still: the writer is closed, the handlers are back, the lock is free.
+  assert writers[0]._jsonl.closed  # pylint: disable=protected-access
+  assert signal.getsignal(signal.SIGINT) is before
+  workdir_lock.release(workdir_lock.acquire(str(tmp_path)))

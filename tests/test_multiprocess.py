@@ -16,12 +16,13 @@ MODEL = ("--config.ema.decay=0.5", "--config.optim.eps=1.0")
 FLAGS = ("--stop_at_step=100", "--config.checkpoint_every_steps=5", "--config.parallelism=fsdp", *MODEL)
 
 
-def run_two(workdir, *flags, fault=None):
+def run_two(workdir, *flags, fault=None, env_extra=None, env_of=({}, {})):
   """train.py as 2 processes x 2 devices until both end: [(exit code, stderr, seconds from start to its end)]."""
   start = time.time()
-  procs = start_two_processes(workdir, *flags, env_extra=fault_env(fault) if fault else None)
+  procs = start_two_processes(workdir, *flags, env_extra={**(fault_env(fault) if fault else {}), **(env_extra or {})},
+                              env_of=env_of)
   ended = [None, None]
-  deadline = start + 240
+  deadline = start + 480
   while None in ended and time.time() < deadline:
     for i, p in enumerate(procs):
       if ended[i] is None and p.poll() is not None:
@@ -75,3 +76,51 @@ def test_a_failure_on_one_process_ends_both_within_seconds_with_its_line_and_exi
   want = "train.py: error: [Errno 5] Input/output error (injected into SamplerOptions.sample on process 1)"
   assert [last_line(err) for _, err, _ in ends] == [want, want], ends
   assert [code for code, _, _ in ends] == [1, 1] and abs(ends[0][2] - ends[1][2]) < 10, ends
+
+
+BACKGROUND = "orbax.checkpoint._src.checkpointers.async_checkpointer"  # orbax's background writes
+SLOW_WRITE_S = 20  # process 0's background write of a checkpoint, slowed (a big state, a bucket)
+
+
+@pytest.mark.multiprocess
+def test_a_failure_lets_the_checkpoint_in_flight_finish_and_says_what_is_kept(tmp_path):
+  # 1. At step 5 both processes start saving, then draw the sample grid; process 0's write takes SLOW_WRITE_S more
+  #    and process 1's sampler fails. Both wait for the write, then end with process 1's line and what is kept.
+  run = tmp_path / "run"
+  finalize = "orbax.checkpoint:CheckpointManager._finalize"
+  ends = run_two(run, *FLAGS, "--config.sample.every_steps=5", env_extra={"TEST_FAULT_SLEEP_S": str(SLOW_WRITE_S)},
+                 fault=f"ddpm_jax.sampling:SamplerOptions.sample:1:0,{finalize}:0:0:sleep")
+  want = ("train.py: error: [Errno 5] Input/output error (injected into SamplerOptions.sample on process 1); "
+          "kept: 5")
+  assert [last_line(err) for _, err, _ in ends] == [want, want], ends
+  assert [code for code, _, _ in ends] == [1, 1] and abs(ends[0][2] - ends[1][2]) < 10, ends
+  assert min(seconds for _, _, seconds in ends) > SLOW_WRITE_S  # the write was waited for
+  assert sorted(os.listdir(run / "checkpoints")) == ["5"]
+  # 2. Process 0 fails first: its background write of step 5 fails (process 1's succeeds), which its save of step 10
+  #    reports. Both end with that line and exit 1; process 0, which hosts the coordination service, leaves last.
+  ends = run_two(tmp_path / "bg", *FLAGS, fault=f"{BACKGROUND}:_background_wait_for_commit_futures:0:0")
+  lines = [last_line(err) for _, err, _ in ends]
+  assert lines[0] == lines[1] and re.fullmatch(
+      rf"train\.py: error: could not write the checkpoint of step 5 to {tmp_path}/bg/checkpoints: OSError: \[Errno 5\] "
+      r"Input/output error \(injected into _background_wait_for_commit_futures on process 0\); "
+      "kept: no checkpoint", lines[0]), lines
+  assert [code for code, _, _ in ends] == [1, 1] and abs(ends[0][2] - ends[1][2]) < 10, ends
+  assert ends[0][2] >= ends[1][2], ends
+  assert os.listdir(tmp_path / "bg" / "checkpoints") == []  # no half-written checkpoint
+
+
+SLOW_COMPILE_S = 40  # longer than the 30 s within which CPU collectives must be set up by every process
+
+
+@pytest.mark.multiprocess
+def test_processes_that_compile_for_different_lengths_of_time_start_training_together(tmp_path):
+  # Process 0 starts with an empty compilation cache and compiles SLOW_COMPILE_S longer (a big model on a cold host);
+  # process 1's cache is warm. Neither times out in the first step's collectives: both train to the end.
+  cold = tmp_path / "empty-cache"
+  ends = run_two(tmp_path / "run", "--stop_at_step=2", "--config.parallelism=fsdp", *MODEL,
+                 fault="jax._src.stages:Lowered.compile:0:0:sleep",
+                 env_extra={"TEST_FAULT_SLEEP_S": str(SLOW_COMPILE_S)},
+                 env_of=({"JAX_COMPILATION_CACHE_DIR": str(cold)}, {}))
+  assert [code for code, _, _ in ends] == [0, 0], [err[-2000:] for _, err, _ in ends]
+  assert min(seconds for _, _, seconds in ends) > SLOW_COMPILE_S
+  assert os.listdir(cold)  # process 0 compiled into its own, empty cache

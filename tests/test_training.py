@@ -224,17 +224,18 @@ def _free_slurm_job_id():
   pytest.skip(f"no free port in {SLURM_PORTS}..65535")
 
 
-def start_two_processes(workdir, *flags, slurm=False, env_extra=None):
+def start_two_processes(workdir, *flags, slurm=False, env_extra=None, env_of=({}, {})):
   """train.py as 2 processes x 2 devices on 127.0.0.1, in the background: told so by flags, or (slurm) by nothing
-  but the environment srun gives the tasks of a job of two one-task nodes."""
+  but the environment srun gives the tasks of a job of two one-task nodes. env_of[i]: process i's own variables."""
   if slurm:
     job = {"SLURM_JOB_ID": str(_free_slurm_job_id()), "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
            "SLURM_LOCALID": "0"}
     return [run_train(workdir, *flags, devices=2, background=True,
-                      env_extra={**job, "SLURM_PROCID": str(i), **(env_extra or {})}) for i in range(2)]
+                      env_extra={**job, "SLURM_PROCID": str(i), **(env_extra or {}), **env_of[i]}) for i in range(2)]
   port = _free_port()
   return [run_train(workdir, *flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                    f"--process_id={i}", devices=2, background=True, env_extra=env_extra) for i in range(2)]
+                    f"--process_id={i}", devices=2, background=True, env_extra={**(env_extra or {}), **env_of[i]})
+          for i in range(2)]
 
 
 def fail_and_kill(procs, why):
