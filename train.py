@@ -4,10 +4,24 @@ import os
 import sys
 import traceback
 
-import jax
-from absl import app, flags, logging
+from ddpm_jax import runtime
 
-from ddpm_jax import builders, checkpoint, consensus, loop, runtime
+
+def stopped_at_once() -> str:
+  """The cleanup of a run a signal ends outside the loop's stopping points (the loop's own: half-written checkpoints
+  removed, metrics flushed, lock released); says which checkpoints the workdir keeps."""
+  consensus.run_cleanups()
+  steps = checkpoint.steps_on_disk(checkpoint.checkpoint_dir(FLAGS.workdir))
+  return f"kept: {', '.join(map(str, steps)) or 'no checkpoint'}"
+
+
+# Before the imports below (seconds): a signal while they load, compile or run ends the process with one line.
+runtime.stop_on_signals("train.py", stopped_at_once, "stopping after this step, with a checkpoint; a second signal stops at once, without it")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from ddpm_jax import builders, checkpoint, consensus, loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLAGS = flags.FLAGS
@@ -48,6 +62,7 @@ def report(error: BaseException) -> int:
 def main(argv):
   del argv
   runtime.quiet_backend_discovery()
+  runtime.quiet_storage_retries()
   if FLAGS.heartbeat_timeout < 1:
     print(f"train.py: error: --heartbeat_timeout={FLAGS.heartbeat_timeout} is invalid: give seconds >= 1",
           file=sys.stderr)

@@ -84,6 +84,14 @@ def cleanup(fn: Callable[[], None]) -> Iterator[None]:
     _cleanups.remove(fn)
 
 
+def run_cleanups() -> None:
+  """What a process ending at once still does first (the `cleanup` functions inside which it is, innermost first);
+  one that raises is passed over: the process ends regardless."""
+  for fn in reversed(list(_cleanups)):
+    with contextlib.suppress(Exception):
+      fn()
+
+
 def _end(client: Any, record: dict[str, str], error: Optional[BaseException] = None) -> None:
   """Ends this process on a shared failure: its one line and exit code (the entry point's report), the cleanups, then
   os._exit (a normal exit would wait for the processes stuck in a collective with the one that failed). Process 0
@@ -92,9 +100,7 @@ def _end(client: Any, record: dict[str, str], error: Optional[BaseException] = N
   if not _ending.acquire(blocking=False):  # another thread of this process is ending it
     threading.Event().wait()
   code = _report[0](error or rebuild(record))
-  for fn in reversed(list(_cleanups)):
-    with contextlib.suppress(Exception):  # ending regardless: the failure is already reported
-      fn()
+  run_cleanups()
   sys.stdout.flush()
   sys.stderr.flush()
   if jax.process_index():

@@ -225,6 +225,7 @@ def train(training: Training, workdir: str) -> TrainState:
   (the last step's hooks, CURVES) not yet done; returns the host state."""
   t = training
   lead = jax.process_index() == 0
+  made = not epath.Path(workdir).exists()  # by this run: removed again if it ends having written nothing
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   # Before the manager, which clears unfinished saves: they may be another live run's.
   lock = workdir_lock.acquire(workdir) if lead else None
@@ -234,12 +235,41 @@ def train(training: Training, workdir: str) -> TrainState:
   handlers = {}
   batches = None
 
+  def release() -> None:
+    """Gives the workdir back (once): the lock, no checkpoints/ folder left empty by a run that saved nothing, and
+    no workdir this run made and wrote nothing in."""
+    nonlocal lock
+    held, lock = lock, None
+    if held is None:
+      return
+    folder = epath.Path(checkpoint.checkpoint_dir(workdir))
+    if not storage.is_remote(workdir) and folder.is_dir() and not any(folder.iterdir()):
+      folder.rmdir()
+    workdir_lock.release(held)
+    if made and not storage.is_remote(workdir) and [p.name for p in epath.Path(workdir).iterdir()] == [
+        workdir_lock.LOCK_FILE]:
+      epath.Path(workdir, workdir_lock.LOCK_FILE).unlink()
+      epath.Path(workdir).rmdir()
+
   def abandon() -> None:
-    """What a process ending on another's failure still does: no half-written checkpoint stays, metrics reach disk."""
+    """What a process ending at once (on another's failure, on a signal) still does: no half-written checkpoint
+    stays, metrics reach disk, the workdir is given back."""
     if manager:
       checkpoint.remove_leftovers(str(manager.directory))
     if writer:
       writer.close()
+    release()
+
+  def claim_signals() -> None:
+    """From now on a signal stops the run after the current step, with a checkpoint (until release_signals)."""
+    if not handlers:
+      handlers.update(_catch_signals(received))
+
+  def release_signals() -> None:
+    """Gives the signals back to the handlers before claim_signals."""
+    for sig, handler in handlers.items():
+      signal.signal(sig, handler)
+    handlers.clear()
 
   try:
     with consensus.cleanup(abandon):
@@ -255,13 +285,19 @@ def train(training: Training, workdir: str) -> TrainState:
         logging.info("nothing to do: the checkpoint is at step %d, the run ends at step %d", start, t.end_step)
         return t.runner.get_state(t.runner.put_state(state))
       run_state = t.runner.put_state(state)
-      handlers = _catch_signals(received)
       agree = parallel.make_agreement() if jax.process_count() > 1 else None
+      # Signals are claimed while the run can stop on them at a step with a checkpoint. In one process, outside that
+      # (the first step's compile, the end-of-run work once the last checkpoint is on disk) they keep their previous
+      # handlers, which may end the process at once. Several processes stop together at a step: claimed throughout.
+      if agree:
+        claim_signals()
       writer = MetricWriter(workdir, start, t.wandb_project, t.config) if lead else None
       if start < t.end_step:
         batches = prefetch(t.batches(start), t.runner.put_batch)
-        run_state = _train_steps(t, manager, run_state, batches, writer, received, agree, start)
+        run_state = _train_steps(t, manager, run_state, batches, writer, received, agree, start, claim_signals)
         checkpoint.wait(manager)  # the last checkpoint is on disk before the end-of-run work is recorded as done
+      if not agree:
+        release_signals()
       own = lambda: received[0] if received else 0
       _finish(t, workdir, run_state, writer,
               (lambda: int(parallel.local_value(agree(own())))) if agree else own)
@@ -276,16 +312,16 @@ def train(training: Training, workdir: str) -> TrainState:
       checkpoint.close(manager)
     if writer:
       writer.close()
-    for sig, handler in handlers.items():
-      signal.signal(sig, handler)
-    if lock is not None:
-      workdir_lock.release(lock)
+    release_signals()
+    release()
 
 
 def _train_steps(t: Training, manager: Any, run_state: Any, batches: Iterator[Any], writer: Optional[MetricWriter],
-                 received: list[int], agree: Optional[Callable[[int], jax.Array]], start: int) -> Any:
+                 received: list[int], agree: Optional[Callable[[int], jax.Array]], start: int,
+                 claim_signals: Callable[[], None]) -> Any:
   """The train steps from `start` to t.end_step with their logging, checkpoints and periodic hooks (those of the
-  last step are _finish's); returns the state on the devices. Raises Interrupted after the checkpoint of a signal."""
+  last step are _finish's); returns the state on the devices. Signals are claimed once the first step (its compile)
+  is done; Interrupted is raised after the checkpoint of one."""
   lead = jax.process_index() == 0
   votes: collections.deque = collections.deque()
   pending: list[tuple[int, Any]] = []
@@ -300,6 +336,7 @@ def _train_steps(t: Training, manager: Any, run_state: Any, batches: Iterator[An
       jax.block_until_ready(metrics)
       logging.info("first step (compile included) took %.1f s", time.time() - t_last)
       t_last, n_last = time.time(), done
+      claim_signals()
     signum = _stop_signal(received, votes, agree)
     if done == t.end_step and not signum:  # the votes not yet read: any signal until now stops at the last step
       signum = max([int(parallel.local_value(v)) for v in votes] + [0])
