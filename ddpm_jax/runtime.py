@@ -88,11 +88,19 @@ def enable_compilation_cache(path: Optional[str]) -> Optional[str]:
 
 
 def detected_cluster() -> Optional[str]:
-  """The name of the CLUSTERS environment JAX's cluster detection finds this process in, or None."""
-  from jax._src import clusters  # pylint: disable=g-import-not-at-top  (JAX has no public list of its detectors)
+  """The name of the CLUSTERS environment JAX's cluster detection finds this process in, or None; also None, with a
+  one-line note, when this JAX's (private) list of detectors cannot be read: then give the multi-process flags."""
+  try:
+    from jax._src import clusters  # pylint: disable=g-import-not-at-top  (JAX has no public list of its detectors)
 
-  return next((env.name for env in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
-               if env.name in CLUSTERS and env.is_env_present()), None)
+    kinds = list(clusters.ClusterEnv._cluster_types)  # pylint: disable=protected-access
+  except (ImportError, AttributeError) as e:
+    logging.getLogger(__name__).warning(
+        "cannot read JAX's cluster detectors (%s): a multi-process job needs --coordinator_address, --num_processes "
+        "and --process_id", e)
+    return None
+  # A detector without a name (K8sCluster in JAX 0.7.0) is not one of CLUSTERS.
+  return next((env.name for env in kinds if getattr(env, "name", None) in CLUSTERS and env.is_env_present()), None)
 
 
 def quiet_backend_discovery() -> None:
