@@ -1,5 +1,6 @@
 """Trains a DDPM: `python train.py --config configs/default.py --workdir runs/default` (both are the defaults)."""
 
+import errno
 import os
 import sys
 import traceback
@@ -46,7 +47,9 @@ def report(error: BaseException) -> int:
   if isinstance(error, loop.Interrupted):
     print(f"train.py: {error}", file=sys.stderr)
     return 128 + error.signum
-  if isinstance(error, ValueError):
+  if isinstance(error, OSError) and error.errno == errno.ENOSPC and not error.filename:  # a write into the workdir
+    error, code = f"the disk is full: no space left to write in the workdir {FLAGS.workdir!r} ({error})", 1
+  elif isinstance(error, ValueError):
     code = 2
   elif isinstance(error, (FloatingPointError, checkpoint.CheckpointError, OSError)):
     code = 1

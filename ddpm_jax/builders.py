@@ -14,9 +14,11 @@ import difflib
 import functools
 import importlib.util
 import os
+import socket
 import sys
 import tempfile
 import threading
+import urllib.parse
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -280,6 +282,23 @@ def check_workdir(workdir: str) -> None:
 
 
 STORAGE_WAIT_S = 15.0  # the longest a start waits for a bucket's first answer (gcsfs retries for half a minute)
+CONNECT_WAIT_S = 5.0  # the longest a start waits to open a connection to Cloud Storage
+
+
+def check_reachable(path: str) -> None:
+  """Raises ValueError naming a gs:// path when no connection to Cloud Storage (STORAGE_EMULATOR_HOST when set) opens
+  within CONNECT_WAIT_S: at once, where the storage library would retry for half a minute. Not checked through a
+  proxy (HTTPS_PROXY), which this test cannot see past."""
+  if not str(path).startswith("gs://") or any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy")):
+    return
+  url = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
+  parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+  try:
+    socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                             timeout=CONNECT_WAIT_S).close()
+  except OSError as e:
+    raise ValueError(f"workdir {path!r} cannot be reached: no connection to {url} ({type(e).__name__}: "
+                     f"{e.strerror or e or 'timed out'}); check the network") from None
 
 
 def answer_within(seconds: float, fn: Callable[[], Any]) -> Any:
@@ -311,6 +330,7 @@ def _storage_cause(error: BaseException) -> str:
 def check_remote_workdir(workdir: str) -> None:
   """Raises ValueError naming workdir unless this process can write an object there (the bucket exists, the
   credentials allow it) within STORAGE_WAIT_S: writes one and deletes it."""
+  check_reachable(workdir)
   probe = epath.Path(storage.absolute(workdir), ".write_check")
 
   def write() -> None:
@@ -328,12 +348,13 @@ def check_readable(path: str) -> None:
   cannot be reached or read; a missing path is no error here)."""
   if not storage.is_remote(path):
     return
+  check_reachable(path)
   try:
     answer_within(STORAGE_WAIT_S, epath.Path(storage.absolute(path)).stat)
   except FileNotFoundError:
     pass
   except Exception as e:  # pylint: disable=broad-except  # gcsfs, google-auth and aiohttp raise many types
-    raise ValueError(f"{path!r} cannot be read ({_storage_cause(e)}): check that the bucket exists, that it can be "
+    raise ValueError(f"workdir {path!r} cannot be read ({_storage_cause(e)}): check that the bucket exists, that it can be "
                      "reached from here and that the credentials allow reading it") from None
 
 
