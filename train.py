@@ -17,7 +17,8 @@ def stopped_at_once() -> str:
 
 
 # Before the imports below (seconds): a signal while they load, compile or run ends the process with one line.
-runtime.stop_on_signals("train.py", stopped_at_once, "stopping after this step, with a checkpoint; a second signal stops at once, without it")
+runtime.stop_on_signals("train.py", stopped_at_once,
+                        "stopping after this step, with a checkpoint; a second signal stops at once, without it")
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position

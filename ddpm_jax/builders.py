@@ -354,8 +354,8 @@ def check_readable(path: str) -> None:
   except FileNotFoundError:
     pass
   except Exception as e:  # pylint: disable=broad-except  # gcsfs, google-auth and aiohttp raise many types
-    raise ValueError(f"workdir {path!r} cannot be read ({_storage_cause(e)}): check that the bucket exists, that it can be "
-                     "reached from here and that the credentials allow reading it") from None
+    raise ValueError(f"workdir {path!r} cannot be read ({_storage_cause(e)}): check that the bucket exists and "
+                     "that the credentials allow reading it") from None
 
 
 def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, process_count: int = 1,

@@ -137,8 +137,11 @@ def test_sigterm_leaves_a_restorable_checkpoint_at_the_step_reached(tmp_path):
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+  # Acknowledged at once (the stop waits for the step and its checkpoint), then the stop's own line.
+  assert ("train.py: SIGTERM received: stopping after this step, with a checkpoint; a second signal stops at once, "
+          "without it\n") in err
   reached = int(re.search(r"stopped by SIGTERM at step (\d+); checkpoint saved", err).group(1))
-  assert reached >= 10
+  assert reached >= 10 and (tmp_path / "train.lock").read_text() == ""  # the lock released
   state = restore_host_state(tmp_path, small_config())
   assert int(state.step) == reached and checkpoint.all_finite(state.params)
 
