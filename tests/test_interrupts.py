@@ -3,6 +3,7 @@ the workdir given back (no lock held, no empty folder). Training: test_training;
 
 import re
 import signal
+import subprocess
 import time
 
 import pytest
@@ -16,7 +17,11 @@ def stop(proc, signum=signal.SIGINT):
   """Sends signum; returns (seconds until the process ended, its stderr lines that are not absl log lines)."""
   start = time.time()
   proc.send_signal(signum)
-  _, err = proc.communicate(timeout=60)
+  try:
+    _, err = proc.communicate(timeout=60)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    raise
   assert "Traceback" not in err, err[-3000:]
   return time.time() - start, [line for line in err.splitlines() if not LOG_LINE.match(line)]
 

@@ -82,6 +82,22 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
+def test_a_restored_state_compiles_the_train_step_once():
+  # A restored state mixes arrays committed to the device (orbax's) with a step made afresh (uncommitted); placed as
+  # it was, the step's committed output compiled the train step again at the second step (a minute for the small
+  # model on a loaded machine, counted in the first progress line's rate: "ETA 1:25:20" for a run of seconds).
+  from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
+
+  assert jax.device_count() == 1  # the plain-jit runner
+  step_fn = lambda state, batch, key, axis_name=None: ({"step": state["step"] + 1, "w": state["w"] * batch},
+                                                       {"loss": state["w"].sum()})
+  runner = parallel.make_runner(step_fn)
+  placed = runner.put_state({"step": jax.numpy.asarray(3), "w": jax.device_put(np.ones(2), jax.devices()[0])})
+  for _ in range(3):
+    placed, _ = runner.step(placed, np.full(2, 0.5, np.float32), jax.random.key(0))
+  assert runner.step._cache_size() == 1 and int(placed["step"]) == 6  # pylint: disable=protected-access
+
+
 @pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path, imported_tensorflow):
   first = run_train(tmp_path / "resumed", "--stop_at_step=6")
