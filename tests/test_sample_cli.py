@@ -211,6 +211,7 @@ def test_progress_rate_and_eta_leave_the_first_call_out(monkeypatch, capsys):
   assert capsys.readouterr().out == "sampled 0/10 | 0.0/s | ETA unknown\n"
 
 
+@pytest.mark.slow  # 21 s on a loaded 2-core machine (start-up, the sampler's compile, its first batch)
 def test_sigint_while_sampling_ends_within_seconds_with_one_line(workdir, tmp_path):
   out = tmp_path / "s.png"
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
