@@ -5,14 +5,21 @@ import json
 import os
 import sys
 
+from ddpm_jax import runtime
+
+# Before the imports below (seconds): a signal while they load, compile or sample ends the process with one line.
+runtime.stop_on_signals("sample.py")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
 from etils import epath
 
-from ddpm_jax import builders, checkpoint, data, evaluation, figures, images, loop, plots, runtime, sampling
+from ddpm_jax import builders, checkpoint, data, evaluation, figures, images, loop, plots, sampling
 from ddpm_jax.reporting import progress_printer
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of a training run: its latest checkpoint is used.")
@@ -71,22 +78,38 @@ def requested_labels(spec: str | None, guidance: float | None, config: ml_collec
 
 
 def check_out(path: str) -> None:
-  """Raises ValueError unless --out names a .png file in a folder that exists and is writable, or can be made."""
+  """Raises ValueError unless --out names a .png file that, with its .npz beside it, can be written: no folder of
+  that name, in a folder that is writable or can be made."""
   if os.path.splitext(path)[1].lower() != ".png":
     raise ValueError(f"--out={path!r} is not a .png path: the grid is written as PNG (the samples beside it as "
                      ".npz); give e.g. --out=samples.png")
-  existing = os.path.dirname(os.path.abspath(path))
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise ValueError(f"--out={path!r} cannot be written: {existing!r} is a file, not a folder")
-  if not os.access(existing, os.W_OK):
-    raise ValueError(f"--out={path!r} cannot be written: the folder {existing!r} is not writable")
+  for target in (path, os.path.splitext(path)[0] + ".npz"):
+    if os.path.isdir(target):
+      raise ValueError(f"--out={path!r} cannot be written: {target!r} is a folder; give a file path")
+  folder = os.path.dirname(os.path.abspath(path))
+  builders.check_folder(folder, f"--out={path!r} cannot be written: {folder!r}")
+
+
+def check_options() -> None:
+  """Raises ValueError for a flag value sample.py cannot use, before anything is read or compiled."""
+  if FLAGS.num_samples < 1:
+    raise ValueError(f"--num_samples={FLAGS.num_samples} is invalid: it must be >= 1")
+  if FLAGS.batch_size is not None and FLAGS.batch_size < 1:
+    raise ValueError(f"--batch_size={FLAGS.batch_size} is invalid: it must be >= 1 (or leave it out: the config's "
+                     "sample.batch_size)")
+  if FLAGS.scale is not None and FLAGS.scale < 1:
+    raise ValueError(f"--scale={FLAGS.scale} is invalid: it must be >= 1 (or leave it out: enlarged to 64 pixels)")
+  check_out(FLAGS.out)
+  if FLAGS.checkpoint and os.path.basename(FLAGS.checkpoint.rstrip("/")) == "checkpoints":
+    parent = os.path.dirname(FLAGS.checkpoint.rstrip("/")) or "."
+    raise ValueError(f"--checkpoint={FLAGS.checkpoint} is a checkpoints folder, not one of its step folders: give "
+                     f"--checkpoint {FLAGS.checkpoint.rstrip('/')}/STEP, or --workdir {parent} for the latest")
 
 
 def main(argv):
   del argv
   runtime.quiet_backend_discovery()
+  runtime.quiet_storage_retries()
   checkpoint.quiet_orbax()
   runtime.enable_compilation_cache(FLAGS.compilation_cache)
   try:
@@ -94,14 +117,16 @@ def main(argv):
       raise ValueError("give --workdir (latest checkpoint) or --checkpoint WORKDIR/checkpoints/STEP")
     if FLAGS.plot:
       workdir = checkpoint.locate(FLAGS.checkpoint or FLAGS.workdir)[0]
+      builders.check_readable(workdir)
       out = os.path.join(workdir, loop.CURVES)
       plots.plot_training_curves(os.path.join(workdir, "metrics.jsonl"), out)
       print(f"wrote {out}")
       return
-    if FLAGS.num_samples < 1:
-      raise ValueError(f"--num_samples={FLAGS.num_samples} is invalid: it must be >= 1")
-    check_out(FLAGS.out)
+    check_options()
     workdir, step = checkpoint.locate(FLAGS.checkpoint or FLAGS.workdir)
+    builders.check_readable(workdir)
+    if FLAGS.eval:  # eval_step_STEP.json goes into the workdir
+      builders.check_workdir(workdir)
     try:
       saved, step = checkpoint.load_config(workdir, step)
     except checkpoint.CheckpointReadError as e:

@@ -121,6 +121,14 @@ def one_line(error: BaseException) -> str:
   return "; ".join([str(error), *getattr(error, NOTES, [])])
 
 
+def run_cleanups(failure: BaseException) -> None:
+  """What a process ending at once still does first: the `cleanup` functions inside which it is, innermost first,
+  given the failure, which gains their notes; one that raises is passed over: the process ends regardless."""
+  for fn in reversed(list(_cleanups)):
+    with contextlib.suppress(Exception):
+      add_note(failure, fn(failure))
+
+
 def _end(client: Any, record: dict[str, str], error: Optional[BaseException] = None) -> None:
   """Ends this process on a shared failure: the cleanups (each bounded in time), its one line with what they noted
   and its exit code (the entry point's report), then os._exit (a normal exit would wait for the processes stuck in
@@ -130,9 +138,7 @@ def _end(client: Any, record: dict[str, str], error: Optional[BaseException] = N
   if not _ending.acquire(blocking=False):  # another thread of this process is ending it
     threading.Event().wait()
   error = error or rebuild(record)
-  for fn in reversed(list(_cleanups)):
-    with contextlib.suppress(Exception):  # ending regardless: the failure is reported next
-      add_note(error, fn(error))
+  run_cleanups(error)
   code = _report[0](error)
   sys.stdout.flush()
   sys.stderr.flush()

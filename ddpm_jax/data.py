@@ -169,12 +169,19 @@ def tfds_source(name: str, split: str, data_dir: Optional[str]) -> Source:
   features = builder.info.features
   if "image" not in features:
     raise ValueError(f"TFDS dataset {name!r} has no 'image' feature (it has {', '.join(features)})")
+  not_prepared = lambda e: ValueError(
+      f"TFDS dataset {name!r} is not prepared as ArrayRecord in {builder.data_dir_root}: prepare it once with "
+      f"`{PREPARE_COMMAND.format(name=name)}` and point config.data.data_dir (or TFDS_DATA_DIR) at DIR "
+      f"({type(e).__name__})")
   try:
     records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  except (NotImplementedError, AssertionError, FileNotFoundError) as e:  # TFDS's ways of saying "not prepared"
-    raise ValueError(f"TFDS dataset {name!r} is not prepared as ArrayRecord in {builder.data_dir_root}: prepare it "
-                     f"once with `{PREPARE_COMMAND.format(name=name)}` and point config.data.data_dir (or "
-                     f"TFDS_DATA_DIR) at DIR ({type(e).__name__})") from None
+  except KeyError as e:  # a split TFDS does not list: an unknown name, or none at all (not prepared)
+    if builder.info.splits:
+      raise ValueError(f"TFDS dataset {name!r} has no split {split!r} (config.data.split): it has "
+                       f"{', '.join(builder.info.splits)}") from None
+    raise not_prepared(e) from None
+  except (NotImplementedError, AssertionError, FileNotFoundError) as e:  # TFDS's other ways of saying "not prepared"
+    raise not_prepared(e) from None
   if len(records) < 1:
     raise ValueError(f"TFDS dataset {name!r} split {split!r} is empty")
   label = features["label"] if "label" in features else None

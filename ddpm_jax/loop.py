@@ -239,13 +239,14 @@ def train(training: Training, workdir: str) -> TrainState:
   """
   t = training
   lead = jax.process_index() == 0
+  made = not epath.Path(workdir).exists()  # by this run: removed again if it ends having written nothing
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   with contextlib.ExitStack() as cleanups:
     # Before the manager, which clears unfinished saves: they may be another live run's.
     lock = workdir_lock.acquire(workdir) if lead else None
     parts: dict[str, Any] = {}  # "manager": the checkpoint manager; "writer", "lock": their closing, each run once
     if lock is not None:
-      parts["lock"] = _once(lambda: workdir_lock.release(lock))
+      parts["lock"] = _once(lambda: _give_back(workdir, lock, made))
       cleanups.callback(parts["lock"])
 
     def abandon(failure: BaseException) -> str:
@@ -284,10 +285,37 @@ def _settle(manager: Any, wait_s: float = SAVE_WAIT_S) -> None:
   checkpoint.remove_leftovers(str(manager.directory))
 
 
-def _restore_handlers(handlers: dict) -> None:
-  """Puts back the signal handlers _catch_signals replaced."""
-  for sig, handler in handlers.items():
-    signal.signal(sig, handler)
+def _give_back(workdir: str, lock: Any, made: bool) -> None:
+  """Gives the workdir back: no checkpoints/ folder left empty by a run that saved nothing, the lock released, and no
+  workdir left that this run made (`made`) and wrote nothing in."""
+  folder = epath.Path(checkpoint.checkpoint_dir(workdir))
+  local = not storage.is_remote(workdir)
+  if local and folder.is_dir() and not any(folder.iterdir()):
+    folder.rmdir()
+  workdir_lock.release(lock)
+  if made and local and [p.name for p in epath.Path(workdir).iterdir()] == [workdir_lock.LOCK_FILE]:
+    epath.Path(workdir, workdir_lock.LOCK_FILE).unlink()
+    epath.Path(workdir).rmdir()
+
+
+class _Signals:
+  """The stop signals, claimed while the run can stop on them at a step with a checkpoint (the loop's handlers
+  record them in `received`), and given back to the handlers they had before."""
+
+  def __init__(self) -> None:
+    self.received: list[int] = []
+    self._before: dict = {}
+
+  def claim(self) -> None:
+    """From now on a signal stops the run after the current step, with a checkpoint."""
+    if not self._before:
+      self._before = _catch_signals(self.received)
+
+  def give_back(self) -> None:
+    """Puts back the handlers from before claim."""
+    for sig, handler in self._before.items():
+      signal.signal(sig, handler)
+    self._before = {}
 
 
 def _run(t: Training, workdir: str, parts: dict[str, Any], cleanups: contextlib.ExitStack) -> TrainState:
@@ -307,9 +335,14 @@ def _run(t: Training, workdir: str, parts: dict[str, Any], cleanups: contextlib.
     logging.info("nothing to do: the checkpoint is at step %d, the run ends at step %d", start, t.end_step)
     return t.runner.get_state(t.runner.put_state(state))
   run_state = t.runner.put_state(state)
-  received: list[int] = []
-  cleanups.callback(_restore_handlers, _catch_signals(received))
   agree = parallel.make_agreement() if jax.process_count() > 1 else None
+  # In one process, outside the steps (the first step's compile; the end-of-run work, once the last checkpoint is on
+  # disk) signals keep their previous handlers, which may end the process at once. Several processes stop together
+  # at a step: claimed throughout.
+  signals = _Signals()
+  cleanups.callback(signals.give_back)
+  if agree:
+    signals.claim()
   writer = MetricWriter(workdir, start, t.wandb_project, t.config) if lead else None
   if writer:
     parts["writer"] = _once(writer.close)
@@ -318,9 +351,11 @@ def _run(t: Training, workdir: str, parts: dict[str, Any], cleanups: contextlib.
     batches = iter(prefetch(t.batches(start), t.runner.put_batch))
     # closes the input pipeline (and its worker processes) at the end, not during interpreter shutdown
     cleanups.callback(getattr(batches, "close", lambda: None))
-    run_state = _train_steps(t, manager, run_state, batches, writer, received, agree, start)
+    run_state = _train_steps(t, manager, run_state, batches, writer, signals, agree, start)
     checkpoint.wait(manager)  # the last checkpoint is on disk before the end-of-run work is recorded as done
-  own = lambda: received[0] if received else 0
+  if not agree:
+    signals.give_back()
+  own = lambda: signals.received[0] if signals.received else 0
   _finish(t, workdir, run_state, writer, (lambda: int(parallel.local_value(agree(own())))) if agree else own)
   return t.runner.get_state(run_state)
 
@@ -343,9 +378,10 @@ def _compiled_together(step: Callable, *args: Any) -> Callable:
 
 
 def _train_steps(t: Training, manager: Any, run_state: Any, batches: Iterator[Any], writer: Optional[MetricWriter],
-                 received: list[int], agree: Optional[Callable[[int], jax.Array]], start: int) -> Any:
+                 signals: _Signals, agree: Optional[Callable[[int], jax.Array]], start: int) -> Any:
   """The train steps from `start` to t.end_step with their logging, checkpoints and periodic hooks (those of the
-  last step are _finish's); returns the state on the devices. Raises Interrupted after the checkpoint of a signal."""
+  last step are _finish's); returns the state on the devices. Signals are claimed once the first step (its compile)
+  is done; Interrupted is raised after the checkpoint of one."""
   lead = jax.process_index() == 0
   votes: collections.deque = collections.deque()
   pending: list[tuple[int, Any]] = []
@@ -363,7 +399,8 @@ def _train_steps(t: Training, manager: Any, run_state: Any, batches: Iterator[An
       jax.block_until_ready(metrics)
       logging.info("first step (compile included) took %.1f s", time.time() - t_last)
       t_last, n_last = time.time(), done
-    signum = _stop_signal(received, votes, agree)
+      signals.claim()
+    signum = _stop_signal(signals.received, votes, agree)
     if done == t.end_step and not signum:  # the votes not yet read: any signal until now stops at the last step
       signum = max([int(parallel.local_value(v)) for v in votes] + [0])
     stop = signum != 0

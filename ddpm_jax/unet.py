@@ -218,7 +218,7 @@ class UNet(nn.Module):
       raise ValueError(f"labels must be of shape [{x.shape[0]}] (the batch), got shape {jnp.shape(labels)}")
     if not isinstance(labels, jax.core.Tracer):  # concrete labels are checked; traced ones (under jit) cannot be
       values = np.asarray(labels)
-      bad = values[(values < NO_LABEL) | (values > self.num_classes)]
+      bad = values[(values < NO_LABEL) | (values >= self.num_classes)]
       if bad.size:
         raise ValueError(f"label {int(bad[0])} is out of range: use 0..{self.num_classes - 1}, or {NO_LABEL} (no "
                          "label)")

@@ -99,15 +99,72 @@ def test_sample_names_the_intact_checkpoints_when_a_step_folder_lost_its_arrays(
   assert line.endswith(f"; intact: 2 (use --checkpoint {workdir}/checkpoints/2)"), line
 
 
-def test_sample_checks_out_before_sampling(tmp_path):
+SAMPLE_DRIVER = """
+import contextlib, io, json, sys
+spec = json.loads(sys.argv[1])
+sys.argv = ["sample.py"]
+import sample
+from absl import flags
+from ddpm_jax import builders
+real = builders.tempfile.TemporaryFile
+def unwritable(dir=None, **kwargs):
+  if dir in spec["unwritable"]:
+    raise OSError(13, "Permission denied")
+  return real(dir=dir, **kwargs)
+builders.tempfile.TemporaryFile = unwritable
+results = []
+for args in spec["cases"]:
+  flags.FLAGS.unparse_flags()
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      builders.flags_parser("sample.py", None)(["sample.py", *args])
+      sample.main([])
+      code = 0
+    except SystemExit as e:
+      code = e.code
+  results.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def test_sample_checks_every_flag_before_reading_or_sampling(tmp_path):
+  # One process runs sample.py's main for each command line (a process each would take seconds to start).
   (tmp_path / "afile").write_text("")
-  for out, message in ((f"{tmp_path}/s.jpg", f"--out='{tmp_path}/s.jpg' is not a .png path: the grid is written as "
-                        "PNG (the samples beside it as .npz); give e.g. --out=samples.png"),
-                       (f"{tmp_path}/afile/s.png", f"--out='{tmp_path}/afile/s.png' cannot be written: "
-                        f"'{tmp_path}/afile' is a file, not a folder")):
-    res = run_entry("sample.py", f"--workdir={tmp_path}", f"--out={out}", "--num_samples=2")
-    assert res.returncode == 2 and "sampling" not in res.stdout
-    assert one_error_line(res, "sample.py") == message
+  for folder in ("adir.png", "b.npz", "locked"):
+    (tmp_path / folder).mkdir()
+  w, out = str(tmp_path), f"--out={tmp_path}/s.png"
+  cases = {
+      (f"--out={w}/s.jpg",): f"--out='{w}/s.jpg' is not a .png path: the grid is written as PNG (the samples beside it "
+                             "as .npz); give e.g. --out=samples.png",
+      (f"--out={w}/afile/s.png",): f"--out='{w}/afile/s.png' cannot be written: '{w}/afile' is a file, not a folder: "
+                                   "give a folder path",
+      (f"--out={w}/adir.png",): f"--out='{w}/adir.png' cannot be written: '{w}/adir.png' is a folder; give a file path",
+      (f"--out={w}/b.png",): f"--out='{w}/b.png' cannot be written: '{w}/b.npz' is a folder; give a file path",
+      (f"--out={w}/locked/s.png",): f"--out='{w}/locked/s.png' cannot be written: '{w}/locked' is not writable: "
+                                    "Permission denied",
+      ("--scale=0", out): "--scale=0 is invalid: it must be >= 1 (or leave it out: enlarged to 64 pixels)",
+      ("--batch_size=0", out): "--batch_size=0 is invalid: it must be >= 1 (or leave it out: the config's "
+                               "sample.batch_size)",
+      ("--batch_size=-1", out): "--batch_size=-1 is invalid: it must be >= 1 (or leave it out: the config's "
+                                "sample.batch_size)",
+      ("--num_samples=-5", out): "--num_samples=-5 is invalid: it must be >= 1",
+      (f"--workdir={w}/locked", "--eval", out): f"workdir '{w}/locked' is not writable: Permission denied",
+  }
+  lines = [[f"--workdir={w}", *args] if not args[0].startswith("--workdir") else list(args) for args in cases]
+  lines += [[f"--checkpoint={w}/checkpoints", out]]
+  spec = json.dumps({"unwritable": [f"{w}/locked"], "cases": lines})
+  res = subprocess.run([sys.executable, "-c", SAMPLE_DRIVER, spec], env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                                                           PYTHONPATH=ROOT),
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  results = json.loads(res.stdout.splitlines()[-1])
+  expected = list(cases.values()) + [f"--checkpoint={w}/checkpoints is a checkpoints folder, not one of its step "
+                                     f"folders: give --checkpoint {w}/checkpoints/STEP, or --workdir {w} for the "
+                                     "latest"]
+  for args, (code, stdout, stderr), message in zip(lines, results, expected):
+    assert (code, stderr) == (2, f"sample.py: error: {message}\n"), args
+    assert stdout == "", args  # nothing read, nothing sampled
 
 
 def test_a_failed_write_names_the_step_path_cause_and_what_was_kept(tmp_path, monkeypatch):
@@ -299,9 +356,6 @@ def test_small_ones(tmp_path):
     loop.check_finite([(7, {"loss": float("nan")})], lambda: None)
   with pytest.raises(FloatingPointError, match="the newest complete checkpoint, of step 5, predates it"):
     loop.check_finite([(7, {"loss": float("inf")})], lambda: 5)
-  res = run_entry("sample.py", f"--workdir={tmp_path}", "--num_samples=-5")
-  assert res.returncode == 2 and "sampling" not in res.stdout
-  assert one_error_line(res, "sample.py") == "--num_samples=-5 is invalid: it must be >= 1"
 
 
 def test_the_input_pipeline_leaves_no_autograph_files_when_killed(tmp_path):
@@ -450,6 +504,82 @@ def test_out_of_memory_on_a_training_step_is_one_line_naming_the_cure_and_exit_1
                                              "or lower --config.batch_size")
 
 
+def test_unusable_workdirs_are_refused_before_anything_is_built(tmp_path, monkeypatch):
+  for workdir in ("", "  ", "gs://", "gs:///"):
+    with pytest.raises(ValueError, match=re.escape(f"workdir {workdir!r} names no folder: give a path")):
+      builders.check_workdir(workdir)
+  # A resume into a read-only checkpoints/ (the workdir itself writable) is refused before it compiles.
+  (tmp_path / "checkpoints").mkdir()
+  real = builders.tempfile.TemporaryFile
+
+  def read_only_checkpoints(dir=None, **kwargs):  # pylint: disable=redefined-builtin
+    if os.path.basename(dir) == "checkpoints":
+      raise OSError(errno.EROFS, "Read-only file system")
+    return real(dir=dir, **kwargs)
+
+  monkeypatch.setattr(builders.tempfile, "TemporaryFile", read_only_checkpoints)
+  with pytest.raises(ValueError, match=re.escape(f"workdir '{tmp_path}': its checkpoints folder is not writable: "
+                                                 "Read-only file system")):
+    builders.check_workdir(str(tmp_path))
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+  (tmp_path / "raises.py").write_text("raise RuntimeError('boom')\n")
+  (tmp_path / "bare.py").write_text("X = 1\n")
+  (tmp_path / "fails.py").write_text("def get_config():\n  return 1 / 0\n")
+  line = lambda name: builders.flag_error(["train.py", f"--config={tmp_path}/{name}"], RuntimeError("x"), None)
+  assert line("raises.py") == f"config file '{tmp_path}/raises.py' raised RuntimeError: boom"
+  assert line("bare.py") == (f"config file '{tmp_path}/bare.py' has no get_config(): a config file defines "
+                             "get_config() returning an ml_collections.ConfigDict (see configs/default.py)")
+  assert line("fails.py") == f"config file '{tmp_path}/fails.py': get_config() raised ZeroDivisionError: division by zero"
+
+
+def test_help_exits_0_and_shows_the_config_flags():
+  res = run_entry("train.py", "-h", "--config.batch_size=7")
+  assert res.returncode == 0 and res.stderr == "", res.stderr[-2000:]
+  assert "--workdir: Checkpoints, metrics" in res.stdout and "--config: Experiment config file" in res.stdout
+  assert "  --config.batch_size=7\n" in res.stdout and "  --config.optim.learning_rate=" in res.stdout
+  res = run_entry("sample.py", "--help")
+  assert res.returncode == 0 and res.stderr == "", res.stderr[-2000:]
+  assert "--out: PNG grid path" in res.stdout and "--config: Optional config" in res.stdout
+
+
+def test_a_bucket_that_cannot_be_reached_is_one_line_naming_it_within_seconds(tmp_path):
+  pytest.importorskip("gcsfs", reason="gcsfs is not installed (gs:// workdirs need it: requirements-gcs.txt)")
+  with socket.socket() as s:  # a port nobody listens on
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
+         "FSSPEC_GCS_TOKEN": "anon", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+  expected = (f"workdir 'gs://bucket/run' cannot be reached: no connection to http://127.0.0.1:{port} "
+              "(ConnectionRefusedError: Connection refused); check the network")
+  for script, args in (("train.py", ["--stop_at_step=1"]), ("sample.py", [f"--out={tmp_path}/s.png"])):
+    start = time.time()
+    res = run_entry(script, "--workdir=gs://bucket/run", *args, env_extra=env)
+    assert res.returncode == 2 and time.time() - start < 30, (res.returncode, res.stderr[-3000:])
+    assert one_error_line(res, script) == expected  # sample.py: not "no checkpoint ... train first"
+
+
+def test_a_full_disk_at_start_names_the_workdir(tmp_path):
+  with small_tmpfs(tmp_path / "full", "16k"):
+    (tmp_path / "full" / "fill").write_bytes(b"\0" * 16384)
+    res = run_train(tmp_path / "full" / "run", "--stop_at_step=1")
+  assert res.returncode == 1, res.stderr[-3000:]
+  assert one_error_line(res, "train.py") == (f"the disk is full: no space left to write in the workdir "
+                                             f"'{tmp_path}/full/run' ([Errno 28] No space left on device)")
+
+
+def test_an_unprepared_tfds_dataset_is_one_line_naming_the_tfds_build_command(tmp_path):
+  # TFDS_DATA_DIR at an empty folder, no config.data.data_dir: TFDS raised a KeyError ("splits is empty"), exit 1.
+  res = run_entry("train.py", f"--workdir={tmp_path}/run", "--config.dataset=tfds:cifar10",
+                  env_extra={"TFDS_DATA_DIR": str(tmp_path)})
+  assert res.returncode == 2, res.stderr[-3000:]
+  assert one_error_line(res, "train.py") == (
+      f"TFDS dataset 'cifar10' is not prepared as ArrayRecord in {tmp_path}: prepare it once with `pip install -r "
+      "requirements-prepare.txt && tfds build cifar10 --file_format=array_record --data_dir=DIR` and point "
+      "config.data.data_dir (or TFDS_DATA_DIR) at DIR (KeyError)")
+
+
 def test_every_cleanup_runs_when_closing_the_checkpoints_fails_and_on_the_path_that_ends_by_os_exit(tmp_path,
                                                                                                    monkeypatch):
   # no train step (nothing to compile): straight to the end-of-run work
@@ -461,7 +591,6 @@ def test_every_cleanup_runs_when_closing_the_checkpoints_fails_and_on_the_path_t
 
   def end_of_run(*_):
     """Stands for a failure: first does what a process ending on another's failure does before os._exit."""
-    assert signal.getsignal(signal.SIGINT) is not before  # the loop's handler is in place
     seen["notes"] = [fn(RuntimeError()) for fn in list(consensus._cleanups)]  # pylint: disable=protected-access
     seen["writer closed"] = writers[0]._jsonl.closed  # pylint: disable=protected-access
     try:

@@ -3,8 +3,10 @@
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import ml_collections
@@ -16,6 +18,7 @@ import configs.default as default_config
 from ddpm_jax import builders, checkpoint, figures, images, sampling
 from ddpm_jax.data import load_digits
 from ddpm_jax.train_state import create_train_state
+from test_interrupts import stop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_MODEL = ["--config.model.base_channels=8", "--config.model.channel_mult=(1,2)"]
@@ -206,3 +209,20 @@ def test_progress_rate_and_eta_leave_the_first_call_out(monkeypatch, capsys):
   clock = iter([0.0, 0.0])
   reporting.progress_printer("sampled")(0, 10)  # nothing done yet, no time passed: no rate to go on
   assert capsys.readouterr().out == "sampled 0/10 | 0.0/s | ETA unknown\n"
+
+
+@pytest.mark.slow  # 21 s on a loaded 2-core machine (start-up, the sampler's compile, its first batch)
+def test_sigint_while_sampling_ends_within_seconds_with_one_line(workdir, tmp_path):
+  out = tmp_path / "s.png"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  # 2048 batches of 2 samples, 50 model calls each: minutes of sampling.
+  proc = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "sample.py"), f"--workdir={workdir}",
+                           "--num_samples=4096", "--batch_size=2", "--method=ddim", "--steps=50", f"--out={out}"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for line in proc.stdout:
+    if line.startswith("sampled "):  # the first batch is done: it is sampling the next ones
+      break
+  seconds, lines = stop(proc, signal.SIGINT)
+  assert proc.returncode == 130 and seconds < 5, (proc.returncode, seconds)
+  assert lines == ["sample.py: stopped by SIGINT"]
+  assert not out.exists() and not (tmp_path / "s.npz").exists()
