@@ -84,15 +84,15 @@ def cleanup(fn: Callable[[], None]) -> Iterator[None]:
     _cleanups.remove(fn)
 
 
-def _end(client: Any, record: dict[str, str], error: Optional[BaseException] = None) -> None:
-  """Ends this process on a shared failure: its one line and exit code (the entry point's report), the cleanups, then
-  os._exit (a normal exit would wait for the processes stuck in a collective with the one that failed). Process 0
-  hosts the key-value store and leaves last: once every other process is leaving, or after LEAVE_WAIT_S. `error`:
-  the record's own exception, traceback and all, on the process that raised it."""
+def _end(client: Any, record: dict[str, str], error: Optional[BaseException] = None, cleanups: bool = True) -> None:
+  """Ends this process on a shared failure: its one line and exit code (the entry point's report), the cleanups (if
+  `cleanups`), then os._exit (a normal exit would wait for the processes stuck in a collective with the one that
+  failed). Process 0 hosts the key-value store and leaves last: once every other process is leaving, or after
+  LEAVE_WAIT_S. `error`: the record's own exception, traceback and all, on the process that raised it."""
   if not _ending.acquire(blocking=False):  # another thread of this process is ending it
     threading.Event().wait()
   code = _report[0](error or rebuild(record))
-  for fn in reversed(list(_cleanups)):
+  for fn in reversed(list(_cleanups) if cleanups else []):
     with contextlib.suppress(Exception):  # ending regardless: the failure is already reported
       fn()
   sys.stdout.flush()
@@ -111,9 +111,10 @@ def _end(client: Any, record: dict[str, str], error: Optional[BaseException] = N
   os._exit(code)  # pylint: disable=protected-access
 
 
-def fail_together(error: BaseException) -> None:
+def fail_together(error: BaseException, cleanups: bool = True) -> None:
   """Once watch_failures runs, announces `error` (or the failure another process announced first) and ends this
-  process as every other one will end: the same line and exit code. Otherwise returns (the caller raises)."""
+  process as every other one will end: the same line and exit code; without this process's cleanups when not
+  `cleanups` (it must write nothing more). Otherwise returns (the caller raises)."""
   client = _client()
   if client is None or not _report:
     return
@@ -123,7 +124,7 @@ def fail_together(error: BaseException) -> None:
   except Exception:  # pylint: disable=broad-except  (another process announced first: end on its failure)
     with contextlib.suppress(Exception):
       record = json.loads(client.key_value_try_get(FAILURE))
-  _end(client, record, error if record["process"] == str(jax.process_index()) else None)
+  _end(client, record, error if record["process"] == str(jax.process_index()) else None, cleanups)
 
 
 def watch_failures(report: Callable[[BaseException], int]) -> None:

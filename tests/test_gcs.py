@@ -13,25 +13,6 @@ pytestmark = [pytest.mark.gcs, pytest.mark.slow]
 FLAGS = ["--config.sample.num_steps=4", "--config.sample.num_samples=4"]  # the end-of-run grid: 4 samples, 4 steps
 
 
-@pytest.fixture
-def emulator(monkeypatch):
-  """The emulator's environment (also set in this process); skipped when the emulator cannot run here."""
-  pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is not installed (requirements-dev.txt)")
-  pytest.importorskip("gcsfs", reason="gcsfs is not installed (gs:// workdirs need it: requirements-dev.txt)")
-  import gcs_emulator  # pylint: disable=g-import-not-at-top
-
-  port = gcs_emulator.free_port()
-  try:
-    server = gcs_emulator.start(port)
-  except OSError as e:
-    pytest.skip(f"the Cloud Storage emulator cannot start on 127.0.0.1:{port}: {e}")
-  env = gcs_emulator.environment(port)
-  for key, value in env.items():
-    monkeypatch.setenv(key, value)
-  yield env
-  server.stop()
-
-
 def bucket_objects(prefix):
   """name -> bytes of every object under prefix in the emulator's bucket (STORAGE_EMULATOR_HOST)."""
   from google.cloud import storage  # pylint: disable=g-import-not-at-top

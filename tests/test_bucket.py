@@ -1,0 +1,190 @@
+"""A gs:// workdir's lock, against the Cloud Storage emulator (which enforces generation preconditions): one start of
+two wins, a stale lock is taken over and a live one is not whatever this host's clock says, a run that loses its
+lock stops at once."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from test_training import ROOT
+
+pytestmark = pytest.mark.gcs
+WORKDIR = "gs://bucket/run"
+LOCK = "run/train.lock"
+
+
+def blob(name):
+  """The emulator's object `name` (STORAGE_EMULATOR_HOST)."""
+  from google.cloud import storage  # pylint: disable=g-import-not-at-top
+
+  return storage.Client(project="test").bucket("bucket").blob(name)
+
+
+def write_lock(record, age_s=0.0):
+  """Writes the lock object as a run with `record` did `age_s` seconds ago on the emulator's clock."""
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+
+  gcs_emulator.shift_clock(-age_s)
+  try:
+    blob(LOCK).upload_from_string(json.dumps(record))
+  finally:
+    gcs_emulator.shift_clock(0.0)
+
+
+def holder():
+  """The lock object's record, or None when there is none."""
+  lock = blob(LOCK)
+  return json.loads(lock.download_as_bytes()) if lock.exists() else None
+
+
+def race(n):
+  """n threads constructing a BucketLock at once -> (the locks they got, the errors they met)."""
+  from ddpm_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+
+  start, won, lost = threading.Barrier(n), [], []
+
+  def attempt():
+    start.wait()
+    try:
+      won.append(workdir_lock.BucketLock(WORKDIR))
+    except workdir_lock.WorkdirBusy as e:
+      lost.append(e)
+
+  threads = [threading.Thread(target=attempt) for _ in range(n)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  return won, lost
+
+
+@pytest.mark.parametrize("before", ["no lock", "a stale lock"])
+def test_of_starts_racing_for_a_workdir_exactly_one_wins(emulator, before):
+  from ddpm_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+
+  if before == "a stale lock":  # a run killed with -9 left it LEASE_S + 30 s ago
+    write_lock({"pid": 1, "host": "dead", "since": "then"}, age_s=workdir_lock.LEASE_S + 30)
+  won, lost = race(3)
+  try:
+    assert len(won) == 1 and len(lost) == 2, (won, lost)
+    assert holder()["token"] == json.loads(won[0]._record)["token"]  # pylint: disable=protected-access
+    assert all("is in use by another run" in str(e) for e in lost)
+  finally:
+    for lock in won:
+      lock.release()
+  assert holder() is None
+
+
+def test_a_live_lock_is_kept_and_a_stale_one_taken_over_when_the_services_clock_is_an_hour_behind(emulator):
+  from ddpm_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+
+  write_lock({"pid": 1, "host": "dead", "since": "then"}, age_s=3600 + workdir_lock.LEASE_S + 30)
+  gcs_emulator.shift_clock(-3600)  # every time the service stamps or sends is an hour behind this host's clock
+  first = workdir_lock.BucketLock(WORKDIR)  # took the stale lock over: LEASE_S + 30 s old on the service's clock
+  try:
+    with pytest.raises(workdir_lock.WorkdirBusy, match=rf"pid {os.getpid()} on host .*, lock renewed [01] s ago"):
+      workdir_lock.BucketLock(WORKDIR)  # a live lock: a second old on the service's clock, an hour by this host's
+  finally:
+    first.release()
+  assert holder() is None
+
+
+def test_a_start_whose_stale_lock_vanishes_while_it_looks_creates_it(emulator, monkeypatch):
+  from ddpm_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+
+  write_lock({"pid": 1, "host": "ending", "since": "then"})
+  read = workdir_lock.BucketLock._read  # pylint: disable=protected-access
+
+  def read_after_its_run_removed_it(self):
+    blob(LOCK).delete()  # the holder ended between this start's create and its read
+    return read(self)
+
+  monkeypatch.setattr(workdir_lock.BucketLock, "_read", read_after_its_run_removed_it)
+  lock = workdir_lock.BucketLock(WORKDIR)
+  assert holder()["pid"] == os.getpid()
+  lock.release()
+  assert holder() is None
+
+
+def test_release_waits_for_a_renewal_in_flight_and_removes_the_lock(emulator, monkeypatch):
+  from google.cloud import storage  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(workdir_lock, "RENEW_S", 0.05)
+  lock = workdir_lock.BucketLock(WORKDIR)
+  upload, renewing = storage.Blob.upload_from_string, threading.Event()
+
+  def slow_answer(self, *args, **kwargs):
+    upload(self, *args, **kwargs)  # written: a new generation
+    renewing.set()
+    time.sleep(0.5)  # its answer slow to come back
+
+  monkeypatch.setattr(storage.Blob, "upload_from_string", slow_answer)
+  assert renewing.wait(10)
+  lock.release()
+  assert holder() is None
+
+
+def test_the_lease_outlasts_the_time_a_holder_takes_to_notice_and_stop():
+  from ddpm_jax import consensus, workdir_lock  # pylint: disable=g-import-not-at-top
+
+  # the latest a holder ends after its last renewal: STOP_S, one more wait and renewal (a write, then a read of the
+  # lock, each up to REQUEST_TIMEOUT_S), then the wait for the other processes; a takeover comes LEASE_S after it
+  latest = workdir_lock.STOP_S + workdir_lock.RENEW_S + 2 * workdir_lock.REQUEST_TIMEOUT_S + consensus.LEAVE_WAIT_S
+  assert latest <= workdir_lock.LEASE_S / 2, latest  # half of the lease left for slow storage and process exit
+
+
+HOLD = """import sys, time
+from ddpm_jax import workdir_lock
+workdir_lock.RENEW_S, workdir_lock.STOP_S = 0.1, float(sys.argv[1])
+workdir_lock.acquire("gs://bucket/run")
+print("held", flush=True)
+time.sleep(30)
+"""
+
+
+def hold(tmp_path, stop_s):
+  """A process (hold.py) that takes the workdir's lock and renews it every 0.1 s, ending when no renewal succeeded
+  for stop_s; returns once it holds the lock."""
+  script = tmp_path / "hold.py"
+  script.write_text(HOLD)
+  proc = subprocess.Popen([sys.executable, str(script), str(stop_s)], env=dict(os.environ, PYTHONPATH=ROOT),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  assert proc.stdout.readline() == "held\n", proc.communicate(timeout=30)
+  return proc
+
+
+def test_a_run_whose_lock_is_taken_over_stops_at_once_with_one_line(emulator, tmp_path):
+  proc = hold(tmp_path, stop_s=60.0)
+  write_lock({"pid": 7, "host": "newcomer", "since": "now"})  # another start took the lock over
+  taken = time.monotonic()
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == 1 and time.monotonic() - taken < 5, (proc.returncode, err)
+  assert err.strip().splitlines()[-1].startswith(
+      "hold.py: error: lost the lock of workdir 'gs://bucket/run': it was taken over by pid 7 on host newcomer, "
+      "running since now; stopped at once"), err
+  assert "Traceback" not in err
+  assert holder()["host"] == "newcomer"  # the newcomer's lock is left alone
+
+
+def test_a_run_whose_renewals_fail_stops_before_its_lock_can_be_taken_over(emulator, tmp_path):
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+
+  port = gcs_emulator.free_port()  # an emulator of its own, stopped under the holder's feet
+  server = gcs_emulator.start(port)
+  os.environ.update(gcs_emulator.environment(port))
+  try:
+    proc = hold(tmp_path, stop_s=1.0)
+  finally:
+    server.stop()
+  away = time.monotonic()
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == 1 and time.monotonic() - away < 5, (proc.returncode, err)
+  assert err.strip().splitlines()[-1].startswith(
+      "hold.py: error: lost the lock of workdir 'gs://bucket/run': no renewal of it succeeded for 1 s"), err
