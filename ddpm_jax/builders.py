@@ -16,6 +16,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+import uuid
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -26,8 +27,8 @@ from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
-from ddpm_jax import (checkpoint, data, diffusion, evaluation, images, inception, loop, parallel, reporting, sampling,
-                      storage, training)
+from ddpm_jax import (checkpoint, consensus, data, diffusion, evaluation, images, inception, loop, parallel, reporting,
+                      sampling, storage, training)
 from ddpm_jax.evaluation import Evaluator
 from ddpm_jax.reporting import MetricWriter
 from ddpm_jax.schedule import Schedule, make_schedule
@@ -210,9 +211,9 @@ def flags_parser(program: str, default_config: Optional[str]) -> Callable[[list[
 
 def check_workdir(workdir: str) -> None:
   """Raises ValueError unless workdir is a folder this process can write in, or can be made one (it is not made
-  here: a start that fails later leaves nothing behind)."""
+  here: a start that fails later leaves nothing behind). A bucket is probed by process 0 alone, for every process."""
   if storage.is_remote(workdir):
-    check_remote_workdir(workdir)
+    consensus.decide("workdir/writable", lambda: check_remote_workdir(workdir))
     return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"workdir {workdir!r} is a file, not a folder: give a folder path")
@@ -230,8 +231,8 @@ def check_workdir(workdir: str) -> None:
 
 def check_remote_workdir(workdir: str) -> None:
   """Raises ValueError naming workdir unless this process can write an object there (the bucket exists, the
-  credentials allow it): writes one and deletes it."""
-  probe = epath.Path(storage.absolute(workdir), ".write_check")
+  credentials allow it): writes one of its own and deletes it."""
+  probe = epath.Path(storage.absolute(workdir), f".write_check.{uuid.uuid4().hex}")  # two starts probe apart
   try:
     probe.write_text("", encoding="utf-8")
     probe.unlink()

@@ -75,5 +75,8 @@ def emulator(monkeypatch):
   env = gcs_emulator.environment(port)
   for key, value in env.items():
     monkeypatch.setenv(key, value)
+  import gcsfs  # pylint: disable=g-import-not-at-top
+
+  gcsfs.GCSFileSystem.clear_instance_cache()  # one made for an earlier test's emulator would call its port
   yield env
   server.stop()

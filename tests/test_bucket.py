@@ -188,3 +188,63 @@ def test_a_run_whose_renewals_fail_stops_before_its_lock_can_be_taken_over(emula
   assert proc.returncode == 1 and time.monotonic() - away < 5, (proc.returncode, err)
   assert err.strip().splitlines()[-1].startswith(
       "hold.py: error: lost the lock of workdir 'gs://bucket/run': no renewal of it succeeded for 1 s"), err
+
+
+class ProcessZerosAnswer:
+  """The coordination service's client as process 1 of 2 sees it: every decision is the scripted answer of
+  process 0."""
+
+  def __init__(self, answer):
+    self.answer, self.asked = json.dumps(answer), []
+
+  def blocking_key_value_get(self, key, timeout_ms):
+    self.asked.append(key)
+    return self.answer
+
+
+def test_a_bucket_is_probed_by_process_zero_alone_the_others_take_its_answer(emulator, monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import builders, consensus  # pylint: disable=g-import-not-at-top
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  sent = gcs_emulator.bytes_received()
+  yes = ProcessZerosAnswer({"value": None})
+  monkeypatch.setattr(consensus, "_client", lambda: yes)
+  builders.check_workdir("gs://nobucket/run")  # no such bucket: only process 0's answer lets it pass
+  no = ProcessZerosAnswer({"error": consensus.describe(ValueError("workdir 'gs://bucket/run' cannot be written"))})
+  monkeypatch.setattr(consensus, "_client", lambda: no)
+  with pytest.raises(ValueError, match=r"^workdir 'gs://bucket/run' cannot be written$"):
+    builders.check_workdir("gs://bucket/run")
+  assert len(yes.asked) == 1 and len(no.asked) == 1
+  assert gcs_emulator.bytes_received() == sent  # process 1 wrote nothing
+
+
+def test_two_starts_probing_a_bucket_at_once_both_pass(emulator, monkeypatch):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import builders  # pylint: disable=g-import-not-at-top
+
+  probe_class = type(epath.Path(WORKDIR))
+  unlink, others = probe_class.unlink, []
+
+  def unlink_after_another_start_probed(self, *args, **kwargs):
+    if not others:  # the second start probes, whole, between this one's write and its delete
+      others.append(WORKDIR)
+      builders.check_remote_workdir(WORKDIR)
+    return unlink(self, *args, **kwargs)
+
+  monkeypatch.setattr(probe_class, "unlink", unlink_after_another_start_probed)
+  builders.check_remote_workdir(WORKDIR)
+  assert others and not [b.name for b in blob(LOCK).bucket.list_blobs(prefix="run/")]  # both probes removed
+
+
+def test_an_uncommitted_step_folder_in_a_bucket_is_no_checkpoint_and_is_removed(emulator):
+  from ddpm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  for name in ("5/commit_success.txt", "5/params/d/0", "7/params/d/0"):  # step 7: a save cut short, in place
+    blob(f"run/checkpoints/{name}").upload_from_string("x")
+  folder = checkpoint.checkpoint_dir(WORKDIR)
+  assert checkpoint.steps_on_disk(folder) == [5]
+  checkpoint.remove_leftovers(folder)
+  assert sorted(b.name for b in blob(LOCK).bucket.list_blobs(prefix="run/checkpoints/")) == [
+      "run/checkpoints/5/commit_success.txt", "run/checkpoints/5/params/d/0"]
