@@ -248,3 +248,53 @@ def test_an_uncommitted_step_folder_in_a_bucket_is_no_checkpoint_and_is_removed(
   checkpoint.remove_leftovers(folder)
   assert sorted(b.name for b in blob(LOCK).bucket.list_blobs(prefix="run/checkpoints/")) == [
       "run/checkpoints/5/commit_success.txt", "run/checkpoints/5/params/d/0"]
+
+
+def rows_of(text):
+  """metrics.jsonl's text -> its rows."""
+  return [json.loads(line) for line in text.splitlines()]
+
+
+def test_metrics_and_event_files_in_a_bucket_grow_by_what_is_added_at_a_bounded_rate(emulator, tmp_path, monkeypatch):
+  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import reporting, storage  # pylint: disable=g-import-not-at-top
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(storage, "UPLOAD_EVERY_S", 0.0)  # every row uploaded: the most bytes the writer can send
+  writer = reporting.MetricWriter(WORKDIR)
+  sent = [gcs_emulator.bytes_received()]
+  for half in range(2):  # the bytes sent for rows 40..79 are those for rows 0..39: each byte is uploaded once
+    for step in range(40 * half, 40 * half + 40):
+      writer.write(step, {"loss": 1.0 / (step + 1), "lr": 1e-4})
+    sent.append(gcs_emulator.bytes_received())
+  first, second = sent[1] - sent[0], sent[2] - sent[1]
+  assert 0.9 < second / first < 1.1, (first, second)  # whole rewrites: the second half would cost about 3 times more
+  monkeypatch.setattr(storage, "UPLOAD_EVERY_S", 3600.0)
+  for step in range(80, 90):  # within the hour since the last upload: nothing sent until close
+    writer.write(step, {"loss": 1.0 / (step + 1), "lr": 1e-4})
+  assert gcs_emulator.bytes_received() == sent[2]
+  writer.close()
+  assert [row["step"] for row in rows_of(blob("run/metrics.jsonl").download_as_text())] == list(range(90))
+  events, = [b for b in blob(LOCK).bucket.list_blobs(prefix="run/tensorboard/")]
+  (tmp_path / "events").write_bytes(events.download_as_bytes())
+  loss = {e.step: e.summary.value[0].tensor.float_val[0] for e in event_file_loader.EventFileLoader(
+      str(tmp_path / "events")).Load() if e.summary.value and e.summary.value[0].tag == "loss"}
+  assert sorted(loss) == list(range(90)) and loss[9] == pytest.approx(0.1, rel=1e-6)  # float32 of 1/10
+
+
+def test_weights_and_biases_keeps_its_run_id_in_a_bucket_workdir(emulator, monkeypatch):
+  import importlib.machinery  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import reporting  # pylint: disable=g-import-not-at-top
+
+  # wandb stands in for the real package (not a dependency; it would call its servers): what the writer hands it
+  calls = []
+  wandb = types.ModuleType("wandb")
+  wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+  wandb.init = lambda **kwargs: calls.append(kwargs) or types.SimpleNamespace(log=lambda *a, **k: None,
+                                                                                finish=lambda: None)
+  monkeypatch.setitem(sys.modules, "wandb", wandb)
+  for start in (0, 5):  # a first run, then its resumption
+    reporting.MetricWriter(WORKDIR, start, wandb_project="p", config={"seed": 0}).close()
+  assert [c["id"] for c in calls] == [blob("run/wandb_run_id").download_as_text()] * 2
+  assert all(c["dir"] is None and c["resume"] == "allow" for c in calls)  # W&B's own files stay local
