@@ -9,8 +9,8 @@ multipart uploads can lose a carriage return of binary content: parsed byte
 for byte; it ignores generation preconditions (ifGenerationMatch), on which the workdir
 lock rests: enforced as Cloud Storage does (412 when the object's generation
 differs, 0 meaning "absent"). It also counts the bytes of every request body
-(`bytes_received`) and its clock can be set apart from this machine's
-(`shift_clock`).
+(`bytes_received`), lists the objects uploaded (`uploads`), and its clock can
+be set apart from this machine's (`shift_clock`).
 """
 
 import datetime
@@ -27,6 +27,7 @@ from gcp_storage_emulator.settings import API_ENDPOINT
 
 BUCKET = "bucket"  # the one bucket the emulator holds
 _received = {"bytes": 0}  # request body bytes of every emulator in this process
+_uploaded: list[str] = []  # the names of the objects they were sent, in order
 _clock = {"offset_s": 0.0}  # the emulator's clock minus this machine's
 
 
@@ -108,6 +109,8 @@ def _checked(handler: Callable) -> Callable:
       request._data = _multipart(request)  # pylint: disable=protected-access
     if request.method in ("POST", "PUT", "PATCH"):
       request.data  # pylint: disable=pointless-statement  # read the body whatever the answer
+    if request.query.get("uploadType") and "upload_id" not in request.query:  # an upload starts
+      _uploaded.append(_target(request, storage)[1])
     status = _precondition_failed(request, storage)
     if status is None:
       return handler(request, response, storage, *args, **kwargs)
@@ -169,6 +172,11 @@ def shift_clock(seconds: float) -> None:
 def bytes_received() -> int:
   """Bytes of request bodies (uploads, compose and metadata requests) the emulators in this process have received."""
   return _received["bytes"]
+
+
+def uploads() -> list[str]:
+  """The names of the objects uploaded to the emulators in this process, in order (one per upload)."""
+  return list(_uploaded)
 
 
 def environment(port: int) -> dict[str, str]:

@@ -52,3 +52,22 @@ def test_a_gs_workdir_trains_resumes_and_samples(emulator, tmp_path):
   assert len([n for n in names if n.startswith("run/tensorboard/events.out.tfevents.")]) == 2  # one per run
   assert "run/train.lock" not in names  # released
   assert not [n for n in names if n.startswith("run/.write_check")]  # the probe removed
+
+
+@pytest.mark.multiprocess
+def test_two_processes_train_in_a_gs_workdir(emulator):
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+  from test_multiprocess import MODEL, run_two  # pylint: disable=g-import-not-at-top
+
+  # the flags of test_multiprocess (their compiled programs shared) but for the stop: saves at steps 5 and 6; no
+  # sample grid (a compile of its own)
+  ends = run_two("gs://bucket/two", "--stop_at_step=6", "--config.checkpoint_every_steps=5",
+                 "--config.parallelism=fsdp", *MODEL, "--config.sample.every_steps=0")
+  assert [code for code, _, _ in ends] == [0, 0], [err[-2000:] for _, err, _ in ends]
+  names = set(bucket_objects("two/"))
+  for step in (5, 6):
+    assert f"two/checkpoints/{step}/commit_success.txt" in names
+  assert [json.loads(line)["step"] for line in bucket_objects("two/metrics.jsonl")["two/metrics.jsonl"].splitlines()
+          ] == [5, 6]
+  assert "two/train.lock" not in names and not [n for n in names if n.startswith("two/.write_check")]
+  assert len([n for n in gcs_emulator.uploads() if n.startswith("two/.write_check")]) == 1  # process 0's probe alone
