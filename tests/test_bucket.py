@@ -273,8 +273,9 @@ def test_metrics_and_event_files_in_a_bucket_grow_by_what_is_added_at_a_bounded_
   for step in range(80, 90):  # within the hour since the last upload: nothing sent until close
     writer.write(step, {"loss": 1.0 / (step + 1), "lr": 1e-4})
   assert gcs_emulator.bytes_received() == sent[2]
-  writer.close()
+  writer.flush()  # what the end-of-run curves read: every row
   assert [row["step"] for row in rows_of(blob("run/metrics.jsonl").download_as_text())] == list(range(90))
+  writer.close()
   events, = [b for b in blob(LOCK).bucket.list_blobs(prefix="run/tensorboard/")]
   (tmp_path / "events").write_bytes(events.download_as_bytes())
   loss = {e.step: e.summary.value[0].tensor.float_val[0] for e in event_file_loader.EventFileLoader(
