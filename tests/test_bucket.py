@@ -1,6 +1,7 @@
-"""A gs:// workdir's lock, against the Cloud Storage emulator (which enforces generation preconditions): one start of
-two wins, a stale lock is taken over and a live one is not whatever this host's clock says, a run that loses its
-lock stops at once."""
+"""A gs:// workdir's parts, in this process against the Cloud Storage emulator (which enforces generation
+preconditions): the lock (one start of several wins, a stale lock is taken over and a live one is not whatever this
+host's clock says, a run that loses its lock stops at once), the start's probe, uncommitted step folders, the bytes
+the metrics upload, the W&B run id."""
 
 import json
 import os

@@ -1,4 +1,5 @@
-"""A gs:// workdir, against a local Cloud Storage emulator: train, resume, sample; what lands in the bucket."""
+"""A gs:// workdir, against a local Cloud Storage emulator: train, resume, sample, train as two processes; what lands
+in the bucket."""
 
 import json
 import os
