@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import urllib.parse
+import uuid
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -29,8 +30,8 @@ from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
-from ddpm_jax import (checkpoint, data, diffusion, evaluation, images, inception, loop, parallel, reporting, sampling,
-                      storage, training)
+from ddpm_jax import (checkpoint, consensus, data, diffusion, evaluation, images, inception, loop, parallel, reporting,
+                      sampling, storage, training)
 from ddpm_jax.evaluation import Evaluator
 from ddpm_jax.reporting import MetricWriter
 from ddpm_jax.schedule import Schedule, make_schedule
@@ -273,8 +274,8 @@ def check_workdir(workdir: str) -> None:
   checkpoints folder, when there is one, can be written too."""
   if not workdir.strip() or (storage.is_remote(workdir) and not workdir.split("://", 1)[1].strip("/")):
     raise ValueError(f"workdir {workdir!r} names no folder: give a path (e.g. runs/default or gs://bucket/run)")
-  if storage.is_remote(workdir):
-    check_remote_workdir(workdir)
+  if storage.is_remote(workdir):  # probed by process 0 alone, for every process
+    consensus.decide("workdir/writable", lambda: check_remote_workdir(workdir))
     return
   check_folder(workdir, f"workdir {workdir!r}")
   if os.path.isdir(checkpoint.checkpoint_dir(workdir)):
@@ -329,9 +330,9 @@ def _storage_cause(error: BaseException) -> str:
 
 def check_remote_workdir(workdir: str) -> None:
   """Raises ValueError naming workdir unless this process can write an object there (the bucket exists, the
-  credentials allow it) within STORAGE_WAIT_S: writes one and deletes it."""
+  credentials allow it) within STORAGE_WAIT_S: writes one of its own and deletes it."""
   check_reachable(workdir)
-  probe = epath.Path(storage.absolute(workdir), ".write_check")
+  probe = epath.Path(storage.absolute(workdir), f".write_check.{uuid.uuid4().hex}")  # two starts probe apart
 
   def write() -> None:
     probe.write_text("", encoding="utf-8")

@@ -1,9 +1,10 @@
 """Orbax checkpoints of a TrainState (params, EMA params, optimizer state) plus the config that produced it.
 
-Orbax writes each step into a temporary folder and renames it when complete,
-so a checkpoint that is half written is never listed as the latest. Saves are
-asynchronous: save returns once the arrays are copied to host memory; the next
-save, or close, waits for the write and reports its failure.
+Orbax writes each step into a temporary folder and renames it when complete
+(in a bucket, gs://, into the step's folder, marked complete by a commit file
+written last), so a checkpoint that is half written is never listed as the
+latest. Saves are asynchronous: save returns once the arrays are copied to host
+memory; the next save, or close, waits for the write and reports its failure.
 """
 
 from __future__ import annotations
@@ -179,7 +180,17 @@ def steps_on_disk(directory: str) -> list[int]:
   a step still on disk, e.g. one it was about to delete when a save failed)."""
   folder = epath.Path(directory)
   found = folder.iterdir() if folder.is_dir() else []
-  return sorted(int(p.name) for p in found if p.name.isdigit() and p.is_dir())
+  return sorted(int(p.name) for p in found if p.name.isdigit() and p.is_dir() and not _unfinished(p))
+
+
+def _unfinished(path: epath.Path) -> bool:
+  """Whether a folder in a checkpoint folder holds a save that did not complete: locally one of orbax's temporary
+  folders (STEP.orbax-checkpoint-tmp-*); in a bucket (gs://), where orbax writes a step's folder in place and marks
+  it complete with a commit_success.txt in it, a folder without that mark."""
+  try:
+    return ocp.step.is_tmp_checkpoint(path)
+  except ValueError:  # removed meanwhile
+    return False
 
 
 ORBAX_THREADS_WAIT_S = 30.0  # the longest wait for orbax's threads still writing after a failed save
@@ -204,16 +215,17 @@ def _remove_partial(manager: ocp.CheckpointManager) -> None:
 
 
 def remove_leftovers(directory: str) -> None:
-  """Deletes the temporary folders of unfinished saves in a checkpoint folder (process 0 only: another process may
-  still be writing its shards); orbax never lists them as checkpoints."""
+  """Deletes the folders of unfinished saves in a checkpoint folder (_unfinished; process 0 only: another process
+  may still be writing its shards); orbax never lists them as checkpoints."""
   if jax.process_index():
     return
-  folder, pattern = epath.Path(directory), "*.orbax-checkpoint-tmp*"
+  folder = epath.Path(directory)
+  leftovers = lambda: [p for p in folder.iterdir() if _unfinished(p)] if folder.is_dir() else []
   for _ in range(20):  # tensorstore's writer threads can still be closing files: retry for up to 2 s
-    for partial in folder.glob(pattern):
+    for partial in leftovers():
       with contextlib.suppress(OSError):
         partial.rmtree()
-    if not list(folder.glob(pattern)):
+    if not leftovers():
       return
     time.sleep(0.1)
 

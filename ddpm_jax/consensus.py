@@ -129,16 +129,17 @@ def run_cleanups(failure: BaseException) -> None:
       add_note(failure, fn(failure))
 
 
-def _end(client: Any, record: dict[str, str], error: Optional[BaseException] = None) -> None:
-  """Ends this process on a shared failure: the cleanups (each bounded in time), its one line with what they noted
-  and its exit code (the entry point's report), then os._exit (a normal exit would wait for the processes stuck in
-  a collective with the one that failed). Process 0 hosts the key-value store and leaves last: once every other
-  process is leaving, or after LEAVE_WAIT_S. `error`: the record's own exception, traceback and all, on the process
-  that raised it."""
+def _end(client: Any, record: dict[str, str], error: Optional[BaseException] = None, cleanups: bool = True) -> None:
+  """Ends this process on a shared failure: the cleanups (each bounded in time; none when not `cleanups`), its one
+  line with what they noted and its exit code (the entry point's report), then os._exit (a normal exit would wait
+  for the processes stuck in a collective with the one that failed). Process 0 hosts the key-value store and leaves
+  last: once every other process is leaving, or after LEAVE_WAIT_S. `error`: the record's own exception, traceback
+  and all, on the process that raised it."""
   if not _ending.acquire(blocking=False):  # another thread of this process is ending it
     threading.Event().wait()
   error = error or rebuild(record)
-  run_cleanups(error)
+  if cleanups:
+    run_cleanups(error)
   code = _report[0](error)
   sys.stdout.flush()
   sys.stderr.flush()
@@ -162,9 +163,10 @@ def _wait_for_others_leaving(client: Any) -> None:
     time.sleep(POLL_S)
 
 
-def fail_together(error: BaseException) -> None:
+def fail_together(error: BaseException, cleanups: bool = True) -> None:
   """Once watch_failures runs, announces `error` (or the failure another process announced first) and ends this
-  process as every other one will end: the same line and exit code. Otherwise returns (the caller raises)."""
+  process as every other one will end: the same line and exit code; without this process's cleanups when not
+  `cleanups` (it must write nothing more). Otherwise returns (the caller raises)."""
   client = _client()
   if client is None or not _report:
     return
@@ -174,7 +176,7 @@ def fail_together(error: BaseException) -> None:
   except Exception:  # pylint: disable=broad-except  (another process announced first: end on its failure)
     with contextlib.suppress(Exception):
       record = json.loads(client.key_value_try_get(FAILURE))
-  _end(client, record, error if record["process"] == str(jax.process_index()) else None)
+  _end(client, record, error if record["process"] == str(jax.process_index()) else None, cleanups)
 
 
 def watch_failures(report: Callable[[BaseException], int]) -> None:

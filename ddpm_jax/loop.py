@@ -219,6 +219,7 @@ def _finish(t: Training, workdir: str, run_state: Any, writer: Optional[MetricWr
       raise Interrupted(t.end_step, signum)
     if piece == CURVES:
       if lead:
+        writer.flush()  # in a bucket, metrics.jsonl holds its last rows only once flushed
         plots.plot_training_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, CURVES))
     else:
       piece.run(t.end_step, ema_params, writer)
