@@ -108,13 +108,25 @@ def conditional(config: ml_collections.ConfigDict) -> bool:
   return bool(config.model.get("num_classes"))
 
 
+def learns_variance(config: ml_collections.ConfigDict) -> bool:
+  """Whether the config's model learns its variances (twice the output channels)."""
+  return bool(config.model.get("learn_variance"))
+
+
+def nll_variance(config: ml_collections.ConfigDict, variance: Optional[str] = None) -> str:
+  """The variance of the run's likelihood bound: learned_range for a model that learns it, else `variance` or the
+  sampler's."""
+  return "learned_range" if learns_variance(config) else variance or config.sample.variance
+
+
 def build_train_step(config: ml_collections.ConfigDict, schedule: Schedule) -> Callable:
   """training.train_step with the config's loss and EMA settings bound (state, batch, key, axis_name=None); a
   conditional model's batches are (images, labels) pairs."""
   d = config.diffusion
   step = functools.partial(training.train_step, schedule=schedule, loss=d.loss, ema_decay=config.ema.decay,
                            ema_warmup=config.ema.warmup, prediction=d.prediction, loss_weighting=d.loss_weighting,
-                           min_snr_gamma=d.min_snr_gamma)
+                           min_snr_gamma=d.min_snr_gamma,
+                           vlb_weight=d.get("vlb_weight", 0.0) if learns_variance(config) else 0.0)
   if not conditional(config):
     return step
 
@@ -275,6 +287,18 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, proces
   cond_drop = config.diffusion.get("cond_drop_prob", 0.0)
   if not 0.0 <= cond_drop <= 1.0:
     raise ValueError(f"diffusion.cond_drop_prob={cond_drop!r} is invalid: it must lie in [0, 1]")
+  vlb_weight = config.diffusion.get("vlb_weight", 0.0)
+  if not vlb_weight >= 0.0:
+    raise ValueError(f"diffusion.vlb_weight={vlb_weight!r} is invalid: it must be >= 0")
+  if learns_variance(config) and not vlb_weight > 0.0:
+    raise ValueError(f"diffusion.vlb_weight={vlb_weight!r} leaves the variance of model.learn_variance=True "
+                     "untrained: use a weight > 0 (0.001, Nichol & Dhariwal's)")
+  nll_images = nll_num_images(config)
+  if isinstance(nll_images, bool) or not isinstance(nll_images, int) or nll_images < 0:
+    raise ValueError(f"eval.nll_num_images={nll_images!r} is invalid: use 0 (off) or a number of images")
+  if nll_images and not config.eval_every_steps:
+    raise ValueError(f"eval.nll_num_images={nll_images} needs eval_every_steps > 0: the bound is computed with the "
+                     "other evaluations")
   if not 0.0 <= config.ema.decay < 1.0:
     raise ValueError(f"ema.decay={config.ema.decay!r} is invalid: it must lie in [0, 1) (0 keeps no average)")
   validate_sampler(sampler_options(config), schedule.num_timesteps, "sample.")
@@ -285,6 +309,11 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, proces
       raise ValueError(f"{key}={value!r} is invalid: use 0 (off) or a number of steps")
   if config.eval_every_steps and config.dataset != "digits":
     inception.check_weights_path(config.inception_weights or "")
+
+
+def nll_num_images(config: ml_collections.ConfigDict) -> int:
+  """How many evaluation images the training run's likelihood hook takes (0: off; configs older than the key: 0)."""
+  return (config.get("eval") or {}).get("nll_num_images", 0)
 
 
 def validate_sampler(options: sampling.SamplerOptions, num_timesteps: int, prefix: str = "") -> None:
