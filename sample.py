@@ -21,7 +21,8 @@ builders.define_config_flag("sample.py", None, "Optional config; by default the 
 flags.DEFINE_integer("num_samples", 64, "How many samples to draw.")
 flags.DEFINE_integer("batch_size", None, "Samples per batch (split over local devices); default config.sample.")
 flags.DEFINE_enum("method", None, list(sampling.METHODS), "Sampler; default config.sample.method.")
-flags.DEFINE_integer("steps", None, "Model calls of ddim / dpmpp_2m; default config.sample.num_steps.")
+flags.DEFINE_integer("steps", None, "Model calls of ddim / dpmpp_2m (default config.sample.num_steps) or of ddpm "
+                     "(default all T; fewer respace the chain as Improved DDPM does).")
 flags.DEFINE_float("eta", None, "DDIM eta in [0, 1]; default config.sample.eta.")
 flags.DEFINE_enum("timestep_spacing", None, list(sampling.SPACINGS),
                   "Timesteps of ddim / dpmpp_2m; default config.sample.timestep_spacing.")
