@@ -11,7 +11,7 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from ddpm_jax import builders, checkpoint, data, evaluation, figures, images, loop, plots, runtime, sampling
+from ddpm_jax import builders, checkpoint, data, evaluation, figures, images, likelihood, loop, plots, runtime, sampling
 from ddpm_jax.reporting import progress_printer
 
 FLAGS = flags.FLAGS
@@ -42,6 +42,11 @@ flags.DEFINE_string("labels", None, "Classes to draw, for a class-conditional mo
                     "'all'; the samples are shared out in that order, one class per grid row.")
 flags.DEFINE_float("guidance", None, "Classifier-free guidance scale w for --labels (0: unconditional, 1: "
                    "conditional, > 1: guided); default config.sample.guidance_scale.")
+flags.DEFINE_integer("nll", 0, "Instead of sampling, compute the variational bound in bits/dim on this many "
+                     "evaluation images (the test split where the dataset has one, else the training images); "
+                     "with --out, also write it as JSON beside it (same stem, .json).")
+flags.DEFINE_enum("variance", None, list(sampling.VARIANCES), "Fixed variance of ddpm and of --nll; default "
+                  "config.sample.variance (a model that learns its variances uses them).")
 flags.DEFINE_string("inception_weights", None, "FID Inception weights (tools/convert_inception_weights.py) for "
                     "--eval on datasets other than digits; overrides the config's inception_weights.")
 
@@ -85,6 +90,26 @@ def check_out(path: str) -> None:
     raise ValueError(f"--out={path!r} cannot be written: the folder {existing!r} is not writable")
 
 
+def likelihood_bound(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+  """--nll: the bound on --nll evaluation images in one line, and as JSON beside an --out that was given."""
+  schedule, model = builders.build_schedule(config), builders.build_model(config)
+  variance = builders.nll_variance(config, FLAGS.variance)
+  nll_images, labels, which = builders.build_nll_images(config, FLAGS.nll)
+  params = builders.restore_sampling_params(config, workdir, step, ema=FLAGS.use_ema)
+  bound = builders.build_bound_evaluator(config, model, schedule, FLAGS.variance, FLAGS.batch_size)
+  print(f"bound on {FLAGS.nll} images ({which}) with the {'EMA' if FLAGS.use_ema else 'raw'} params of step {step}: "
+        f"{schedule.num_timesteps} terms each, variance {variance}", flush=True)
+  result = bound(params, nll_images, jax.random.key(FLAGS.seed), labels, progress_printer("bound: images"))
+  summary = likelihood.summarize(result)
+  print(likelihood.report(summary, f"{which}; variance {variance}"))
+  if FLAGS["out"].present:
+    path = epath.Path(os.path.splitext(FLAGS.out)[0] + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**summary, "data": which, "variance": variance, "step": step, "ema": FLAGS.use_ema,
+                                "seed": FLAGS.seed}, indent=2), encoding="utf-8")
+    print(f"wrote {path}")
+
+
 def main(argv):
   del argv
   runtime.quiet_backend_discovery()
@@ -101,7 +126,10 @@ def main(argv):
       return
     if FLAGS.num_samples < 1:
       raise ValueError(f"--num_samples={FLAGS.num_samples} is invalid: it must be >= 1")
-    check_out(FLAGS.out)
+    if FLAGS.nll < 0:
+      raise ValueError(f"--nll={FLAGS.nll} is invalid: give a number of images (0: sample instead)")
+    if not FLAGS.nll:
+      check_out(FLAGS.out)
     workdir, step = checkpoint.locate(FLAGS.checkpoint or FLAGS.workdir)
     try:
       saved, step = checkpoint.load_config(workdir, step)
@@ -117,9 +145,13 @@ def main(argv):
     if FLAGS.inception_weights:
       with config.unlocked():  # a --config file's dict is locked
         config.inception_weights = FLAGS.inception_weights
+    if FLAGS.nll:
+      likelihood_bound(config, workdir, step)
+      return
     labels, cols = requested_labels(FLAGS.labels, FLAGS.guidance, config, FLAGS.num_samples)
     options = builders.sampler_options(config, method=FLAGS.method, num_steps=FLAGS.steps, eta=FLAGS.eta,
-                                       timestep_spacing=FLAGS.timestep_spacing, guidance_scale=FLAGS.guidance)
+                                       timestep_spacing=FLAGS.timestep_spacing, guidance_scale=FLAGS.guidance,
+                                       variance=FLAGS.variance)
     schedule = builders.build_schedule(config)
     builders.validate_sampler(options, schedule.num_timesteps)
     evaluate = builders.build_evaluator(config, workdir) if FLAGS.eval else None

@@ -26,8 +26,8 @@ from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
-from ddpm_jax import (checkpoint, data, diffusion, evaluation, images, inception, loop, parallel, reporting, sampling,
-                      storage, training)
+from ddpm_jax import (checkpoint, data, diffusion, evaluation, images, inception, likelihood, loop, parallel, reporting,
+                      sampling, storage, training)
 from ddpm_jax.evaluation import Evaluator
 from ddpm_jax.reporting import MetricWriter
 from ddpm_jax.schedule import Schedule, make_schedule
@@ -365,6 +365,47 @@ def build_evaluator(config: ml_collections.ConfigDict, workdir: str,
   return evaluation.inception_evaluator(config.inception_weights, real, num_real, path, config.eval_batch_size)
 
 
+def build_nll_images(config: ml_collections.ConfigDict,
+                     num_images: int) -> tuple[np.ndarray, Optional[np.ndarray], str]:
+  """`num_images` evaluation images for the likelihood bound (data.evaluation_source; a seeded choice without
+  repeats, quantised to 8 bits in [-1, 1]), their labels for a conditional model (else None), and which they are."""
+  source, which = data.evaluation_source(config.dataset, data_dir=config.data.data_dir, split=config.data.split)
+  if num_images > source.size:
+    raise ValueError(f"{num_images} images were asked for the likelihood bound, more than the {source.size} of "
+                     f"{which}")
+  labelled = conditional(config)
+  batch = next(data.batch_stream(source, seed=0, global_batch=num_images, image_size=config.image_size,
+                                 channels=config.data.channels, random_flip=False, labels=labelled,
+                                 worker_count=config.data.worker_count))
+  images_, labels = batch if labelled else (batch, None)
+  return evaluation.quantize(images_), labels, which + (", conditional on their labels" if labelled else "")
+
+
+def build_bound_evaluator(config: ml_collections.ConfigDict, model: UNet, schedule: Schedule,
+                          variance: Optional[str] = None, batch_size: Optional[int] = None) -> Callable[..., dict]:
+  """likelihood.make_bound_evaluator for the config's model, with the run's variance (nll_variance) and the sampler's
+  batch size unless given."""
+  return likelihood.make_bound_evaluator(model_fn(model), schedule, variance=nll_variance(config, variance),
+                                         prediction=config.diffusion.prediction,
+                                         batch_size=batch_size or config.sample.batch_size)
+
+
+def _nll_hook(bound: Callable, images_: Optional[np.ndarray], labels: Optional[np.ndarray], key: jax.Array,
+              which: str) -> Callable:
+  """A loop hook computing the likelihood bound of the EMA params (process 0 alone) and logging it as
+  eval/bits_per_dim with its standard error and parts."""
+
+  def run(step: int, ema_params: Any, writer: Optional[MetricWriter]) -> None:
+    if writer is None:
+      return
+    s = likelihood.summarize(bound(ema_params, images_, key, labels))
+    writer.write(step, {"eval/bits_per_dim": s["bits_per_dim"], "eval/bits_per_dim_se": s["standard_error"],
+                        "eval/bits_per_dim_prior": s["prior"], "eval/bits_per_dim_decoder": s["decoder"],
+                        "eval/bits_per_dim_kl": s["kl_terms"]})
+    print(f"nll at step {step}: {likelihood.report(s, which)}", flush=True)
+  return run
+
+
 def _sample_grid_hook(workdir: str, generate: Callable, key: jax.Array, num_samples: int,
                       num_classes: int) -> Callable:
   """A loop hook writing a grid of EMA samples (of a conditional model: one class per row) to
@@ -431,6 +472,12 @@ def build_training(config: ml_collections.ConfigDict, workdir: str,
       evaluate = build_evaluator(config, workdir, source) if jax.process_index() == 0 else None
       hooks.append(loop.Hook("eval", config.eval_every_steps, _eval_hook(generate, evaluate, sample_key,
                                                                  config.eval_num_samples, num_classes)))
+  if nll_num_images(config):
+    lead = jax.process_index() == 0  # process 0 alone computes the bound
+    nll_data = build_nll_images(config, nll_num_images(config)) if lead else (None, None, "")
+    hooks.append(loop.Hook("nll", config.eval_every_steps, _nll_hook(build_bound_evaluator(config, model, schedule),
+                                                                     *nll_data[:2], jax.random.fold_in(sample_key, 1),
+                                                                     nll_data[2])))
   runner = parallel.make_runner(build_train_step(config, schedule), config.parallelism)
   return loop.Training(
       # Created in the runner's shardings: each device computes its own shards, no host holds the state.

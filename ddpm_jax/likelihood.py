@@ -5,11 +5,14 @@
 discretized Gaussian decoder's -log p(x0 | x_1) (`vb_terms`). Each is averaged
 over the dimensions and divided by ln 2. `bits_per_dim` estimates the sum with
 one x_t per timestep and image; `vb_terms` is also the hybrid loss's VLB term.
+`make_bound_evaluator` runs the bound over a set of images in batches;
+`summarize` and `report` give its mean ± standard error and its parts.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import functools
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -114,3 +117,62 @@ def bits_per_dim(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, x0: j
   terms = jax.lax.map(term, jnp.arange(schedule.num_timesteps, dtype=jnp.int32)).T
   prior = prior_bits(schedule, x0)
   return {"total": jnp.sum(terms, axis=1) + prior, "prior": prior, "terms": terms}
+
+
+def make_bound_evaluator(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, *, variance: str,
+                         prediction: str = "eps", batch_size: int = 256, clip_x0: bool = True
+                         ) -> Callable[..., dict[str, np.ndarray]]:
+  """A function (params, images, key, labels=None, progress=None) -> `bits_per_dim`'s dict over every image, as
+  NumPy arrays.
+
+  `model_fn(params, x_t, t)` (`model_fn(params, x_t, t, labels)` with labels)
+  is the network; `images` are 8-bit images in [-1, 1], evaluated in batches
+  of `batch_size` (the last one padded), the bound compiled once per kind of
+  key (with or without labels). Batch j's noise comes from fold_in(key, j).
+  `progress(done, total)` is called after each batch.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} is invalid: it must be >= 1")
+
+  @jax.jit
+  def batch_bound(params, x0, key, labels):
+    fn = functools.partial(model_fn, params)
+    return bits_per_dim(fn, schedule, x0, key, variance=variance, prediction=prediction, labels=labels,
+                        clip_x0=clip_x0)
+
+  def evaluate(params: Any, images: np.ndarray, key: jax.Array, labels: Optional[np.ndarray] = None,
+               progress: Optional[Callable[[int, int], None]] = None) -> dict[str, np.ndarray]:
+    """The bound of each image (of class labels[i], when given)."""
+    n = len(images)
+    pad = -n % batch_size
+    images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+    if labels is not None:
+      labels = np.concatenate([labels, np.repeat(labels[-1:], pad)]).astype(np.int32)
+    parts = []
+    for j, start in enumerate(range(0, n, batch_size)):
+      part = batch_bound(params, images[start:start + batch_size], jax.random.fold_in(key, j),
+                         None if labels is None else labels[start:start + batch_size])
+      parts.append(jax.tree_util.tree_map(np.asarray, part))
+      if progress is not None:
+        progress(min(start + batch_size, n), n)
+    return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
+  return evaluate
+
+
+def summarize(result: dict[str, np.ndarray]) -> dict[str, Any]:
+  """The bound's mean over images with its standard error, and the means of its parts (prior, decoder, KL terms,
+  and each term)."""
+  total, terms = np.asarray(result["total"], np.float64), np.asarray(result["terms"], np.float64)
+  n = len(total)
+  return {"bits_per_dim": float(total.mean()),
+          "standard_error": float(total.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+          "prior": float(np.mean(result["prior"])), "decoder": float(terms[:, 0].mean()),
+          "kl_terms": float(terms[:, 1:].sum(axis=1).mean()), "num_images": n,
+          "terms": terms.mean(axis=0).tolist()}
+
+
+def report(summary: dict[str, Any], note: str = "") -> str:
+  """One line: 'bits/dim: X ± SE over N images (prior, decoder, KL terms[; note])'."""
+  s = summary
+  return (f"bits/dim: {s['bits_per_dim']:.4f} ± {s['standard_error']:.4f} over {s['num_images']} images (prior "
+          f"{s['prior']:.4f} + decoder {s['decoder']:.4f} + KL terms {s['kl_terms']:.4f}{'; ' + note if note else ''})")

@@ -1,5 +1,7 @@
 """The variational bound in bits per dimension against float64 NumPy / SciPy references, closed forms and oracles."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -239,3 +241,52 @@ def test_variance_and_output_channels_must_agree():
   with pytest.raises(ValueError, match="variance='learned' is unknown: choose one of fixed_small, fixed_large, "
                                        "learned_range"):
     jax.eval_shape(lambda x: likelihood.bits_per_dim(oracle(X0), SCHED, x, key, variance="learned"), x0)
+
+
+def test_the_evaluator_pads_the_last_batch_without_changing_an_image_and_reports_progress():
+  model = lambda params, x, t: params * x  # (params, x_t, t): the evaluator's model convention
+  calls = []
+  evaluate = likelihood.make_bound_evaluator(model, SCHED, variance="fixed_small", batch_size=2)
+  key, x0 = jax.random.key(3), jnp.asarray(X0[:5], jnp.float32)
+  got = evaluate(0.5, np.asarray(x0), key, progress=lambda done, total: calls.append((done, total)))
+  assert calls == [(2, 5), (4, 5), (5, 5)] and got["terms"].shape == (5, T)
+  # Batch j is bits_per_dim with key fold_in(key, j); the padded last batch gives image 4 what it gets alone.
+  for j, rows in [(0, slice(0, 2)), (2, slice(4, 5))]:
+    want = likelihood.bits_per_dim(lambda x, t: 0.5 * x, SCHED, x0[rows], jax.random.fold_in(key, j),
+                                   variance="fixed_small")
+    np.testing.assert_allclose(got["total"][rows], want["total"], rtol=1e-6)
+  summary = likelihood.summarize(got)
+  total = np.asarray(got["total"], np.float64)
+  assert summary["bits_per_dim"] == pytest.approx(total.mean(), rel=1e-12)
+  assert summary["standard_error"] == pytest.approx(total.std(ddof=1) / np.sqrt(5), rel=1e-12)
+  assert summary["decoder"] + summary["kl_terms"] + summary["prior"] == pytest.approx(summary["bits_per_dim"],
+                                                                                      rel=1e-6)
+
+
+def test_the_training_run_logs_the_bound_at_its_eval_steps(tmp_path, capsys):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import builders  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.train_state import init_params  # pylint: disable=g-import-not-at-top
+
+  config = default.get_config()
+  config.model.base_channels, config.model.channel_mult = 8, (1, 2)
+  config.diffusion.num_timesteps, config.eval_every_steps, config.eval.nll_num_images = T, 7, 6
+  config.sample.batch_size = 4
+  (hook,) = [h for h in builders.build_training(config, str(tmp_path)).hooks if h.name == "nll"]
+  assert hook.every == 7
+  # Random parameters of the model's shapes (initialising them for real compiles a large program).
+  shapes = jax.eval_shape(lambda: init_params(builders.build_model(config), jax.random.key(0), (1, 8, 8, 1)))
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32), shapes)
+  logged = []
+  writer = type("Writer", (), {"write": lambda self, step, scalars: logged.append((step, scalars))})()
+  hook.run(7, params, None)  # processes other than 0 compute nothing
+  assert not logged and not capsys.readouterr().out
+  hook.run(7, params, writer)
+  ((step, scalars),) = logged
+  assert step == 7 and set(scalars) == {"eval/bits_per_dim", "eval/bits_per_dim_se", "eval/bits_per_dim_prior",
+                                        "eval/bits_per_dim_decoder", "eval/bits_per_dim_kl"}
+  parts = scalars["eval/bits_per_dim_prior"] + scalars["eval/bits_per_dim_decoder"] + scalars["eval/bits_per_dim_kl"]
+  assert scalars["eval/bits_per_dim"] == pytest.approx(parts, rel=1e-6) and scalars["eval/bits_per_dim_se"] > 0
+  assert re.match(r"nll at step 7: bits/dim: \d+\.\d{4} ± \d+\.\d{4} over 6 images \(.*; the training images of "
+                  r"digits, which has no test split\)$", capsys.readouterr().out.strip())
