@@ -36,6 +36,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--num_samples", type=int, default=1000)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--samplers", default="", help="comma-separated method:steps (default: the README's ten)")
+  p.add_argument("--timestep_spacing", default=None, help="leading | trailing | linspace (default: the config's)")
   p.add_argument("--json", default="", help="write the rows here")
   p.add_argument("--markdown", default="", help="write the table here")
   args = p.parse_args(argv)
@@ -53,7 +54,7 @@ def measure(config: ml_collections.ConfigDict, workdir: str, step: int, method: 
             args: argparse.Namespace, evaluate: Any) -> dict[str, Any]:
   """One row: the sampler's quality numbers, compile time and seconds per 1,000 samples."""
   schedule = builders.build_schedule(config)
-  options = builders.sampler_options(config, method=method, num_steps=steps,
+  options = builders.sampler_options(config, method=method, num_steps=steps, timestep_spacing=args.timestep_spacing,
                                      eta=0.0 if method == "ddim" else None)
   builders.validate_sampler(options, schedule.num_timesteps)
   params = builders.restore_sampling_params(config, workdir, step)

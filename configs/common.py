@@ -30,6 +30,7 @@ def model(preset: str, **overrides) -> ml_collections.ConfigDict:
   m.topology = placeholder(str)  # ddpm | book (see ddpm_jax.unet.UNet)
   m.init_scheme = placeholder(str)  # flax | ddpm (fan-average uniform, zero-initialised residual-branch ends)
   m.out_channels = placeholder(int)  # None: as many as the input
+  m.learn_variance = placeholder(bool)  # True: twice the output channels, the second half a learned variance
   m.num_classes = placeholder(int)  # > 0: class-conditional on the dataset's labels (classifier-free guidance)
   m.dtype = placeholder(str)  # compute dtype: float32 | bfloat16
   m.param_dtype = placeholder(str)  # parameter dtype: float32 | bfloat16
@@ -43,3 +44,10 @@ def wandb() -> ml_collections.ConfigDict:
   w = ml_collections.ConfigDict()
   w.project = placeholder(str)
   return w
+
+
+def evaluation() -> ml_collections.ConfigDict:
+  """The eval section: what the evaluation hook computes besides sample quality (at eval_every_steps)."""
+  e = ml_collections.ConfigDict()
+  e.nll_num_images = 0  # > 0: the bound in bits/dim on this many evaluation images (test split where there is one)
+  return e

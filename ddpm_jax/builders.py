@@ -30,7 +30,8 @@ from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
-from ddpm_jax import (checkpoint, consensus, data, diffusion, evaluation, images, inception, loop, parallel, reporting,
+from ddpm_jax import (checkpoint, consensus, data, diffusion, evaluation, images, inception, likelihood, loop, parallel,
+                      reporting,
                       sampling, storage, training)
 from ddpm_jax.evaluation import Evaluator
 from ddpm_jax.reporting import MetricWriter
@@ -112,13 +113,25 @@ def conditional(config: ml_collections.ConfigDict) -> bool:
   return bool(config.model.get("num_classes"))
 
 
+def learns_variance(config: ml_collections.ConfigDict) -> bool:
+  """Whether the config's model learns its variances (twice the output channels)."""
+  return bool(config.model.get("learn_variance"))
+
+
+def nll_variance(config: ml_collections.ConfigDict, variance: Optional[str] = None) -> str:
+  """The variance of the run's likelihood bound: learned_range for a model that learns it, else `variance` or the
+  sampler's."""
+  return "learned_range" if learns_variance(config) else variance or config.sample.variance
+
+
 def build_train_step(config: ml_collections.ConfigDict, schedule: Schedule) -> Callable:
   """training.train_step with the config's loss and EMA settings bound (state, batch, key, axis_name=None); a
   conditional model's batches are (images, labels) pairs."""
   d = config.diffusion
   step = functools.partial(training.train_step, schedule=schedule, loss=d.loss, ema_decay=config.ema.decay,
                            ema_warmup=config.ema.warmup, prediction=d.prediction, loss_weighting=d.loss_weighting,
-                           min_snr_gamma=d.min_snr_gamma)
+                           min_snr_gamma=d.min_snr_gamma,
+                           vlb_weight=d.get("vlb_weight", 0.0) if learns_variance(config) else 0.0)
   if not conditional(config):
     return step
 
@@ -393,6 +406,18 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, proces
   cond_drop = config.diffusion.get("cond_drop_prob", 0.0)
   if not 0.0 <= cond_drop <= 1.0:
     raise ValueError(f"diffusion.cond_drop_prob={cond_drop!r} is invalid: it must lie in [0, 1]")
+  vlb_weight = config.diffusion.get("vlb_weight", 0.0)
+  if not vlb_weight >= 0.0:
+    raise ValueError(f"diffusion.vlb_weight={vlb_weight!r} is invalid: it must be >= 0")
+  if learns_variance(config) and not vlb_weight > 0.0:
+    raise ValueError(f"diffusion.vlb_weight={vlb_weight!r} leaves the variance of model.learn_variance=True "
+                     "untrained: use a weight > 0 (0.001, Nichol & Dhariwal's)")
+  nll_images = nll_num_images(config)
+  if isinstance(nll_images, bool) or not isinstance(nll_images, int) or nll_images < 0:
+    raise ValueError(f"eval.nll_num_images={nll_images!r} is invalid: use 0 (off) or a number of images")
+  if nll_images and not config.eval_every_steps:
+    raise ValueError(f"eval.nll_num_images={nll_images} needs eval_every_steps > 0: the bound is computed with the "
+                     "other evaluations")
   if not 0.0 <= config.ema.decay < 1.0:
     raise ValueError(f"ema.decay={config.ema.decay!r} is invalid: it must lie in [0, 1) (0 keeps no average)")
   validate_sampler(sampler_options(config), schedule.num_timesteps, "sample.")
@@ -403,6 +428,11 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, proces
       raise ValueError(f"{key}={value!r} is invalid: use 0 (off) or a number of steps")
   if config.eval_every_steps and config.dataset != "digits":
     inception.check_weights_path(config.inception_weights or "")
+
+
+def nll_num_images(config: ml_collections.ConfigDict) -> int:
+  """How many evaluation images the training run's likelihood hook takes (0: off; configs older than the key: 0)."""
+  return (config.get("eval") or {}).get("nll_num_images", 0)
 
 
 def validate_sampler(options: sampling.SamplerOptions, num_timesteps: int, prefix: str = "") -> None:
@@ -452,6 +482,47 @@ def build_evaluator(config: ml_collections.ConfigDict, workdir: str,
   path = evaluation.fid_stats_path(config.inception_weights, config.dataset, config.data.split, config.image_size,
                                    config.data.channels, num_real)
   return evaluation.inception_evaluator(config.inception_weights, real, num_real, path, config.eval_batch_size)
+
+
+def build_nll_images(config: ml_collections.ConfigDict,
+                     num_images: int) -> tuple[np.ndarray, Optional[np.ndarray], str]:
+  """`num_images` evaluation images for the likelihood bound (data.evaluation_source; a seeded choice without
+  repeats, quantised to 8 bits in [-1, 1]), their labels for a conditional model (else None), and which they are."""
+  source, which = data.evaluation_source(config.dataset, data_dir=config.data.data_dir, split=config.data.split)
+  if num_images > source.size:
+    raise ValueError(f"{num_images} images were asked for the likelihood bound, more than the {source.size} of "
+                     f"{which}")
+  labelled = conditional(config)
+  batch = next(data.batch_stream(source, seed=0, global_batch=num_images, image_size=config.image_size,
+                                 channels=config.data.channels, random_flip=False, labels=labelled,
+                                 worker_count=config.data.worker_count))
+  images_, labels = batch if labelled else (batch, None)
+  return evaluation.quantize(images_), labels, which + (", conditional on their labels" if labelled else "")
+
+
+def build_bound_evaluator(config: ml_collections.ConfigDict, model: UNet, schedule: Schedule,
+                          variance: Optional[str] = None, batch_size: Optional[int] = None) -> Callable[..., dict]:
+  """likelihood.make_bound_evaluator for the config's model, with the run's variance (nll_variance) and the sampler's
+  batch size unless given."""
+  return likelihood.make_bound_evaluator(model_fn(model), schedule, variance=nll_variance(config, variance),
+                                         prediction=config.diffusion.prediction,
+                                         batch_size=batch_size or config.sample.batch_size)
+
+
+def _nll_hook(bound: Callable, images_: Optional[np.ndarray], labels: Optional[np.ndarray], key: jax.Array,
+              which: str) -> Callable:
+  """A loop hook computing the likelihood bound of the EMA params (process 0 alone) and logging it as
+  eval/bits_per_dim with its standard error and parts."""
+
+  def run(step: int, ema_params: Any, writer: Optional[MetricWriter]) -> None:
+    if writer is None:
+      return
+    s = likelihood.summarize(bound(ema_params, images_, key, labels))
+    writer.write(step, {"eval/bits_per_dim": s["bits_per_dim"], "eval/bits_per_dim_se": s["standard_error"],
+                        "eval/bits_per_dim_prior": s["prior"], "eval/bits_per_dim_decoder": s["decoder"],
+                        "eval/bits_per_dim_kl": s["kl_terms"]})
+    print(f"nll at step {step}: {likelihood.report(s, which)}", flush=True)
+  return run
 
 
 def _sample_grid_hook(workdir: str, generate: Callable, key: jax.Array, num_samples: int,
@@ -520,6 +591,12 @@ def build_training(config: ml_collections.ConfigDict, workdir: str,
       evaluate = build_evaluator(config, workdir, source) if jax.process_index() == 0 else None
       hooks.append(loop.Hook("eval", config.eval_every_steps, _eval_hook(generate, evaluate, sample_key,
                                                                  config.eval_num_samples, num_classes)))
+  if nll_num_images(config):
+    lead = jax.process_index() == 0  # process 0 alone computes the bound
+    nll_data = build_nll_images(config, nll_num_images(config)) if lead else (None, None, "")
+    hooks.append(loop.Hook("nll", config.eval_every_steps, _nll_hook(build_bound_evaluator(config, model, schedule),
+                                                                     *nll_data[:2], jax.random.fold_in(sample_key, 1),
+                                                                     nll_data[2])))
   runner = parallel.make_runner(build_train_step(config, schedule), config.parallelism)
   return loop.Training(
       # Created in the runner's shardings: each device computes its own shards, no host holds the state.

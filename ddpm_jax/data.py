@@ -199,6 +199,23 @@ def make_source(dataset: str, *, data_dir: Optional[str] = None, split: str = "t
   return tfds_source(arg, split, data_dir)
 
 
+def evaluation_source(dataset: str, *, data_dir: Optional[str] = None, split: str = "train") -> tuple[Source, str]:
+  """The images a trained model is evaluated on, and which they are: a TFDS dataset's test split where it has one,
+  else the training images (the digits, a folder, the `split` of a TFDS dataset without a test split)."""
+  kind, arg = parse_dataset(dataset)
+  if kind == "tfds":
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # only for tfds: datasets
+
+    try:
+      splits = tfds.builder(arg, data_dir=data_dir).info.splits
+    except tfds.core.registered.DatasetNotFoundError:
+      splits = {}  # make_source names the problem
+    if "test" in splits:
+      return tfds_source(arg, "test", data_dir), f"the test split of {arg}"
+    return make_source(dataset, data_dir=data_dir, split=split), f"the {split} split of {arg}, which has no test split"
+  return make_source(dataset, data_dir=data_dir, split=split), f"the training images of {dataset}, which has no test split"
+
+
 def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
   """uint8 [h, w, c] -> [h, w, channels]: gray repeated to RGB, RGB(A) to gray by ITU-R 601 luma."""
   c = image.shape[-1]

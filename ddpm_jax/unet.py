@@ -128,7 +128,9 @@ class UNet(nn.Module):
   the stem kept as a global skip for a final residual block, a middle and
   decoder at twice the encoder's widths. `attn_resolutions` are feature-map
   heights that get attention in the encoder (and `up_attn_resolutions`, default
-  the same, in the decoder); the middle always has one.
+  the same, in the decoder); the middle always has one. With `learn_variance`
+  the output has twice the channels: the prediction, then the v of Nichol &
+  Dhariwal's learned variance (ddpm_jax.diffusion.model_log_variance).
   """
 
   base_channels: int = 128
@@ -149,6 +151,7 @@ class UNet(nn.Module):
   topology: str = "ddpm"
   init_scheme: str = "flax"  # "ddpm": the DDPM reference's initialisation (see initializers())
   out_channels: Optional[int] = None  # None: as many as the input
+  learn_variance: bool = False  # True: twice the output channels, the prediction then v of a learned variance
   num_classes: int = 0  # > 0: class-conditional, an embedding of num_classes + 1 rows (the last: no label)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -177,6 +180,10 @@ class UNet(nn.Module):
     if shape[1] % factor or shape[2] % factor:
       raise ValueError(f"image size {shape[1]}x{shape[2]} is not divisible by {factor}, "
                        f"which {len(self.channel_mult)} resolution levels need")
+
+  def _head_channels(self, x: jnp.ndarray) -> int:
+    """Output channels: out_channels (default: the input's), doubled with a learned variance."""
+    return (self.out_channels or x.shape[-1]) * (2 if self.learn_variance else 1)
 
   def _widths(self) -> list[int]:
     """Every feature width the network uses."""
@@ -271,7 +278,7 @@ class UNet(nn.Module):
       if level != 0:
         h = self._up(f"up_{level}_upsample", h, h.shape[-1], kw)
     h = nn.silu(nn.GroupNorm(num_groups=self.norm_groups, name="head_norm", **kw)(h))
-    return nn.Conv(self.out_channels or x.shape[-1], (3, 3), kernel_init=last, name="head_conv", **kw)(h)
+    return nn.Conv(self._head_channels(x), (3, 3), kernel_init=last, name="head_conv", **kw)(h)
 
   def _book_body(self, x, res, attn, kw):
     """The book's encoder, middle and decoder at twice the width, and global-skip head."""
@@ -293,7 +300,7 @@ class UNet(nn.Module):
       else:
         h = nn.Conv(self.base_channels, (3, 3), kernel_init=kernel, name=f"up_{level}_narrow", **kw)(h)
     h = res("head_res", self.base_channels, jnp.concatenate([h, r], axis=-1))
-    return nn.Conv(self.out_channels or x.shape[-1], (1, 1), kernel_init=last, name="head_conv", **kw)(h)
+    return nn.Conv(self._head_channels(x), (1, 1), kernel_init=last, name="head_conv", **kw)(h)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

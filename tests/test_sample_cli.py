@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -226,3 +227,37 @@ def test_sigint_while_sampling_ends_within_seconds_with_one_line(workdir, tmp_pa
   assert proc.returncode == 130 and seconds < 5, (proc.returncode, seconds)
   assert lines == ["sample.py: stopped by SIGINT"]
   assert not out.exists() and not (tmp_path / "s.npz").exists()
+
+
+NLL_LINE = re.compile(r"^bits/dim: (\d+\.\d{4}) ± (\d+\.\d{4}) over 6 images \(prior (\S+) \+ decoder (\S+) \+ KL terms "
+                      r"(\S+); the training images of digits, which has no test split; variance fixed_large\)$", re.M)
+
+
+def test_nll_prints_the_bound_with_its_parts_and_writes_it_beside_out(workdir, tmp_path):
+  res = run_sample(f"--workdir={workdir}", "--nll=6", "--batch_size=4", "--variance=fixed_large",
+                   f"--out={tmp_path}/new/nll.png")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "bound: images 4/6" in res.stdout and "bound: images 6/6" in res.stdout  # progress after each batch
+  total, se, prior, decoder, kl = map(float, NLL_LINE.search(res.stdout).groups())
+  assert total == pytest.approx(prior + decoder + kl, abs=2e-4) and se > 0  # four printed decimals each
+  saved = json.loads((tmp_path / "new" / "nll.json").read_text())
+  assert (saved["num_images"], saved["variance"], saved["step"], len(saved["terms"])) == (6, "fixed_large", 0, 1000)
+  assert round(saved["bits_per_dim"], 4) == total and saved["decoder"] == saved["terms"][0]
+  # The total is summed per image in float32 (~1e-7 relative), its parts averaged in float64.
+  assert sum(saved["terms"]) + saved["prior"] == pytest.approx(saved["bits_per_dim"], rel=1e-6)
+  res = run_sample(f"--workdir={workdir}", "--nll=1798")
+  assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == (
+      "sample.py: error: 1798 images were asked for the likelihood bound, more than the 1797 of the training images "
+      "of digits, which has no test split")
+
+
+@pytest.mark.slow
+def test_a_learned_variance_checkpoint_samples_with_respaced_ddpm(tmp_path):
+  from configs import digits_hybrid  # pylint: disable=g-import-not-at-top
+
+  config = digits_hybrid.get_config()
+  config.model.base_channels, config.model.channel_mult = 8, (1, 2)
+  save_checkpoint(config, tmp_path)
+  res = run_sample(f"--workdir={tmp_path}", "--method=ddpm", "--steps=10", "--num_samples=3", f"--out={tmp_path}/s.png")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "with ddpm" in res.stdout and np.load(tmp_path / "s.npz")["images"].shape == (3, 8, 8, 1)
