@@ -8,7 +8,7 @@ checkpoints' settings (one head, time embedding [sin, cos] with freq_shift 1,
 downsample padding 0, norm epsilon 1e-6); `bin/` the same U-Net as PyTorch's
 .bin with the older attention names (query, key, value, proj_attn), as the
 256-pixel checkpoints ship it; `heads/` a U-Net with diffusers' defaults (two
-heads, [cos, sin], freq_shift 0, padding 1, epsilon 1e-5). `outputs.npz` holds
+heads, [cos, sin], freq_shift 0, padding 1; epsilon 1e-3). `outputs.npz` holds
 fixed inputs (x NCHW, t) and diffusers' outputs of both U-Nets on them.
 """
 
@@ -23,7 +23,8 @@ TINY = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(4,
             down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
             norm_num_groups=2)
 DDPM = dict(attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_eps=1e-6)
-HEADS = dict(attention_head_dim=4, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, norm_eps=1e-5)
+# norm_eps 1e-3, not diffusers' 1e-5: large enough that a wrong epsilon shows above float32 rounding in the outputs
+HEADS = dict(attention_head_dim=4, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, norm_eps=1e-3)
 LEGACY = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
 
