@@ -121,7 +121,8 @@ def test_the_cifar10_checkpoint_config_is_the_papers_model_field_by_field():
 
 @pytest.mark.parametrize("change, words", [
     (lambda c: c.pop("block_out_channels"), ["lacks 'block_out_channels'"]),
-    (lambda c: c["down_block_types"].__setitem__(1, "CrossAttnDownBlock2D"), ["down_block_types", "CrossAttnDownBlock2D"]),
+    (lambda c: c["down_block_types"].__setitem__(1, "CrossAttnDownBlock2D"),
+     ["down_block_types", "CrossAttnDownBlock2D"]),
     (lambda c: c.update(resnet_time_scale_shift="scale_shift"), ["resnet_time_scale_shift='scale_shift'"]),
     (lambda c: c.update(attention_head_dim=96), ["attention_head_dim=96"]),
     (lambda c: c.update(_class_name="UNet2DConditionModel"), ["_class_name='UNet2DConditionModel'"]),

@@ -30,7 +30,7 @@ def main(argv):
   del argv
   runtime.quiet_backend_discovery()
   checkpoint.quiet_orbax()
-  try:
+  with builders.one_line_errors("export_diffusers.py"):
     if not (FLAGS.workdir or FLAGS.checkpoint) or not FLAGS.out:
       raise ValueError("give --workdir (latest checkpoint) or --checkpoint WORKDIR/checkpoints/STEP, and --out")
     if os.path.exists(FLAGS.out) and (not os.path.isdir(FLAGS.out) or os.listdir(FLAGS.out)):
@@ -45,12 +45,6 @@ def main(argv):
     params = builders.restore_sampling_params(config, workdir, step, ema=FLAGS.use_ema)
     pretrained.to_diffusers(model, params, FLAGS.out, None if FLAGS.unet_only else config,
                             image_size=config.image_size)
-  except ValueError as e:
-    print(f"export_diffusers.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except (OSError, checkpoint.CheckpointError) as e:
-    print(f"export_diffusers.py: error: {e}", file=sys.stderr)
-    sys.exit(1)
   kind = "UNet2DModel" if FLAGS.unet_only else "DDPMPipeline"
   print(f"wrote {FLAGS.out}: a diffusers {kind} folder of step {step}'s {'EMA' if FLAGS.use_ema else 'raw'} "
         f"parameters ({kind}.from_pretrained loads it)")

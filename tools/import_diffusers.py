@@ -67,7 +67,7 @@ def imported_config(base: ml_collections.ConfigDict, path: str, spec: pretrained
 def main(argv):
   runtime.quiet_backend_discovery()
   checkpoint.quiet_orbax()
-  try:
+  with builders.one_line_errors("import_diffusers.py"):
     if len(argv) != 2:
       raise ValueError("give one diffusers folder: python tools/import_diffusers.py PATH --workdir W")
     if not FLAGS.workdir:
@@ -86,12 +86,6 @@ def main(argv):
     finally:
       checkpoint.close(manager)
     epath.Path(workdir, "config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
-  except ValueError as e:
-    print(f"import_diffusers.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except (OSError, checkpoint.CheckpointError) as e:
-    print(f"import_diffusers.py: error: {e}", file=sys.stderr)
-    sys.exit(1)
   print(f"wrote {workdir}: a step-0 checkpoint of {path} ({count_params(params):,} parameters, "
         f"{spec.image_size}x{spec.image_size}x{spec.in_channels}, schedule {config.diffusion.schedule}, "
         f"{config.sample.variance} variance)\n"
