@@ -86,6 +86,9 @@ def main(argv):
     finally:
       checkpoint.close(manager)
     epath.Path(workdir, "config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
+  if not config.pretrained.scheduler:
+    print(f"import_diffusers.py: {path} has no scheduler config: the noise schedule and sampler settings are "
+          "--config's", file=sys.stderr)
   print(f"wrote {workdir}: a step-0 checkpoint of {path} ({count_params(params):,} parameters, "
         f"{spec.image_size}x{spec.image_size}x{spec.in_channels}, schedule {config.diffusion.schedule}, "
         f"{config.sample.variance} variance)\n"
