@@ -3,7 +3,6 @@ fixtures that tools/make_diffusers_fixture.py made once with diffusers: no PyTor
 
 import copy
 import dataclasses
-import io
 import json
 import os
 import shutil
