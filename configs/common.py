@@ -27,6 +27,10 @@ def model(preset: str, **overrides) -> ml_collections.ConfigDict:
   m.block_order = placeholder(str)  # pre (norm-act-conv, DDPM) | post (conv-norm-act, the book)
   m.double_temb_silu = placeholder(bool)  # the book applies SiLU to the time embedding twice
   m.downsample = placeholder(str)  # conv (3x3 stride 2) | space_to_depth (2x2 to channels, then 1x1 conv)
+  m.downsample_padding = placeholder(int)  # conv downsampling: 0 (one row/column after, TF's SAME) | 1 (each side)
+  m.norm_eps = placeholder(float)  # epsilon of every normalization
+  m.flip_sin_to_cos = placeholder(bool)  # the time embedding as [cos, sin] instead of [sin, cos]
+  m.freq_shift = placeholder(float)  # time-embedding frequencies exp(-ln(10^4) i / (dim/2 - freq_shift))
   m.topology = placeholder(str)  # ddpm | book (see ddpm_jax.unet.UNet)
   m.init_scheme = placeholder(str)  # flax | ddpm (fan-average uniform, zero-initialised residual-branch ends)
   m.out_channels = placeholder(int)  # None: as many as the input

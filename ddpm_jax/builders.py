@@ -265,6 +265,20 @@ def flags_parser(program: str, default_config: Optional[str]) -> Callable[[list[
   return parse
 
 
+@contextlib.contextmanager
+def one_line_errors(program: str):
+  """Ends the program on an error with one line on stderr: exit code 2 for bad input (ValueError), 1 for a run-time
+  failure (OSError, CheckpointError)."""
+  try:
+    yield
+  except ValueError as e:
+    print(f"{program}: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except (OSError, checkpoint.CheckpointError) as e:
+    print(f"{program}: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
 def check_folder(path: str, name: str) -> None:
   """Raises ValueError starting with `name` unless `path` is a folder this process can write in, or can be made one
   (it is not made here: a start that fails later leaves nothing behind)."""
