@@ -9,7 +9,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import time
 
 import jax
@@ -17,26 +16,8 @@ import numpy as np
 import pytest
 import tensorstore
 
-import configs.default as default_config
 from ddpm_jax import builders, checkpoint, loop
-from ddpm_jax.train_state import create_train_state
-from test_training import run_train, small_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def small_run(tmp_path, steps=(2, 4)):
-  """A workdir with checkpoints of the small model at `steps`; returns (workdir, config, create_state)."""
-  config = default_config.get_config()
-  config.model.base_channels, config.model.channel_mult, config.batch_size = 8, (1, 2), 16
-  create = lambda: create_train_state(builders.build_model(config), builders.build_optimizer(config),
-                                      jax.random.key(0), (1, 8, 8, 1))
-  state = create()
-  manager = checkpoint.make_manager(str(tmp_path))
-  for step in steps:
-    checkpoint.save(manager, state.replace(step=jax.numpy.asarray(step)), config.to_dict())
-  manager.close()
-  return tmp_path, config, create
+from helpers import ROOT, one_error_line, run_python, run_script, run_train, small_config, small_run
 
 
 def truncate_a_data_file(step_dir):
@@ -45,20 +26,6 @@ def truncate_a_data_file(step_dir):
   biggest = max(files, key=os.path.getsize)
   with open(biggest, "r+b") as f:
     f.truncate(os.path.getsize(biggest) // 2)
-
-
-def run_entry(script, *args, env_extra=None):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **(env_extra or {}))
-  return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], env=env, capture_output=True,
-                        text=True, timeout=300)
-
-
-def one_error_line(res, program):
-  """The last stderr line, after checking that nothing but log lines precede it (no traceback)."""
-  assert "Traceback" not in res.stderr and "Event loop is closed" not in res.stderr, res.stderr[-3000:]
-  last = res.stderr.strip().splitlines()[-1]
-  assert last.startswith(f"{program}: error: "), last
-  return last[len(f"{program}: error: "):]
 
 
 def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys):
@@ -77,8 +44,8 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys):
 def test_sample_names_the_intact_checkpoints_when_the_latest_is_damaged(tmp_path):
   workdir, _, _ = small_run(tmp_path)
   truncate_a_data_file(os.path.join(workdir, "checkpoints", "4", "ema_params"))
-  res = run_entry("sample.py", f"--workdir={workdir}", f"--out={tmp_path}/s.png", "--num_samples=2")
-  assert res.returncode == 2  # DESIGN.md: a corrupt checkpoint is bad input
+  res = run_script("sample.py", f"--workdir={workdir}", f"--out={tmp_path}/s.png", "--num_samples=2")
+  assert res.returncode == 2  # a corrupt checkpoint is bad input (docs/architecture.md)
   line = one_error_line(res, "sample.py")
   assert line.startswith(f"checkpoint 4 in {workdir}/checkpoints could not be read: ")
   assert line.endswith(f"; intact: 2 (use --checkpoint {workdir}/checkpoints/2)")
@@ -90,7 +57,7 @@ def test_sample_names_the_intact_checkpoints_when_a_step_folder_lost_its_arrays(
   for item in step_dir.iterdir():  # the items go, the step's own metadata file stays
     if item.is_dir():
       subprocess.run(["rm", "-r", str(item)], check=True)
-  res = run_entry("sample.py", f"--workdir={workdir}", f"--out={tmp_path}/s.png", "--num_samples=2")
+  res = run_script("sample.py", f"--workdir={workdir}", f"--out={tmp_path}/s.png", "--num_samples=2")
   assert res.returncode == 2
   line = one_error_line(res, "sample.py")
   assert line.startswith(f"the config of checkpoint 4 in {workdir}/checkpoints could not be read: "), line
@@ -103,7 +70,7 @@ def test_sample_checks_out_before_sampling(tmp_path):
                         "PNG (the samples beside it as .npz); give e.g. --out=samples.png"),
                        (f"{tmp_path}/afile/s.png", f"--out='{tmp_path}/afile/s.png' cannot be written: "
                         f"'{tmp_path}/afile' is a file, not a folder")):
-    res = run_entry("sample.py", f"--workdir={tmp_path}", f"--out={out}", "--num_samples=2")
+    res = run_script("sample.py", f"--workdir={tmp_path}", f"--out={out}", "--num_samples=2")
     assert res.returncode == 2 and "sampling" not in res.stdout
     assert one_error_line(res, "sample.py") == message
 
@@ -215,15 +182,13 @@ def read_only(path):
 def test_a_save_into_a_read_only_folder_ends_the_process_within_seconds(tmp_path):
   workdir, _, _ = small_run(tmp_path, steps=(2,))
   # A process saving step 4 into the read-only folder; the error propagates (exit 1, its last line).
-  code = ("import pathlib, sys, tempfile, jax; from ddpm_jax import checkpoint; from test_failures import small_run; "
+  code = ("import pathlib, sys, tempfile, jax; from ddpm_jax import checkpoint; from helpers import small_run; "
           "checkpoint.quiet_orbax(); _, config, create = small_run(pathlib.Path(tempfile.mkdtemp()), steps=()); "
           "manager = checkpoint.make_manager(sys.argv[1]); "
           "checkpoint.save(manager, create().replace(step=jax.numpy.asarray(4)), config.to_dict())")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT}/tests")
   with read_only(workdir / "checkpoints"):
     start = time.time()
-    res = subprocess.run([sys.executable, "-c", code, str(workdir)], env=env, capture_output=True, text=True,
-                         timeout=400)
+    res = run_python("-c", code, workdir, env_extra={"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT}/tests"}, timeout=400)
     seconds = time.time() - start
   # Orbax's threads waiting for a step folder that was never made kept the process alive for 300 s after the error.
   assert seconds < 30, seconds
@@ -273,7 +238,7 @@ def test_a_failed_start_leaves_an_existing_run_untouched_and_makes_no_workdir(tm
 def test_config_file_and_workdir_problems_end_with_one_line_and_exit_2(tmp_path, args, message):
   (tmp_path / "broken.py").write_text("def get_config():\n  return (\n")
   (tmp_path / "afile").write_text("")
-  res = run_entry("train.py", f"--workdir={tmp_path}/run", *[a.format(tmp=tmp_path) for a in args])
+  res = run_script("train.py", f"--workdir={tmp_path}/run", *[a.format(tmp=tmp_path) for a in args])
   assert res.returncode == 2
   assert one_error_line(res, "train.py").startswith(message.format(tmp=tmp_path))
 
@@ -294,7 +259,7 @@ def test_small_ones(tmp_path):
     loop.check_finite([(7, {"loss": float("nan")})], None)
   with pytest.raises(FloatingPointError, match="the latest checkpoint, of step 5, predates it"):
     loop.check_finite([(7, {"loss": float("inf")})], 5)
-  res = run_entry("sample.py", f"--workdir={tmp_path}", "--num_samples=-5")
+  res = run_script("sample.py", f"--workdir={tmp_path}", "--num_samples=-5")
   assert res.returncode == 2 and "sampling" not in res.stdout
   assert one_error_line(res, "sample.py") == "--num_samples=-5 is invalid: it must be >= 1"
 
@@ -303,8 +268,7 @@ def test_the_input_pipeline_leaves_no_autograph_files_when_killed(tmp_path):
   code = ("import os; from ddpm_jax import data; "
           "s = data.batch_stream(data.make_source('digits'), seed=0, global_batch=8, image_size=8, channels=1); "
           "next(s); os._exit(0)")  # like kill -9: no clean-up runs
-  env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path))
-  assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
+  assert run_python("-c", code, env_extra={"TMPDIR": str(tmp_path)}, timeout=120).returncode == 0
   assert not list(tmp_path.glob("__autograph_generated_file*")), os.listdir(tmp_path)
 
 
@@ -323,7 +287,7 @@ def test_a_second_run_on_a_live_workdir_is_refused_and_a_dead_runs_lock_taken_ov
     workdir_lock.release(held)
   # A run killed with -9 leaves its record behind, but not its lock: the next run takes it over.
   code = "import sys; from ddpm_jax import workdir_lock; workdir_lock.acquire(sys.argv[1]); import os; os._exit(0)"
-  subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=dict(os.environ, PYTHONPATH=ROOT), check=True)
+  assert run_python("-c", code, tmp_path).returncode == 0
   dead = json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())
   assert dead["pid"] != os.getpid()
   fd = workdir_lock.acquire(str(tmp_path))
@@ -354,10 +318,8 @@ def test_resuming_with_a_change_that_keeps_the_shapes_is_refused_naming_the_fiel
 
 
 def test_no_backend_discovery_line_before_a_one_line_error(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # as a user runs it: JAX probes for a TPU
-  res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={tmp_path}",
-                        "--config.optim.optimizer=sgd"], env=dict(env, PYTHONPATH=ROOT), capture_output=True,
-                       text=True, timeout=300)
+  # platform=None: JAX_PLATFORMS unset, as a user runs it: JAX probes for a TPU
+  res = run_script("train.py", f"--workdir={tmp_path}", "--config.optim.optimizer=sgd", platform=None)
   assert res.returncode == 2
   assert one_error_line(res, "train.py") == "optim.optimizer='sgd' is unknown: choose one of adam, adamw"
   assert "Unable to initialize backend" not in res.stderr, res.stderr  # JAX's INFO line about a missing TPU
@@ -437,8 +399,7 @@ def test_out_of_memory_on_a_training_step_is_one_line_naming_the_cure_and_exit_1
           "def out_of_memory(*args): raise jax.errors.JaxRuntimeError(message)\n"
           "loop.train = out_of_memory\n"
           "app.run(train.main, flags_parser=builders.flags_parser('train.py', train.DEFAULT_CONFIG))")
-  res = subprocess.run([sys.executable, "-c", code, f"--workdir={tmp_path}", XLA_OOM], capture_output=True, text=True,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), timeout=300, cwd=ROOT)
+  res = run_python("-c", code, f"--workdir={tmp_path}", XLA_OOM, cwd=ROOT)
   assert res.returncode == 1, res.stderr[-2000:]
   assert one_error_line(res, "train.py") == ("out of memory on the devices while training: shard the parameters, EMA "
                                              "and optimizer state over the devices with --config.parallelism=fsdp, "

@@ -1,13 +1,10 @@
 """A gs:// workdir, against a local Cloud Storage emulator: train, resume, sample; what lands in the bucket."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from test_training import ROOT, run_train
+from helpers import run_sample, run_train
 
 pytestmark = [pytest.mark.gcs, pytest.mark.slow]
 FLAGS = ["--config.sample.num_steps=4", "--config.sample.num_samples=4"]  # the end-of-run grid: 4 samples, 4 steps
@@ -51,10 +48,7 @@ def test_a_gs_workdir_trains_resumes_and_samples(emulator, tmp_path):
   assert second.returncode == 0, second.stderr[-2000:]
   assert "resumed from the checkpoint of step 6" in second.stderr
   out = tmp_path / "s.png"
-  sampled = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--workdir=gs://bucket/run",
-                            "--num_samples=2", f"--out={out}"], env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                                                           PYTHONPATH=ROOT),
-                           capture_output=True, text=True, timeout=300)
+  sampled = run_sample("--workdir=gs://bucket/run", "--num_samples=2", f"--out={out}")
   assert sampled.returncode == 0, sampled.stderr[-2000:]
   assert "sampling 2 images at step 12" in sampled.stdout and out.exists()
 

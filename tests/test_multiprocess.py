@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from test_training import fault_env, start_two_processes
+from helpers import fault_env, last_line, start_two_processes
 
 # fsdp: each process writes and reads its own shards of the state; the model flags of test_training's chain test,
 # whose compiled programs the compilation cache shares
@@ -32,12 +32,6 @@ def run_two(workdir, *flags, fault=None):
   errs = [p.communicate()[1] for p in procs]
   assert None not in ended, f"a process did not end within 240 s: {errs[0][-1500:]} | {errs[1][-1500:]}"
   return [(p.returncode, err, seconds) for p, err, seconds in zip(procs, errs, ended)]
-
-
-def last_line(err):
-  """The last stderr line, after checking that no traceback precedes it."""
-  assert "Traceback" not in err, err[-3000:]
-  return err.strip().splitlines()[-1]
 
 
 @pytest.mark.multiprocess
