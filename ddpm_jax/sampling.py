@@ -1,7 +1,7 @@
 """Reverse-process samplers (DDPM ancestral, DDIM, DPM-Solver++(2M)) as one jit-compiled lax.scan.
 
-`timesteps` gives the timesteps each method visits (DESIGN.md's "leading",
-"trailing" and "linspace" spacings). Every sampler turns the model's output
+`timesteps` gives the timesteps each method visits (the "leading", "trailing"
+and "linspace" spacings of docs/architecture.md). Every sampler turns the model's output
 (ε, v or x0, per `prediction`) into (x̂0, ε̂) in one place, `_predict`.
 """
 
@@ -33,7 +33,7 @@ def max_num_steps(method: str, num_timesteps: int, spacing: str = "leading") -> 
 
 def timesteps(method: str, num_timesteps: int, num_steps: Optional[int] = None,
               spacing: str = "leading") -> np.ndarray:
-  """The descending int32 timesteps at which `method` calls the model, with DESIGN.md's `spacing`.
+  """The descending int32 timesteps at which `method` calls the model, with `spacing` (docs/architecture.md).
 
   DDPM visits all T. DDIM and DPM-Solver++ follow diffusers' schedulers of the
   same name; DPM-Solver's leading and linspace spacings place num_steps + 1
