@@ -117,7 +117,7 @@ class CheckpointError(Exception):
 
 
 class CheckpointReadError(ValueError):
-  """A checkpoint could not be read: damaged, or written by another layout (DESIGN.md: bad input, exit 2)."""
+  """A checkpoint could not be read: damaged, or written by another layout (bad input: exit 2, docs/architecture.md)."""
 
 
 class CheckpointOutOfMemory(CheckpointError):

@@ -60,7 +60,7 @@ def parse_dataset(spec: str) -> tuple[str, str]:
 
 def _digits_table() -> str:
   """The file of scikit-learn's bundled digits (per row: 64 pixels in 0..16, then the label), found without importing
-  sklearn.datasets, which imports SciPy: 1.5 s of every training process's start on a 2-core CPU."""
+  sklearn.datasets, which imports SciPy and would slow every training process's start (CONTRIBUTING.md, "Test time")."""
   spec = importlib.util.find_spec("sklearn")
   if spec is None or not spec.submodule_search_locations:
     raise ValueError("dataset='digits' needs scikit-learn: pip install scikit-learn")

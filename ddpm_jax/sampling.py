@@ -1,11 +1,12 @@
 """Reverse-process samplers (DDPM ancestral, DDIM, DPM-Solver++(2M)) as one jit-compiled lax.scan.
 
-`timesteps` gives the timesteps each method visits (DESIGN.md's "leading",
-"trailing" and "linspace" spacings). Every sampler turns the model's output
-(ε, v or x0, per `prediction`) into (x̂0, ε̂) in one place, `_predict`. DDPM on
-fewer than T steps runs the chain of `respaced_schedule`, as Improved DDPM
-(Nichol & Dhariwal 2021) does; a model output of twice the image channels
-carries a learned variance, which DDPM uses and DDIM and DPM-Solver++ ignore.
+`timesteps` gives the timesteps each method visits (the "leading", "trailing"
+and "linspace" spacings of docs/architecture.md). Every sampler turns the
+model's output (ε, v or x0, per `prediction`) into (x̂0, ε̂) in one place,
+`_predict`. DDPM on fewer than T steps runs the chain of `respaced_schedule`,
+as Improved DDPM (Nichol & Dhariwal 2021) does; a model output of twice the
+image channels carries a learned variance, which DDPM uses and DDIM and
+DPM-Solver++ ignore.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def max_num_steps(method: str, num_timesteps: int, spacing: str = "leading") -> 
 
 def timesteps(method: str, num_timesteps: int, num_steps: Optional[int] = None,
               spacing: str = "leading") -> np.ndarray:
-  """The descending int32 timesteps at which `method` calls the model, with DESIGN.md's `spacing`.
+  """The descending int32 timesteps at which `method` calls the model, with `spacing` (docs/architecture.md).
 
   DDPM (all T by default) and DDIM follow diffusers' schedulers of the same
   name; DDPM's "linspace" is Improved DDPM's even spacing, "leading" its

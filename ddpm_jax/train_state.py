@@ -12,8 +12,8 @@ import numpy as np
 import optax
 
 
-# The initialisers run once: compiled without LLVM's optimisations, the program of ~100 PRNG calls compiles about
-# 4x faster on the CPU (tiny: 7 s instead of 27 s on a loaded 2-core machine) and runs no slower that matters.
+# The initialisers run once: compiled without LLVM's optimisations, the program of ~100 PRNG calls compiles several
+# times faster on the CPU (BENCHMARKS.md, "Start-up") and runs no slower that matters.
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 

@@ -3,7 +3,6 @@
 import functools
 import os
 import re
-import subprocess
 import sys
 
 import jax
@@ -15,8 +14,8 @@ from ddpm_jax import training
 from ddpm_jax.schedule import make_schedule
 from ddpm_jax.train_state import create_train_state, init_params
 from ddpm_jax.unet import unet_preset
+from helpers import ROOT, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import flops  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -55,10 +54,8 @@ def test_padding_taps_are_counted_only_on_request():
 
 @pytest.mark.slow
 def test_bench_prints_a_progress_line_per_phase():
-  out = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--device=cpu", "--preset=tiny",
-       "--image_size=8", "--batch=2", "--repeats=1", "--steps=1", "--sample_repeats=1", "--ddpm1000=off",
-       "--no_torch"], capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+  out = run_script("benchmarks/bench.py", "--device=cpu", "--preset=tiny", "--image_size=8", "--batch=2",
+                   "--repeats=1", "--steps=1", "--sample_repeats=1", "--ddpm1000=off", "--no_torch")
   assert out.returncode == 0, out.stderr[-2000:]
   phases = re.findall(r"^\[bench\] ([\w ]+?): ", out.stdout, re.M)
   assert list(dict.fromkeys(phases)) == ["peer", "init", "compile", "train", "forward", "sample ddim50",

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from test_training import ROOT
+from helpers import ROOT
 
 pytestmark = pytest.mark.gcs
 WORKDIR = "gs://bucket/run"

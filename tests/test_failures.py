@@ -19,26 +19,8 @@ import numpy as np
 import pytest
 import tensorstore
 
-import configs.default as default_config
 from ddpm_jax import builders, checkpoint, consensus, loop, reporting, workdir_lock
-from ddpm_jax.train_state import create_train_state
-from test_training import run_train, small_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def small_run(tmp_path, steps=(2, 4)):
-  """A workdir with checkpoints of the small model at `steps`; returns (workdir, config, create_state)."""
-  config = default_config.get_config()
-  config.model.base_channels, config.model.channel_mult, config.batch_size = 8, (1, 2), 16
-  create = lambda: create_train_state(builders.build_model(config), builders.build_optimizer(config),
-                                      jax.random.key(0), (1, 8, 8, 1))
-  state = create()
-  manager = checkpoint.make_manager(str(tmp_path))
-  for step in steps:
-    checkpoint.save(manager, state.replace(step=jax.numpy.asarray(step)), config.to_dict())
-  manager.close()
-  return tmp_path, config, create
+from helpers import ROOT, one_error_line, run_python, run_script, run_train, small_config, small_run
 
 
 def truncate_a_data_file(step_dir):
@@ -47,20 +29,6 @@ def truncate_a_data_file(step_dir):
   biggest = max(files, key=os.path.getsize)
   with open(biggest, "r+b") as f:
     f.truncate(os.path.getsize(biggest) // 2)
-
-
-def run_entry(script, *args, env_extra=None):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **(env_extra or {}))
-  return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], env=env, capture_output=True,
-                        text=True, timeout=300)
-
-
-def one_error_line(res, program):
-  """The last stderr line, after checking that nothing but log lines precede it (no traceback)."""
-  assert "Traceback" not in res.stderr and "Event loop is closed" not in res.stderr, res.stderr[-3000:]
-  last = res.stderr.strip().splitlines()[-1]
-  assert last.startswith(f"{program}: error: "), last
-  return last[len(f"{program}: error: "):]
 
 
 def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys):
@@ -79,8 +47,8 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys):
 def test_sample_names_the_intact_checkpoints_when_the_latest_is_damaged(tmp_path):
   workdir, _, _ = small_run(tmp_path)
   truncate_a_data_file(os.path.join(workdir, "checkpoints", "4", "ema_params"))
-  res = run_entry("sample.py", f"--workdir={workdir}", f"--out={tmp_path}/s.png", "--num_samples=2")
-  assert res.returncode == 2  # DESIGN.md: a corrupt checkpoint is bad input
+  res = run_script("sample.py", f"--workdir={workdir}", f"--out={tmp_path}/s.png", "--num_samples=2")
+  assert res.returncode == 2  # a corrupt checkpoint is bad input (docs/architecture.md)
   line = one_error_line(res, "sample.py")
   assert line.startswith(f"checkpoint 4 in {workdir}/checkpoints could not be read: ")
   assert line.endswith(f"; intact: 2 (use --checkpoint {workdir}/checkpoints/2)")
@@ -92,7 +60,7 @@ def test_sample_names_the_intact_checkpoints_when_a_step_folder_lost_its_arrays(
   for item in step_dir.iterdir():  # the items go, the step's own metadata file stays
     if item.is_dir():
       subprocess.run(["rm", "-r", str(item)], check=True)
-  res = run_entry("sample.py", f"--workdir={workdir}", f"--out={tmp_path}/s.png", "--num_samples=2")
+  res = run_script("sample.py", f"--workdir={workdir}", f"--out={tmp_path}/s.png", "--num_samples=2")
   assert res.returncode == 2
   line = one_error_line(res, "sample.py")
   assert line.startswith(f"the config of checkpoint 4 in {workdir}/checkpoints could not be read: "), line
@@ -274,15 +242,13 @@ def read_only(path):
 def test_a_save_into_a_read_only_folder_ends_the_process_within_seconds(tmp_path):
   workdir, _, _ = small_run(tmp_path, steps=(2,))
   # A process saving step 4 into the read-only folder; the error propagates (exit 1, its last line).
-  code = ("import pathlib, sys, tempfile, jax; from ddpm_jax import checkpoint; from test_failures import small_run; "
+  code = ("import pathlib, sys, tempfile, jax; from ddpm_jax import checkpoint; from helpers import small_run; "
           "checkpoint.quiet_orbax(); _, config, create = small_run(pathlib.Path(tempfile.mkdtemp()), steps=()); "
           "manager = checkpoint.make_manager(sys.argv[1]); "
           "checkpoint.save(manager, create().replace(step=jax.numpy.asarray(4)), config.to_dict())")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT}/tests")
   with read_only(workdir / "checkpoints"):
     start = time.time()
-    res = subprocess.run([sys.executable, "-c", code, str(workdir)], env=env, capture_output=True, text=True,
-                         timeout=400)
+    res = run_python("-c", code, workdir, env_extra={"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT}/tests"}, timeout=400)
     seconds = time.time() - start
   # Orbax's threads waiting for a step folder that was never made kept the process alive for 300 s after the error.
   assert seconds < 30, seconds
@@ -335,7 +301,7 @@ def test_a_failed_start_leaves_an_existing_run_untouched_and_makes_no_workdir(tm
 def test_config_file_and_workdir_problems_end_with_one_line_and_exit_2(tmp_path, args, message):
   (tmp_path / "broken.py").write_text("def get_config():\n  return (\n")
   (tmp_path / "afile").write_text("")
-  res = run_entry("train.py", f"--workdir={tmp_path}/run", *[a.format(tmp=tmp_path) for a in args])
+  res = run_script("train.py", f"--workdir={tmp_path}/run", *[a.format(tmp=tmp_path) for a in args])
   assert res.returncode == 2
   assert one_error_line(res, "train.py").startswith(message.format(tmp=tmp_path))
 
@@ -362,8 +328,7 @@ def test_the_input_pipeline_leaves_no_autograph_files_when_killed(tmp_path):
   code = ("import os; from ddpm_jax import data; "
           "s = data.batch_stream(data.make_source('digits'), seed=0, global_batch=8, image_size=8, channels=1); "
           "next(s); os._exit(0)")  # like kill -9: no clean-up runs
-  env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path))
-  assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
+  assert run_python("-c", code, env_extra={"TMPDIR": str(tmp_path)}, timeout=120).returncode == 0
   assert not list(tmp_path.glob("__autograph_generated_file*")), os.listdir(tmp_path)
 
 
@@ -382,7 +347,7 @@ def test_a_second_run_on_a_live_workdir_is_refused_and_a_dead_runs_lock_taken_ov
     workdir_lock.release(held)
   # A run killed with -9 leaves its record behind, but not its lock: the next run takes it over.
   code = "import sys; from ddpm_jax import workdir_lock; workdir_lock.acquire(sys.argv[1]); import os; os._exit(0)"
-  subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=dict(os.environ, PYTHONPATH=ROOT), check=True)
+  assert run_python("-c", code, tmp_path).returncode == 0
   dead = json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())
   assert dead["pid"] != os.getpid()
   fd = workdir_lock.acquire(str(tmp_path))
@@ -413,10 +378,8 @@ def test_resuming_with_a_change_that_keeps_the_shapes_is_refused_naming_the_fiel
 
 
 def test_no_backend_discovery_line_before_a_one_line_error(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # as a user runs it: JAX probes for a TPU
-  res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={tmp_path}",
-                        "--config.optim.optimizer=sgd"], env=dict(env, PYTHONPATH=ROOT), capture_output=True,
-                       text=True, timeout=300)
+  # platform=None: JAX_PLATFORMS unset, as a user runs it: JAX probes for a TPU
+  res = run_script("train.py", f"--workdir={tmp_path}", "--config.optim.optimizer=sgd", platform=None)
   assert res.returncode == 2
   assert one_error_line(res, "train.py") == "optim.optimizer='sgd' is unknown: choose one of adam, adamw"
   assert "Unable to initialize backend" not in res.stderr, res.stderr  # JAX's INFO line about a missing TPU
@@ -496,8 +459,7 @@ def test_out_of_memory_on_a_training_step_is_one_line_naming_the_cure_and_exit_1
           "def out_of_memory(*args): raise jax.errors.JaxRuntimeError(message)\n"
           "loop.train = out_of_memory\n"
           "app.run(train.main, flags_parser=builders.flags_parser('train.py', train.DEFAULT_CONFIG))")
-  res = subprocess.run([sys.executable, "-c", code, f"--workdir={tmp_path}", XLA_OOM], capture_output=True, text=True,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), timeout=300, cwd=ROOT)
+  res = run_python("-c", code, f"--workdir={tmp_path}", XLA_OOM, cwd=ROOT)
   assert res.returncode == 1, res.stderr[-2000:]
   assert one_error_line(res, "train.py") == ("out of memory on the devices while training: shard the parameters, EMA "
                                              "and optimizer state over the devices with --config.parallelism=fsdp, "
@@ -535,11 +497,11 @@ def test_config_file_errors_name_the_file(tmp_path):
 
 
 def test_help_exits_0_and_shows_the_config_flags():
-  res = run_entry("train.py", "-h", "--config.batch_size=7")
+  res = run_script("train.py", "-h", "--config.batch_size=7")
   assert res.returncode == 0 and res.stderr == "", res.stderr[-2000:]
   assert "--workdir: Checkpoints, metrics" in res.stdout and "--config: Experiment config file" in res.stdout
   assert "  --config.batch_size=7\n" in res.stdout and "  --config.optim.learning_rate=" in res.stdout
-  res = run_entry("sample.py", "--help")
+  res = run_script("sample.py", "--help")
   assert res.returncode == 0 and res.stderr == "", res.stderr[-2000:]
   assert "--out: PNG grid path" in res.stdout and "--config: Optional config" in res.stdout
 
@@ -555,7 +517,7 @@ def test_a_bucket_that_cannot_be_reached_is_one_line_naming_it_within_seconds(tm
               "(ConnectionRefusedError: Connection refused); check the network")
   for script, args in (("train.py", ["--stop_at_step=1"]), ("sample.py", [f"--out={tmp_path}/s.png"])):
     start = time.time()
-    res = run_entry(script, "--workdir=gs://bucket/run", *args, env_extra=env)
+    res = run_script(script, "--workdir=gs://bucket/run", *args, env_extra=env)
     assert res.returncode == 2 and time.time() - start < 30, (res.returncode, res.stderr[-3000:])
     assert one_error_line(res, script) == expected  # sample.py: not "no checkpoint ... train first"
 
@@ -571,7 +533,7 @@ def test_a_full_disk_at_start_names_the_workdir(tmp_path):
 
 def test_an_unprepared_tfds_dataset_is_one_line_naming_the_tfds_build_command(tmp_path):
   # TFDS_DATA_DIR at an empty folder, no config.data.data_dir: TFDS raised a KeyError ("splits is empty"), exit 1.
-  res = run_entry("train.py", f"--workdir={tmp_path}/run", "--config.dataset=tfds:cifar10",
+  res = run_script("train.py", f"--workdir={tmp_path}/run", "--config.dataset=tfds:cifar10",
                   env_extra={"TFDS_DATA_DIR": str(tmp_path)})
   assert res.returncode == 2, res.stderr[-3000:]
   assert one_error_line(res, "train.py") == (

@@ -2,13 +2,10 @@
 in the bucket."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from test_training import ROOT, run_train
+from helpers import MODEL, run_sample, run_train, run_two
 
 pytestmark = [pytest.mark.gcs, pytest.mark.slow]
 FLAGS = ["--config.sample.num_steps=4", "--config.sample.num_samples=4"]  # the end-of-run grid: 4 samples, 4 steps
@@ -33,10 +30,7 @@ def test_a_gs_workdir_trains_resumes_and_samples(emulator, tmp_path):
   assert second.returncode == 0, second.stderr[-2000:]
   assert "resumed from the checkpoint of step 6" in second.stderr
   out = tmp_path / "s.png"
-  sampled = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--workdir=gs://bucket/run",
-                            "--num_samples=2", f"--out={out}"], env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                                                           PYTHONPATH=ROOT),
-                           capture_output=True, text=True, timeout=300)
+  sampled = run_sample("--workdir=gs://bucket/run", "--num_samples=2", f"--out={out}")
   assert sampled.returncode == 0, sampled.stderr[-2000:]
   assert "sampling 2 images at step 12" in sampled.stdout and out.exists()
 
@@ -58,7 +52,6 @@ def test_a_gs_workdir_trains_resumes_and_samples(emulator, tmp_path):
 @pytest.mark.multiprocess
 def test_two_processes_train_in_a_gs_workdir(emulator):
   import gcs_emulator  # pylint: disable=g-import-not-at-top
-  from test_multiprocess import MODEL, run_two  # pylint: disable=g-import-not-at-top
 
   # the flags of test_multiprocess (their compiled programs shared) but for the stop: saves at steps 5 and 6; no
   # sample grid (a compile of its own)

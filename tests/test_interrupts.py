@@ -8,23 +8,7 @@ import time
 
 import pytest
 
-from test_training import run_train
-
-LOG_LINE = re.compile(r"^[IWE]\d{4} ")  # absl's log lines
-
-
-def stop(proc, signum=signal.SIGINT):
-  """Sends signum; returns (seconds until the process ended, its stderr lines that are not absl log lines)."""
-  start = time.time()
-  proc.send_signal(signum)
-  try:
-    _, err = proc.communicate(timeout=60)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    raise
-  assert "Traceback" not in err, err[-3000:]
-  return time.time() - start, [line for line in err.splitlines() if not LOG_LINE.match(line)]
-
+from helpers import LOG_LINE, run_train, stop
 
 def wait_for(predicate, proc, seconds=240):
   """Polls until predicate() holds (the process still running)."""

@@ -8,37 +8,10 @@ import time
 
 import pytest
 
-from test_training import fault_env, start_two_processes
+from helpers import MODEL, last_line, run_two
 
-# fsdp: each process writes and reads its own shards of the state; the model flags of test_training's chain test,
-# whose compiled programs the compilation cache shares
-MODEL = ("--config.ema.decay=0.5", "--config.optim.eps=1.0")
+# fsdp: each process writes and reads its own shards of the state
 FLAGS = ("--stop_at_step=100", "--config.checkpoint_every_steps=5", "--config.parallelism=fsdp", *MODEL)
-
-
-def run_two(workdir, *flags, fault=None, env_extra=None, env_of=({}, {})):
-  """train.py as 2 processes x 2 devices until both end: [(exit code, stderr, seconds from start to its end)]."""
-  start = time.time()
-  procs = start_two_processes(workdir, *flags, env_extra={**(fault_env(fault) if fault else {}), **(env_extra or {})},
-                              env_of=env_of)
-  ended = [None, None]
-  deadline = start + 480
-  while None in ended and time.time() < deadline:
-    for i, p in enumerate(procs):
-      if ended[i] is None and p.poll() is not None:
-        ended[i] = time.time() - start
-    time.sleep(0.05)
-  for p in procs:
-    p.kill()
-  errs = [p.communicate()[1] for p in procs]
-  assert None not in ended, f"a process did not end within 240 s: {errs[0][-1500:]} | {errs[1][-1500:]}"
-  return [(p.returncode, err, seconds) for p, err, seconds in zip(procs, errs, ended)]
-
-
-def last_line(err):
-  """The last stderr line, after checking that no traceback precedes it."""
-  assert "Traceback" not in err, err[-3000:]
-  return err.strip().splitlines()[-1]
 
 
 @pytest.mark.multiprocess

@@ -16,38 +16,17 @@ import pytest
 from PIL import Image
 
 import configs.default as default_config
-from ddpm_jax import builders, checkpoint, figures, images, sampling
+from ddpm_jax import builders, figures, images, sampling
 from ddpm_jax.data import load_digits
-from ddpm_jax.train_state import create_train_state
-from test_interrupts import stop
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_MODEL = ["--config.model.base_channels=8", "--config.model.channel_mult=(1,2)"]
-
-
-def save_checkpoint(config, path):
-  """Writes a step-0 checkpoint of the config's model at path."""
-  state = create_train_state(builders.build_model(config), builders.build_optimizer(config), jax.random.key(0),
-                             (1,) + builders.image_shape(config))
-  manager = checkpoint.make_manager(str(path))
-  checkpoint.save(manager, state, config.to_dict())
-  manager.wait_until_finished()
-  manager.close()
+from helpers import ROOT, SMALL_MODEL_FLAGS, run_sample, run_train, save_checkpoints, small_config, stop
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  config = default_config.get_config()
-  config.model.base_channels, config.model.channel_mult = 8, (1, 2)
+  """A workdir with a step-0 checkpoint of the small model."""
   path = tmp_path_factory.mktemp("run")
-  save_checkpoint(config, path)
+  save_checkpoints(small_config(), path)
   return path
-
-
-def run_sample(*flags, python_flags=()):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, *python_flags, os.path.join(ROOT, "sample.py"), *flags], env=env,
-                        capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
@@ -96,8 +75,8 @@ def test_checkpoint_of_another_model_is_a_clear_error(workdir, tmp_path):
 def test_sampling_reads_only_the_ema_params_so_another_optimizer_section_works(workdir, tmp_path):
   # Adam has no weight-decay state and MultiSteps wraps the state in another structure: restoring the optimizer
   # state under this config would fail; sampling never reads it.
-  res = run_sample(f"--workdir={workdir}", f"--config={ROOT}/configs/default.py", "--config.model.base_channels=8",
-                   "--config.model.channel_mult=(1,2)", "--config.optim.optimizer=adam",
+  res = run_sample(f"--workdir={workdir}", f"--config={ROOT}/configs/default.py", *SMALL_MODEL_FLAGS,
+                   "--config.optim.optimizer=adam",
                    "--config.optim.grad_accum_steps=4", "--num_samples=2", "--steps=2", f"--out={tmp_path}/x.png")
   assert res.returncode == 0, res.stderr[-3000:]
   assert np.load(tmp_path / "x.npz")["images"].shape == (2, 8, 8, 1)
@@ -111,7 +90,7 @@ def test_eval_of_a_folder_dataset_reports_fid_with_the_given_weights(tmp_path, i
     Image.fromarray(digit[:, :, 0]).save(images / f"{i}.png")
   config = default_config.get_config()
   config.dataset = f"folder:{images}"
-  save_checkpoint(config, tmp_path / "run")
+  save_checkpoints(config, tmp_path / "run")
   # --config gives a locked config without the key: the flag must still reach the evaluator.
   res = run_sample(f"--workdir={tmp_path / 'run'}", f"--config={ROOT}/configs/default.py",
                    f"--config.dataset=folder:{images}", "--num_samples=4", "--steps=2", f"--out={tmp_path}/s.png",
@@ -125,8 +104,6 @@ def test_eval_of_a_folder_dataset_reports_fid_with_the_given_weights(tmp_path, i
 
 @pytest.mark.slow
 def test_v_prediction_with_min_snr_trains_and_samples_with_dpm_solver(tmp_path):
-  from test_training import run_train  # pylint: disable=g-import-not-at-top
-
   res = run_train(tmp_path, "--stop_at_step=4", "--config.diffusion.prediction=v",
                   "--config.diffusion.loss_weighting=min_snr")
   assert res.returncode == 0, res.stderr[-3000:]
@@ -140,7 +117,7 @@ def test_v_prediction_with_min_snr_trains_and_samples_with_dpm_solver(tmp_path):
   got = np.load(tmp_path / "v.npz")["images"]
   assert "with dpmpp_2m" in res.stdout and got.shape == (4, 8, 8, 1)
   # A --config that says eps does not override what the checkpoint's network predicts.
-  res = run_sample(f"--workdir={tmp_path}", f"--config={ROOT}/configs/default.py", *SMALL_MODEL, *flags,
+  res = run_sample(f"--workdir={tmp_path}", f"--config={ROOT}/configs/default.py", *SMALL_MODEL_FLAGS, *flags,
                    f"--out={tmp_path}/c.png")
   assert res.returncode == 0, res.stderr[-3000:]
   assert "the checkpoint's network predicts 'v'; using that" in res.stderr
@@ -159,8 +136,6 @@ def test_v_prediction_with_min_snr_trains_and_samples_with_dpm_solver(tmp_path):
 
 @pytest.mark.slow
 def test_a_guided_model_trains_on_digit_labels_and_draws_the_classes_asked_for(tmp_path, workdir):
-  from test_training import run_train  # pylint: disable=g-import-not-at-top
-
   res = run_train(tmp_path, "--stop_at_step=4", "--config.sample.every_steps=4", "--config.sample.num_samples=20",
                   "--config.sample.num_steps=2", config=f"{ROOT}/configs/digits_guided.py")
   assert res.returncode == 0, res.stderr[-3000:]
@@ -257,7 +232,7 @@ def test_a_learned_variance_checkpoint_samples_with_respaced_ddpm(tmp_path):
 
   config = digits_hybrid.get_config()
   config.model.base_channels, config.model.channel_mult = 8, (1, 2)
-  save_checkpoint(config, tmp_path)
+  save_checkpoints(config, tmp_path)
   res = run_sample(f"--workdir={tmp_path}", "--method=ddpm", "--steps=10", "--num_samples=3", f"--out={tmp_path}/s.png")
   assert res.returncode == 0, res.stderr[-3000:]
   assert "with ddpm" in res.stdout and np.load(tmp_path / "s.npz")["images"].shape == (3, 8, 8, 1)

@@ -1,11 +1,8 @@
 """Samplers against exact moments of analytic ε-, v- and x0-predictors, float64 NumPy references
-(a hand DDIM step, DPM-Solver++(2M)), DESIGN.md's timestep spacings, and seed semantics."""
+(a hand DDIM step, DPM-Solver++(2M)), the timestep spacings of docs/architecture.md, and seed semantics."""
 
 import functools
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -17,6 +14,7 @@ from ddpm_jax import diffusion
 from ddpm_jax import sampling
 from ddpm_jax.sampling import SPACINGS, SamplerOptions, make_generator, sample, timesteps
 from ddpm_jax.schedule import make_betas, make_schedule
+from helpers import run_python
 
 T = 1000
 SCHED = make_schedule("linear", T)
@@ -59,7 +57,7 @@ def analytic_x0_64(x, t):
 
 
 def design_timesteps(method, T, n, spacing):
-  """DESIGN.md's timestep formulas for DDIM and DPM-Solver, written out literally."""
+  """The timestep formulas of docs/architecture.md for DDIM and DPM-Solver, written out literally."""
   if spacing == "trailing":
     return np.round(np.arange(T, 0, -T / n)) - 1
   if spacing == "leading":
@@ -376,8 +374,7 @@ def test_sample_i_is_the_same_on_one_and_four_devices():
       np.testing.assert_allclose(one, four, rtol=1e-6, atol=1e-6)
       print("OK", four.shape)
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+  out = run_python("-c", code, devices=4)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "OK (10, 3, 3, 1)" in out.stdout
 
