@@ -13,10 +13,13 @@ from helpers import ROOT, run_python
 
 PAGES = sorted([ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "BENCHMARKS.md", *(ROOT / "docs").glob("*.md")])
 # The placeholders the multi-host command asks the reader to fill in, filled as one host of two would.
-PLACEHOLDERS = {"--num_processes=N": "--num_processes=2", "--process_id=I": "--process_id=0"}
+# Arguments that name what a user makes first: checked as the nearest that exists here (configs/pretrained.py reads
+# an imported workdir's config, whose keys are the default config's).
+PLACEHOLDERS = {"--num_processes=N": "--num_processes=2", "--process_id=I": "--process_id=0",
+                "configs/pretrained.py:runs/ddpm-cifar10-32": "configs/cifar10.py"}
 # Pages that other branches add (the likelihood, pretrained-model and run-record features); the pages here name them
 # in plain code, not as links, until they land.
-PENDING = {"docs/likelihood.md", "docs/pretrained.md", "docs/reproducibility.md"}
+PENDING = {"docs/reproducibility.md"}
 SCRIPT = r"(train\.py|sample\.py|(?:benchmarks|tools)/\w+\.py)"
 
 # One process imports the entry points' libraries once, then forks a child per command. For train.py and sample.py
