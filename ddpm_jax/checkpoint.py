@@ -230,16 +230,6 @@ def remove_leftovers(directory: str) -> None:
     time.sleep(0.1)
 
 
-def check(manager: ocp.CheckpointManager) -> None:
-  """Raises the CheckpointError of the save in flight as soon as its background write has failed, without waiting
-  for it (with several processes, the others' parts of that save wait for this one's, which never comes)."""
-  try:
-    manager.check_for_errors()
-  except Exception as e:  # orbax and tensorstore raise many types; every one means the write failed
-    raise CheckpointError(f"could not write the checkpoint of step {manager.latest_step()} to {manager.directory}: "
-                          f"{_cause(e)}") from e
-
-
 def settle(manager: ocp.CheckpointManager, timeout: float) -> None:
   """Waits up to `timeout` s for the save in flight to finish or fail; a failure is left to its own report (the next
   wait or close), or to nobody on a process that is ending on another failure."""

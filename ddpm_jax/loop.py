@@ -323,9 +323,10 @@ def _run(t: Training, workdir: str, parts: dict[str, Any], cleanups: contextlib.
   """train's work once the lock is held: each part it opens goes into `parts` and its closing into `cleanups` (the
   checkpoint manager closed after the input pipeline, the writer and the signal handlers)."""
   lead = jax.process_index() == 0
-  manager = parts["manager"] = checkpoint.make_manager(workdir, t.keep_checkpoints)
+  manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
   cleanups.callback(checkpoint.close, manager)
   state = _restore_or_create(manager, t.create_state, t.runner.restore_layout, t.config, t.parameter_meaning)
+  parts["manager"] = manager  # from here on a failure waits for the save in flight and says what is kept
   if lead:
     epath.Path(workdir, "config.json").write_text(json.dumps(t.config, indent=2), encoding="utf-8")
     if t.class_names:
@@ -422,8 +423,6 @@ def _train_steps(t: Training, manager: Any, run_state: Any, batches: Iterator[An
               f"ETA {format_eta((t.end_step - done) / max(rate, 1e-9))}", flush=True)
     if save_now:
       checkpoint.save(manager, t.runner.to_save(run_state), t.config)
-    else:
-      checkpoint.check(manager)  # a failed background write ends the run now, not at the next save
     due = [h for h in t.hooks if h.every and done % h.every == 0 and done < t.end_step]
     if due:
       ema_params = t.runner.get_state(run_state.ema_params)
