@@ -291,12 +291,14 @@ def _give_back(workdir: str, lock: Any, made: bool) -> None:
   workdir left that this run made (`made`) and wrote nothing in."""
   folder = epath.Path(checkpoint.checkpoint_dir(workdir))
   local = not storage.is_remote(workdir)
-  if local and folder.is_dir() and not any(folder.iterdir()):
-    folder.rmdir()
+  with contextlib.suppress(OSError):  # (a mount point, say: it stays)
+    if local and folder.is_dir() and not any(folder.iterdir()):
+      folder.rmdir()
   workdir_lock.release(lock)
-  if made and local and [p.name for p in epath.Path(workdir).iterdir()] == [workdir_lock.LOCK_FILE]:
-    epath.Path(workdir, workdir_lock.LOCK_FILE).unlink()
-    epath.Path(workdir).rmdir()
+  with contextlib.suppress(OSError):
+    if made and local and [p.name for p in epath.Path(workdir).iterdir()] == [workdir_lock.LOCK_FILE]:
+      epath.Path(workdir, workdir_lock.LOCK_FILE).unlink()
+      epath.Path(workdir).rmdir()
 
 
 class _Signals:
@@ -371,8 +373,9 @@ def _newest_kept(manager: Any) -> Optional[int]:
 def _compiled_together(step: Callable, *args: Any) -> Callable:
   """With several processes, the step compiled ahead on each, then run by none before every one has compiled it: the
   set-up of its first collective has a deadline (30 s for CPU collectives) that a process compiling for longer than
-  another (a cold compilation cache on one host) would miss. With one process, the step itself."""
-  if jax.process_count() == 1:
+  another (a cold compilation cache on one host) would miss. With one process, or under pmap (whose ahead-of-time
+  lowering takes the global shapes across processes), the step itself."""
+  if jax.process_count() == 1 or not parallel.compiles_ahead(step):
     return step
   compiled = step.lower(*args).compile()
   consensus.wait_for_all("train step compiled")

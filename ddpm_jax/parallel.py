@@ -161,6 +161,11 @@ class _MeshStep:
     return self.jitted.lower(state, batch, key)
 
 
+def compiles_ahead(step: Callable) -> bool:
+  """Whether a Runner's step can be compiled ahead of its first call on every process (the jit and fsdp steps)."""
+  return isinstance(step, _MeshStep)
+
+
 def _mesh_runner(step_fn: Callable, sharded: bool) -> Runner:
   """The step jitted over a 1-D mesh of every device: the batch split along it, the state replicated or sharded."""
   state_shardings, rows, replicated = mesh_layout(jax.devices(), sharded)
