@@ -1,14 +1,12 @@
 """SIGINT / SIGTERM during train.py's start-up and first compile: one line, exit 128 + N within seconds, no traceback,
 the workdir given back (no lock held, no empty folder). Training: test_training; sampling: test_sample_cli."""
 
-import re
-import signal
-import subprocess
 import time
 
 import pytest
 
-from helpers import LOG_LINE, run_train, stop
+from helpers import run_train, stop
+
 
 def wait_for(predicate, proc, seconds=240):
   """Polls until predicate() holds (the process still running)."""

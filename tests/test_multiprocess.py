@@ -4,7 +4,6 @@ within seconds with one line and one exit code (test_training's chain test: the 
 import glob
 import os
 import re
-import time
 
 import pytest
 
