@@ -28,7 +28,8 @@ LEAVE_WAIT_S = 10.0  # how long process 0, ending on a failure, waits for the ot
 
 # Process state, like signal handlers: set by the entry point that ends processes together (watch_failures).
 _report: list[Callable[[BaseException], int]] = []  # prints a failure's one line, returns its exit code
-_cleanups: list[Callable[[], None]] = []  # what an ending process still does first, innermost last
+# What an ending process still does first (innermost last): fn(the failure) -> a note for its line, or None.
+_cleanups: list[Callable[[BaseException], Optional[str]]] = []
 _ending = threading.Lock()  # held by the thread that ends this process (the main thread or the failure watch)
 _asked: dict[str, int] = {}  # decision or barrier name -> how often this process has reached it (each gets its own key)
 
