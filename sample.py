@@ -6,15 +6,22 @@ import json
 import os
 import sys
 
+from ddpm_jax import runtime
+
+# Before the imports below (seconds): a signal while they load, compile or sample ends the process with one line.
+runtime.stop_on_signals("sample.py")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
 from etils import epath
 
-from ddpm_jax import (builders, checkpoint, data, evaluation, figures, images, loop, plots, run_record, runtime,
+from ddpm_jax import (builders, checkpoint, data, evaluation, figures, images, likelihood, loop, plots, run_record,
                       sampling)
 from ddpm_jax.reporting import progress_printer
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of a training run: its latest checkpoint is used.")
@@ -23,7 +30,8 @@ builders.define_config_flag("sample.py", None, "Optional config; by default the 
 flags.DEFINE_integer("num_samples", 64, "How many samples to draw.")
 flags.DEFINE_integer("batch_size", None, "Samples per batch (split over local devices); default config.sample.")
 flags.DEFINE_enum("method", None, list(sampling.METHODS), "Sampler; default config.sample.method.")
-flags.DEFINE_integer("steps", None, "Model calls of ddim / dpmpp_2m; default config.sample.num_steps.")
+flags.DEFINE_integer("steps", None, "Model calls of ddim / dpmpp_2m (default config.sample.num_steps) or of ddpm "
+                     "(default all T; fewer respace the chain as Improved DDPM does).")
 flags.DEFINE_float("eta", None, "DDIM eta in [0, 1]; default config.sample.eta.")
 flags.DEFINE_enum("timestep_spacing", None, list(sampling.SPACINGS),
                   "Timesteps of ddim / dpmpp_2m; default config.sample.timestep_spacing.")
@@ -45,6 +53,11 @@ flags.DEFINE_float("guidance", None, "Classifier-free guidance scale w for --lab
                    "conditional, > 1: guided); default config.sample.guidance_scale.")
 flags.DEFINE_bool("deterministic", False, "Deterministic GPU kernels and full float32 matmul and convolution "
                   "precision (no TF32 / bf16 passes): slower; see docs/reproducibility.md.")
+flags.DEFINE_integer("nll", 0, "Instead of sampling, compute the variational bound in bits/dim on this many "
+                     "evaluation images (the test split where the dataset has one, else the training images); "
+                     "with --out, also write it as JSON beside it (same stem, .json).")
+flags.DEFINE_enum("variance", None, list(sampling.VARIANCES), "Fixed variance of ddpm and of --nll; default "
+                  "config.sample.variance (a model that learns its variances uses them).")
 flags.DEFINE_string("inception_weights", None, "FID Inception weights (tools/convert_inception_weights.py) for "
                     "--eval on datasets other than digits; overrides the config's inception_weights.")
 
@@ -75,22 +88,61 @@ def requested_labels(spec: str | None, guidance: float | None, config: ml_collec
 
 
 def check_out(path: str) -> None:
-  """Raises ValueError unless --out names a .png file in a folder that exists and is writable, or can be made."""
+  """Raises ValueError unless --out names a .png file that, with its .npz beside it, can be written: no folder of
+  that name, in a folder that is writable or can be made."""
   if os.path.splitext(path)[1].lower() != ".png":
     raise ValueError(f"--out={path!r} is not a .png path: the grid is written as PNG (the samples beside it as "
                      ".npz); give e.g. --out=samples.png")
-  existing = os.path.dirname(os.path.abspath(path))
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise ValueError(f"--out={path!r} cannot be written: {existing!r} is a file, not a folder")
-  if not os.access(existing, os.W_OK):
-    raise ValueError(f"--out={path!r} cannot be written: the folder {existing!r} is not writable")
+  for target in (path, os.path.splitext(path)[0] + ".npz"):
+    if os.path.isdir(target):
+      raise ValueError(f"--out={path!r} cannot be written: {target!r} is a folder; give a file path")
+  folder = os.path.dirname(os.path.abspath(path))
+  builders.check_folder(folder, f"--out={path!r} cannot be written: {folder!r}")
+
+
+def check_options() -> None:
+  """Raises ValueError for a flag value sample.py cannot use, before anything is read or compiled."""
+  if FLAGS.num_samples < 1:
+    raise ValueError(f"--num_samples={FLAGS.num_samples} is invalid: it must be >= 1")
+  if FLAGS.batch_size is not None and FLAGS.batch_size < 1:
+    raise ValueError(f"--batch_size={FLAGS.batch_size} is invalid: it must be >= 1 (or leave it out: the config's "
+                     "sample.batch_size)")
+  if FLAGS.scale is not None and FLAGS.scale < 1:
+    raise ValueError(f"--scale={FLAGS.scale} is invalid: it must be >= 1 (or leave it out: enlarged to 64 pixels)")
+  if FLAGS.nll < 0:
+    raise ValueError(f"--nll={FLAGS.nll} is invalid: give a number of images (0: sample instead)")
+  if not FLAGS.nll:  # (with --nll, --out only names the JSON beside it)
+    check_out(FLAGS.out)
+  if FLAGS.checkpoint and os.path.basename(FLAGS.checkpoint.rstrip("/")) == "checkpoints":
+    parent = os.path.dirname(FLAGS.checkpoint.rstrip("/")) or "."
+    raise ValueError(f"--checkpoint={FLAGS.checkpoint} is a checkpoints folder, not one of its step folders: give "
+                     f"--checkpoint {FLAGS.checkpoint.rstrip('/')}/STEP, or --workdir {parent} for the latest")
+
+
+def likelihood_bound(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+  """--nll: the bound on --nll evaluation images in one line, and as JSON beside an --out that was given."""
+  schedule, model = builders.build_schedule(config), builders.build_model(config)
+  variance = builders.nll_variance(config, FLAGS.variance)
+  nll_images, labels, which = builders.build_nll_images(config, FLAGS.nll)
+  params = builders.restore_sampling_params(config, workdir, step, ema=FLAGS.use_ema)
+  bound = builders.build_bound_evaluator(config, model, schedule, FLAGS.variance, FLAGS.batch_size)
+  print(f"bound on {FLAGS.nll} images ({which}) with the {'EMA' if FLAGS.use_ema else 'raw'} params of step {step}: "
+        f"{schedule.num_timesteps} terms each, variance {variance}", flush=True)
+  result = bound(params, nll_images, jax.random.key(FLAGS.seed), labels, progress_printer("bound: images"))
+  summary = likelihood.summarize(result)
+  print(likelihood.report(summary, f"{which}; variance {variance}"))
+  if FLAGS["out"].present:
+    path = epath.Path(os.path.splitext(FLAGS.out)[0] + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**summary, "data": which, "variance": variance, "step": step, "ema": FLAGS.use_ema,
+                                "seed": FLAGS.seed}, indent=2), encoding="utf-8")
+    print(f"wrote {path}")
 
 
 def main(argv):
   del argv
   runtime.quiet_backend_discovery()
+  runtime.quiet_storage_retries()
   if FLAGS.deterministic:
     runtime.make_deterministic()  # before anything starts JAX's backends
   checkpoint.quiet_orbax()
@@ -100,14 +152,16 @@ def main(argv):
       raise ValueError("give --workdir (latest checkpoint) or --checkpoint WORKDIR/checkpoints/STEP")
     if FLAGS.plot:
       workdir = checkpoint.locate(FLAGS.checkpoint or FLAGS.workdir)[0]
+      builders.check_readable(workdir)
       out = os.path.join(workdir, loop.CURVES)
       plots.plot_training_curves(os.path.join(workdir, "metrics.jsonl"), out)
       print(f"wrote {out}")
       return
-    if FLAGS.num_samples < 1:
-      raise ValueError(f"--num_samples={FLAGS.num_samples} is invalid: it must be >= 1")
-    check_out(FLAGS.out)
+    check_options()
     workdir, step = checkpoint.locate(FLAGS.checkpoint or FLAGS.workdir)
+    builders.check_readable(workdir)
+    if FLAGS.eval:  # eval_step_STEP.json goes into the workdir
+      builders.check_workdir(workdir)
     try:
       saved, step = checkpoint.load_config(workdir, step)
     except checkpoint.CheckpointReadError as e:
@@ -122,9 +176,13 @@ def main(argv):
     if FLAGS.inception_weights:
       with config.unlocked():  # a --config file's dict is locked
         config.inception_weights = FLAGS.inception_weights
+    if FLAGS.nll:
+      likelihood_bound(config, workdir, step)
+      return
     labels, cols = requested_labels(FLAGS.labels, FLAGS.guidance, config, FLAGS.num_samples)
     options = builders.sampler_options(config, method=FLAGS.method, num_steps=FLAGS.steps, eta=FLAGS.eta,
-                                       timestep_spacing=FLAGS.timestep_spacing, guidance_scale=FLAGS.guidance)
+                                       timestep_spacing=FLAGS.timestep_spacing, guidance_scale=FLAGS.guidance,
+                                       variance=FLAGS.variance)
     schedule = builders.build_schedule(config)
     builders.validate_sampler(options, schedule.num_timesteps)
     evaluate = builders.build_evaluator(config, workdir) if FLAGS.eval else None

@@ -1,13 +1,28 @@
 """Trains a DDPM: `python train.py --config configs/default.py --workdir runs/default` (both are the defaults)."""
 
+import errno
 import os
 import sys
 import traceback
 
-import jax
-from absl import app, flags, logging
+from ddpm_jax import runtime
 
-from ddpm_jax import builders, checkpoint, consensus, loop, runtime
+
+def stopped_at_once() -> str:
+  """The cleanup of a run a signal ends outside the loop's stopping points (the loop's own: half-written checkpoints
+  removed, metrics flushed, lock released); says which checkpoints the workdir keeps."""
+  consensus.run_cleanups(KeyboardInterrupt())
+  return checkpoint.kept(checkpoint.checkpoint_dir(FLAGS.workdir))
+
+
+# Before the imports below (seconds): a signal while they load, compile or run ends the process with one line.
+runtime.stop_on_signals("train.py", stopped_at_once,
+                        "stopping after this step, with a checkpoint; a second signal stops at once, without it")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from ddpm_jax import builders, checkpoint, consensus, loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLAGS = flags.FLAGS
@@ -34,7 +49,9 @@ def report(error: BaseException) -> int:
   if isinstance(error, loop.Interrupted):
     print(f"train.py: {error}", file=sys.stderr)
     return 128 + error.signum
-  if isinstance(error, ValueError):
+  if isinstance(error, OSError) and error.errno == errno.ENOSPC and not error.filename:  # a write into the workdir
+    error, code = f"the disk is full: no space left to write in the workdir {FLAGS.workdir!r} ({error})", 1
+  elif isinstance(error, ValueError):
     code = 2
   elif isinstance(error, (FloatingPointError, checkpoint.CheckpointError, OSError)):
     code = 1
@@ -43,13 +60,15 @@ def report(error: BaseException) -> int:
   else:
     traceback.print_exception(error)
     error, code = f"{type(error).__name__}: {error}", 1
-  print(f"train.py: error: {error}", file=sys.stderr)
+  print(f"train.py: error: {consensus.one_line(error) if isinstance(error, BaseException) else error}",
+        file=sys.stderr)
   return code
 
 
 def main(argv):
   del argv
   runtime.quiet_backend_discovery()
+  runtime.quiet_storage_retries()
   if FLAGS.deterministic:
     runtime.make_deterministic()  # before anything starts JAX's backends
   if FLAGS.heartbeat_timeout < 1:

@@ -2,7 +2,7 @@
 
   python benchmarks/conv_probe.py --batch 16 --size 32 --channels 128 --precision fp32
 
-The measurements behind BENCHMARKS.md's speed attempts (medians over
+The measurements behind BENCHMARKS.md's convolution table and docs/perf-log.md's speed attempts (medians over
 --repeats, milliseconds). Each reformulation is checked against lax.conv's
 own result before it is timed.
 """

@@ -1,4 +1,4 @@
-"""Classifier-free guidance's trade-off on a trained conditional workdir: the README's guidance table and picture.
+"""Classifier-free guidance's trade-off on a trained conditional workdir: the guidance table and picture of docs/results.md.
 
   python benchmarks/guidance.py --workdir runs/guided --num_samples 1000 --scales 1,2,3,5 --picture docs/guided.png
 

@@ -1,4 +1,4 @@
-"""Sample quality against cost for every sampler on one trained workdir: the README's sampler table.
+"""Sample quality against cost for every sampler on one trained workdir: the sampler table of docs/results.md.
 
   python benchmarks/sampler_quality.py --workdir runs/default --num_samples 1000 --markdown table.md
 
@@ -35,7 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--workdir", required=True, help="a trained run (its latest checkpoint is used)")
   p.add_argument("--num_samples", type=int, default=1000)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--samplers", default="", help="comma-separated method:steps (default: the README's ten)")
+  p.add_argument("--samplers", default="", help="comma-separated method:steps (default: the ten of docs/results.md)")
+  p.add_argument("--timestep_spacing", default=None, help="leading | trailing | linspace (default: the config's)")
   p.add_argument("--json", default="", help="write the rows here")
   p.add_argument("--markdown", default="", help="write the table here")
   args = p.parse_args(argv)
@@ -53,7 +54,7 @@ def measure(config: ml_collections.ConfigDict, workdir: str, step: int, method: 
             args: argparse.Namespace, evaluate: Any) -> dict[str, Any]:
   """One row: the sampler's quality numbers, compile time and seconds per 1,000 samples."""
   schedule = builders.build_schedule(config)
-  options = builders.sampler_options(config, method=method, num_steps=steps,
+  options = builders.sampler_options(config, method=method, num_steps=steps, timestep_spacing=args.timestep_spacing,
                                      eta=0.0 if method == "ddim" else None)
   builders.validate_sampler(options, schedule.num_timesteps)
   params = builders.restore_sampling_params(config, workdir, step)
@@ -73,7 +74,7 @@ def measure(config: ml_collections.ConfigDict, workdir: str, step: int, method: 
 
 
 def markdown(rows: list[dict[str, Any]], step: int, device: str) -> str:
-  """The rows as the README's table."""
+  """The rows as the table of docs/results.md."""
   lines = [f"Checkpoint step {step}; {rows[0]['num_samples']} samples per row; {device}.", "",
            "| sampler | model calls | confident (>= 0.9) | class range | feature Fréchet distance | ratio to the "
            "real-vs-real floor | s per 1,000 samples |", "|" + " --- |" * 7]

@@ -1,6 +1,6 @@
 """The PyTorch peer: the same attention U-Net as ddpm_jax.unet (both topologies), written for the benchmark.
 
-Built from DESIGN.md's description of the two reference models and the fields
+Built from docs/architecture.md's description of the two reference models and the fields
 of ddpm_jax's presets; bench.py checks its parameter count and its forward
 FLOPs against the JAX model's before timing anything.
 """

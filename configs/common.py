@@ -27,9 +27,14 @@ def model(preset: str, **overrides) -> ml_collections.ConfigDict:
   m.block_order = placeholder(str)  # pre (norm-act-conv, DDPM) | post (conv-norm-act, the book)
   m.double_temb_silu = placeholder(bool)  # the book applies SiLU to the time embedding twice
   m.downsample = placeholder(str)  # conv (3x3 stride 2) | space_to_depth (2x2 to channels, then 1x1 conv)
+  m.downsample_padding = placeholder(int)  # conv downsampling: 0 (one row/column after, TF's SAME) | 1 (each side)
+  m.norm_eps = placeholder(float)  # epsilon of every normalization
+  m.flip_sin_to_cos = placeholder(bool)  # the time embedding as [cos, sin] instead of [sin, cos]
+  m.freq_shift = placeholder(float)  # time-embedding frequencies exp(-ln(10^4) i / (dim/2 - freq_shift))
   m.topology = placeholder(str)  # ddpm | book (see ddpm_jax.unet.UNet)
   m.init_scheme = placeholder(str)  # flax | ddpm (fan-average uniform, zero-initialised residual-branch ends)
   m.out_channels = placeholder(int)  # None: as many as the input
+  m.learn_variance = placeholder(bool)  # True: twice the output channels, the second half a learned variance
   m.num_classes = placeholder(int)  # > 0: class-conditional on the dataset's labels (classifier-free guidance)
   m.dtype = placeholder(str)  # compute dtype: float32 | bfloat16
   m.param_dtype = placeholder(str)  # parameter dtype: float32 | bfloat16
@@ -43,3 +48,10 @@ def wandb() -> ml_collections.ConfigDict:
   w = ml_collections.ConfigDict()
   w.project = placeholder(str)
   return w
+
+
+def evaluation() -> ml_collections.ConfigDict:
+  """The eval section: what the evaluation hook computes besides sample quality (at eval_every_steps)."""
+  e = ml_collections.ConfigDict()
+  e.nll_num_images = 0  # > 0: the bound in bits/dim on this many evaluation images (test split where there is one)
+  return e

@@ -1,9 +1,6 @@
 """The offline default: scikit-learn's embedded 8x8 digits and a tiny U-Net, minutes on a 2-core CPU.
 
-Measured on the project's 2-core AMD EPYC (2026-11-26), three seeds, cold: 6,000
-steps in 2 min 44 s .. 2 min 48 s; 1,000 EMA samples each (DPM-Solver++(2M), 10
-steps) scored 93.1% (92.9 .. 93.4) classified with confidence >= 0.9 and a
-feature Fréchet distance 1.43 (1.26 .. 1.54) times the real-vs-real floor.
+Its time and sample quality are in README.md's "Results"; the recipe's tuning is in docs/results.md.
 """
 
 import ml_collections
@@ -27,8 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 0  # > 0: sample eval_num_samples with the EMA params and score them
   config.eval_num_samples = 1000
   config.eval_batch_size = 100  # Inception batch (datasets other than digits)
-  config.inception_weights = placeholder(str)  # FID weights for datasets other than digits (see the README)
+  config.inception_weights = placeholder(str)  # FID weights for datasets other than digits (docs/evaluation.md)
   config.fid_num_real = 50_000  # real images in the FID reference statistics (capped at the split's size)
+  config.eval = common.evaluation()  # more evaluation at eval_every_steps: the likelihood bound
 
   config.data = ml_collections.ConfigDict()
   config.data.split = "train"
@@ -51,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.loss_weighting = "none"  # none | min_snr
   config.diffusion.min_snr_gamma = 5.0  # γ of min_snr
   config.diffusion.cond_drop_prob = 0.1  # conditional models: each label dropped (no label) with this probability
+  config.diffusion.vlb_weight = 0.001  # λ of the hybrid loss simple + λ T L_t, with model.learn_variance=True
 
   config.optim = ml_collections.ConfigDict()
   config.optim.optimizer = "adamw"  # adam | adamw
@@ -67,11 +66,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.ema = ml_collections.ConfigDict()
   config.ema.decay = 0.9995  # in [0, 1); 0 keeps no average
   # decay min(decay, (1 + n) / (10 + n)) after n updates. Over 6,000 steps the warmup term stays below 0.999
-  # (0.9985 at the last step), so it alone sets the decay here: decay 0.999 trains the same bits (seed 0, checked).
+  # (0.9985 at the last step), so it alone sets the decay here: decay 0.999 trains the same bits.
   config.ema.warmup = True
 
   config.sample = ml_collections.ConfigDict()
-  config.sample.method = "dpmpp_2m"  # ddpm | ddim | dpmpp_2m (the README's sampler table: best here at 10 steps)
+  config.sample.method = "dpmpp_2m"  # ddpm | ddim | dpmpp_2m (docs/results.md: best here at 10 steps)
   config.sample.num_steps = 10  # ddim / dpmpp_2m model calls (ddpm runs all num_timesteps)
   config.sample.eta = 0.0  # ddim noise: 0 deterministic .. 1 ancestral-like
   config.sample.timestep_spacing = "leading"  # leading | trailing | linspace

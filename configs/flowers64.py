@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 100  # Inception batch
   config.inception_weights = placeholder(str)  # the file tools/convert_inception_weights.py writes
   config.fid_num_real = 50_000  # real images in the reference statistics (capped at the split's size)
+  config.eval = common.evaluation()  # more evaluation at eval_every_steps: the likelihood bound
 
   config.data = ml_collections.ConfigDict()
   config.data.split = "train+validation+test"  # all 8,189 images, as the book trains
@@ -45,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.loss_weighting = "none"
   config.diffusion.min_snr_gamma = 5.0
   config.diffusion.cond_drop_prob = 0.1  # conditional models: each label dropped (no label) with this probability
+  config.diffusion.vlb_weight = 0.001  # λ of the hybrid loss simple + λ T L_t, with model.learn_variance=True
 
   config.optim = ml_collections.ConfigDict()
   config.optim.optimizer = "adamw"

@@ -14,8 +14,12 @@ import difflib
 import functools
 import importlib.util
 import os
+import socket
 import sys
 import tempfile
+import threading
+import urllib.parse
+import uuid
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
@@ -26,8 +30,8 @@ from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
-from ddpm_jax import (checkpoint, data, diffusion, evaluation, images, inception, loop, parallel, reporting,
-                      run_record, sampling, storage, training)
+from ddpm_jax import (checkpoint, consensus, data, diffusion, evaluation, images, inception, likelihood, loop, parallel,
+                      reporting, run_record, sampling, storage, training)
 from ddpm_jax.evaluation import Evaluator
 from ddpm_jax.reporting import MetricWriter
 from ddpm_jax.schedule import Schedule, make_schedule
@@ -108,13 +112,25 @@ def conditional(config: ml_collections.ConfigDict) -> bool:
   return bool(config.model.get("num_classes"))
 
 
+def learns_variance(config: ml_collections.ConfigDict) -> bool:
+  """Whether the config's model learns its variances (twice the output channels)."""
+  return bool(config.model.get("learn_variance"))
+
+
+def nll_variance(config: ml_collections.ConfigDict, variance: Optional[str] = None) -> str:
+  """The variance of the run's likelihood bound: learned_range for a model that learns it, else `variance` or the
+  sampler's."""
+  return "learned_range" if learns_variance(config) else variance or config.sample.variance
+
+
 def build_train_step(config: ml_collections.ConfigDict, schedule: Schedule) -> Callable:
   """training.train_step with the config's loss and EMA settings bound (state, batch, key, axis_name=None); a
   conditional model's batches are (images, labels) pairs."""
   d = config.diffusion
   step = functools.partial(training.train_step, schedule=schedule, loss=d.loss, ema_decay=config.ema.decay,
                            ema_warmup=config.ema.warmup, prediction=d.prediction, loss_weighting=d.loss_weighting,
-                           min_snr_gamma=d.min_snr_gamma)
+                           min_snr_gamma=d.min_snr_gamma,
+                           vlb_weight=d.get("vlb_weight", 0.0) if learns_variance(config) else 0.0)
   if not conditional(config):
     return step
 
@@ -146,17 +162,33 @@ def _config_path(argv: list[str], default: Optional[str]) -> Optional[str]:
   return default
 
 
+def _config_items(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+  """(dotted key, value) of every leaf of a config."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _config_items(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
 def _config_keys(path: str) -> list[str]:
-  """Every dotted key of the config a file's get_config() returns."""
+  """Every dotted key of the config a file's get_config() returns; ValueError naming the file when it cannot be
+  loaded (it raises, or has no get_config)."""
   spec = importlib.util.spec_from_file_location("ddpm_jax_config_file", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-
-  def walk(node, prefix):
-    for key, value in node.items():
-      yield from (walk(value, f"{prefix}{key}.") if isinstance(value, ml_collections.ConfigDict)
-                  else [f"{prefix}{key}"])
-  return list(walk(module.get_config(), ""))
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except  # config files can raise anything while they load
+    raise ValueError(f"config file {path!r} raised {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise ValueError(f"config file {path!r} has no get_config(): a config file defines get_config() returning an "
+                     "ml_collections.ConfigDict (see configs/default.py)")
+  try:
+    config = module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"config file {path!r}: get_config() raised {type(e).__name__}: "
+                     f"{' '.join(str(e).split())[:300]}") from None
+  return [key for key, _ in _config_items(config)]
 
 
 def flag_error(argv: list[str], error: Exception, default_config: Optional[str]) -> str:
@@ -166,9 +198,12 @@ def flag_error(argv: list[str], error: Exception, default_config: Optional[str])
   path = _config_path(argv, default_config)
   if path and not os.path.isfile(path):
     return f"config file {path!r} does not exist"
+  try:
+    keys = _config_keys(path) if path else []
+  except ValueError as e:  # the file itself is at fault
+    return str(e)
   overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
   if overrides and path and isinstance(error, (AttributeError, KeyError)):
-    keys = _config_keys(path)
     for key in overrides:
       if key not in keys:
         near = difflib.get_close_matches(key, keys, n=3, cutoff=0.0)
@@ -185,60 +220,169 @@ def _exit_on_flag_error(program: str, argv: list[str], error: Exception, default
 
 
 def define_config_flag(program: str, default: Optional[str], help_text: str) -> None:
-  """--config (a config file, fields overridable as --config.key=value); a problem with the default file or an
-  override (ml_collections applies them while defining the flag) ends the program with one line and exit 2."""
+  """--config (a config file, fields overridable as --config.key=value), one of the program's own flags in --help;
+  a problem with the default file or an override (ml_collections applies them while defining the flag) ends the
+  program with one line and exit 2."""
   try:
     config_flags.DEFINE_config_file("config", default, help_text)
   except Exception as e:  # config files can raise anything while they load
     _exit_on_flag_error(program, sys.argv, e, default)
+  flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["config"])
+
+
+HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
+
+
+def _print_help(doc: str, full: bool) -> None:
+  """The program's description, its flags (`full`: every module's) and, when a config is loaded, every --config.KEY
+  with its value."""
+  print(f"{doc.strip()}\n\n{(flags.FLAGS.get_help() if full else flags.FLAGS.main_module_help()).strip()}")
+  config = flags.FLAGS["config"].value
+  if config is not None:
+    print("\n--config fields (override any as --config.KEY=VALUE):")
+    for key, value in _config_items(config):
+      print(f"  --config.{key}={value!r}")
 
 
 def flags_parser(program: str, default_config: Optional[str]) -> Callable[[list[str]], list[str]]:
-  """absl's flag parser, with any problem in the flags or the config file reported in one line and exit code 2."""
+  """absl's flag parser, with any problem in the flags or the config file reported in one line and exit code 2;
+  -h / --help print the program's flags and its config's fields and exit 0."""
 
   def parse(argv: list[str]) -> list[str]:
+    asked_help = any(arg in HELP_FLAGS for arg in argv[1:])
     try:
-      rest = flags.FLAGS(argv)
+      rest = flags.FLAGS([arg for arg in argv if arg not in HELP_FLAGS])
       config = flags.FLAGS["config"].value
       if config is not None:
         list(config.keys())  # a config file that failed to load reports it on first access
-      return rest
     except Exception as e:  # config files can raise anything while they load
       _exit_on_flag_error(program, argv, e, default_config)
+    if asked_help:
+      _print_help(sys.modules["__main__"].__doc__ or program, "--helpfull" in argv)
+      sys.exit(0)
+    return rest
   return parse
 
 
-def check_workdir(workdir: str) -> None:
-  """Raises ValueError unless workdir is a folder this process can write in, or can be made one (it is not made
-  here: a start that fails later leaves nothing behind)."""
-  if storage.is_remote(workdir):
-    check_remote_workdir(workdir)
-    return
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f"workdir {workdir!r} is a file, not a folder: give a folder path")
-  existing = os.path.abspath(workdir)
+@contextlib.contextmanager
+def one_line_errors(program: str):
+  """Ends the program on an error with one line on stderr: exit code 2 for bad input (ValueError), 1 for a run-time
+  failure (OSError, CheckpointError)."""
+  try:
+    yield
+  except ValueError as e:
+    print(f"{program}: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except (OSError, checkpoint.CheckpointError) as e:
+    print(f"{program}: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+def check_folder(path: str, name: str) -> None:
+  """Raises ValueError starting with `name` unless `path` is a folder this process can write in, or can be made one
+  (it is not made here: a start that fails later leaves nothing behind)."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"{name} is a file, not a folder: give a folder path")
+  existing = os.path.abspath(path)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
-    raise ValueError(f"workdir {workdir!r} cannot be made: {existing!r} is a file")
+    raise ValueError(f"{name} cannot be made: {existing!r} is a file")
   try:
     with tempfile.TemporaryFile(dir=existing):
       pass
   except OSError as e:
-    raise ValueError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from None
+    raise ValueError(f"{name} is not writable: {e.strerror or e}") from None
+
+
+def check_workdir(workdir: str) -> None:
+  """Raises ValueError unless workdir names a folder this process can write in, or can be made one, and its
+  checkpoints folder, when there is one, can be written too."""
+  if not workdir.strip() or (storage.is_remote(workdir) and not workdir.split("://", 1)[1].strip("/")):
+    raise ValueError(f"workdir {workdir!r} names no folder: give a path (e.g. runs/default or gs://bucket/run)")
+  if storage.is_remote(workdir):  # probed by process 0 alone, for every process
+    consensus.decide("workdir/writable", lambda: check_remote_workdir(workdir))
+    return
+  check_folder(workdir, f"workdir {workdir!r}")
+  if os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    check_folder(checkpoint.checkpoint_dir(workdir), f"workdir {workdir!r}: its checkpoints folder")
+
+
+STORAGE_WAIT_S = 15.0  # the longest a start waits for a bucket's first answer (gcsfs retries for half a minute)
+CONNECT_WAIT_S = 5.0  # the longest a start waits to open a connection to Cloud Storage
+
+
+def check_reachable(path: str) -> None:
+  """Raises ValueError naming a gs:// path when no connection to Cloud Storage (STORAGE_EMULATOR_HOST when set) opens
+  within CONNECT_WAIT_S: at once, where the storage library would retry for half a minute. Not checked through a
+  proxy (HTTPS_PROXY), which this test cannot see past."""
+  if not str(path).startswith("gs://") or any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy")):
+    return
+  url = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
+  parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+  try:
+    socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                             timeout=CONNECT_WAIT_S).close()
+  except OSError as e:
+    raise ValueError(f"workdir {path!r} cannot be reached: no connection to {url} ({type(e).__name__}: "
+                     f"{e.strerror or e or 'timed out'}); check the network") from None
+
+
+def answer_within(seconds: float, fn: Callable[[], Any]) -> Any:
+  """fn() run in a daemon thread: its result or its exception, or TimeoutError when it has not ended in `seconds`."""
+  outcome: list = []
+
+  def run() -> None:
+    try:
+      outcome.append((True, fn()))
+    except Exception as e:  # pylint: disable=broad-except  # re-raised in the caller
+      outcome.append((False, e))
+
+  worker = threading.Thread(target=run, name="ddpm_jax-storage-probe", daemon=True)
+  worker.start()
+  worker.join(seconds)
+  if not outcome:
+    raise TimeoutError(f"no answer in {seconds:g} s")
+  ok, value = outcome[0]
+  if not ok:
+    raise value
+  return value
+
+
+def _storage_cause(error: BaseException) -> str:
+  """'Type: first line of the message' of a storage library's exception."""
+  return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}".rstrip(": ")
 
 
 def check_remote_workdir(workdir: str) -> None:
   """Raises ValueError naming workdir unless this process can write an object there (the bucket exists, the
-  credentials allow it): writes one and deletes it."""
-  probe = epath.Path(storage.absolute(workdir), ".write_check")
-  try:
+  credentials allow it) within STORAGE_WAIT_S: writes one of its own and deletes it."""
+  check_reachable(workdir)
+  probe = epath.Path(storage.absolute(workdir), f".write_check.{uuid.uuid4().hex}")  # two starts probe apart
+
+  def write() -> None:
     probe.write_text("", encoding="utf-8")
     probe.unlink()
+  try:
+    answer_within(STORAGE_WAIT_S, write)
   except Exception as e:  # pylint: disable=broad-except  # gcsfs, google-auth and aiohttp raise many types
-    cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-    raise ValueError(f"workdir {workdir!r} cannot be written ({type(e).__name__}: {cause}): check that the bucket "
-                     "exists and that the credentials allow writing there") from None
+    raise ValueError(f"workdir {workdir!r} cannot be written ({_storage_cause(e)}): check that the bucket exists, "
+                     "that it can be reached from here and that the credentials allow writing there") from None
+
+
+def check_readable(path: str) -> None:
+  """Raises ValueError naming path when its storage cannot be read from here within STORAGE_WAIT_S (a bucket that
+  cannot be reached or read; a missing path is no error here)."""
+  if not storage.is_remote(path):
+    return
+  check_reachable(path)
+  try:
+    answer_within(STORAGE_WAIT_S, epath.Path(storage.absolute(path)).stat)
+  except FileNotFoundError:
+    pass
+  except Exception as e:  # pylint: disable=broad-except  # gcsfs, google-auth and aiohttp raise many types
+    raise ValueError(f"workdir {path!r} cannot be read ({_storage_cause(e)}): check that the bucket exists and "
+                     "that the credentials allow reading it") from None
 
 
 def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, process_count: int = 1,
@@ -275,6 +419,18 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, proces
   cond_drop = config.diffusion.get("cond_drop_prob", 0.0)
   if not 0.0 <= cond_drop <= 1.0:
     raise ValueError(f"diffusion.cond_drop_prob={cond_drop!r} is invalid: it must lie in [0, 1]")
+  vlb_weight = config.diffusion.get("vlb_weight", 0.0)
+  if not vlb_weight >= 0.0:
+    raise ValueError(f"diffusion.vlb_weight={vlb_weight!r} is invalid: it must be >= 0")
+  if learns_variance(config) and not vlb_weight > 0.0:
+    raise ValueError(f"diffusion.vlb_weight={vlb_weight!r} leaves the variance of model.learn_variance=True "
+                     "untrained: use a weight > 0 (0.001, Nichol & Dhariwal's)")
+  nll_images = nll_num_images(config)
+  if isinstance(nll_images, bool) or not isinstance(nll_images, int) or nll_images < 0:
+    raise ValueError(f"eval.nll_num_images={nll_images!r} is invalid: use 0 (off) or a number of images")
+  if nll_images and not config.eval_every_steps:
+    raise ValueError(f"eval.nll_num_images={nll_images} needs eval_every_steps > 0: the bound is computed with the "
+                     "other evaluations")
   if not 0.0 <= config.ema.decay < 1.0:
     raise ValueError(f"ema.decay={config.ema.decay!r} is invalid: it must lie in [0, 1) (0 keeps no average)")
   validate_sampler(sampler_options(config), schedule.num_timesteps, "sample.")
@@ -285,6 +441,11 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, proces
       raise ValueError(f"{key}={value!r} is invalid: use 0 (off) or a number of steps")
   if config.eval_every_steps and config.dataset != "digits":
     inception.check_weights_path(config.inception_weights or "")
+
+
+def nll_num_images(config: ml_collections.ConfigDict) -> int:
+  """How many evaluation images the training run's likelihood hook takes (0: off; configs older than the key: 0)."""
+  return (config.get("eval") or {}).get("nll_num_images", 0)
 
 
 def validate_sampler(options: sampling.SamplerOptions, num_timesteps: int, prefix: str = "") -> None:
@@ -334,6 +495,47 @@ def build_evaluator(config: ml_collections.ConfigDict, workdir: str,
   path = evaluation.fid_stats_path(config.inception_weights, config.dataset, config.data.split, config.image_size,
                                    config.data.channels, num_real)
   return evaluation.inception_evaluator(config.inception_weights, real, num_real, path, config.eval_batch_size)
+
+
+def build_nll_images(config: ml_collections.ConfigDict,
+                     num_images: int) -> tuple[np.ndarray, Optional[np.ndarray], str]:
+  """`num_images` evaluation images for the likelihood bound (data.evaluation_source; a seeded choice without
+  repeats, quantised to 8 bits in [-1, 1]), their labels for a conditional model (else None), and which they are."""
+  source, which = data.evaluation_source(config.dataset, data_dir=config.data.data_dir, split=config.data.split)
+  if num_images > source.size:
+    raise ValueError(f"{num_images} images were asked for the likelihood bound, more than the {source.size} of "
+                     f"{which}")
+  labelled = conditional(config)
+  batch = next(data.batch_stream(source, seed=0, global_batch=num_images, image_size=config.image_size,
+                                 channels=config.data.channels, random_flip=False, labels=labelled,
+                                 worker_count=config.data.worker_count))
+  images_, labels = batch if labelled else (batch, None)
+  return evaluation.quantize(images_), labels, which + (", conditional on their labels" if labelled else "")
+
+
+def build_bound_evaluator(config: ml_collections.ConfigDict, model: UNet, schedule: Schedule,
+                          variance: Optional[str] = None, batch_size: Optional[int] = None) -> Callable[..., dict]:
+  """likelihood.make_bound_evaluator for the config's model, with the run's variance (nll_variance) and the sampler's
+  batch size unless given."""
+  return likelihood.make_bound_evaluator(model_fn(model), schedule, variance=nll_variance(config, variance),
+                                         prediction=config.diffusion.prediction,
+                                         batch_size=batch_size or config.sample.batch_size)
+
+
+def _nll_hook(bound: Callable, images_: Optional[np.ndarray], labels: Optional[np.ndarray], key: jax.Array,
+              which: str) -> Callable:
+  """A loop hook computing the likelihood bound of the EMA params (process 0 alone) and logging it as
+  eval/bits_per_dim with its standard error and parts."""
+
+  def run(step: int, ema_params: Any, writer: Optional[MetricWriter]) -> None:
+    if writer is None:
+      return
+    s = likelihood.summarize(bound(ema_params, images_, key, labels))
+    writer.write(step, {"eval/bits_per_dim": s["bits_per_dim"], "eval/bits_per_dim_se": s["standard_error"],
+                        "eval/bits_per_dim_prior": s["prior"], "eval/bits_per_dim_decoder": s["decoder"],
+                        "eval/bits_per_dim_kl": s["kl_terms"]})
+    print(f"nll at step {step}: {likelihood.report(s, which)}", flush=True)
+  return run
 
 
 def _sample_grid_hook(workdir: str, generate: Callable, key: jax.Array, num_samples: int,
@@ -403,6 +605,12 @@ def build_training(config: ml_collections.ConfigDict, workdir: str, stop_at_step
       evaluate = build_evaluator(config, workdir, source) if jax.process_index() == 0 else None
       hooks.append(loop.Hook("eval", config.eval_every_steps, _eval_hook(generate, evaluate, sample_key,
                                                                  config.eval_num_samples, num_classes)))
+  if nll_num_images(config):
+    lead = jax.process_index() == 0  # process 0 alone computes the bound
+    nll_data = build_nll_images(config, nll_num_images(config)) if lead else (None, None, "")
+    hooks.append(loop.Hook("nll", config.eval_every_steps, _nll_hook(build_bound_evaluator(config, model, schedule),
+                                                                     *nll_data[:2], jax.random.fold_in(sample_key, 1),
+                                                                     nll_data[2])))
   runner = parallel.make_runner(build_train_step(config, schedule), config.parallelism)
   record = run_record.describe(config=config.to_dict(), dataset=source.identity, parallelism=runner.mode,
                                command=command)

@@ -1,9 +1,10 @@
 """Orbax checkpoints of a TrainState (params, EMA params, optimizer state) plus the config that produced it.
 
-Orbax writes each step into a temporary folder and renames it when complete,
-so a checkpoint that is half written is never listed as the latest. Saves are
-asynchronous: save returns once the arrays are copied to host memory; the next
-save, or close, waits for the write and reports its failure.
+Orbax writes each step into a temporary folder and renames it when complete
+(in a bucket, gs://, into the step's folder, marked complete by a commit file
+written last), so a checkpoint that is half written is never listed as the
+latest. Saves are asynchronous: save returns once the arrays are copied to host
+memory; the next save, or close, waits for the write and reports its failure.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class CheckpointError(Exception):
 
 
 class CheckpointReadError(ValueError):
-  """A checkpoint could not be read: damaged, or written by another layout (DESIGN.md: bad input, exit 2)."""
+  """A checkpoint could not be read: damaged, or written by another layout (bad input: exit 2, docs/architecture.md)."""
 
 
 class CheckpointOutOfMemory(CheckpointError):
@@ -179,7 +180,17 @@ def steps_on_disk(directory: str) -> list[int]:
   a step still on disk, e.g. one it was about to delete when a save failed)."""
   folder = epath.Path(directory)
   found = folder.iterdir() if folder.is_dir() else []
-  return sorted(int(p.name) for p in found if p.name.isdigit() and p.is_dir())
+  return sorted(int(p.name) for p in found if p.name.isdigit() and p.is_dir() and not _unfinished(p))
+
+
+def _unfinished(path: epath.Path) -> bool:
+  """Whether a folder in a checkpoint folder holds a save that did not complete: locally one of orbax's temporary
+  folders (STEP.orbax-checkpoint-tmp-*); in a bucket (gs://), where orbax writes a step's folder in place and marks
+  it complete with a commit_success.txt in it, a folder without that mark."""
+  try:
+    return ocp.step.is_tmp_checkpoint(path)
+  except ValueError:  # removed meanwhile
+    return False
 
 
 ORBAX_THREADS_WAIT_S = 30.0  # the longest wait for orbax's threads still writing after a failed save
@@ -204,18 +215,36 @@ def _remove_partial(manager: ocp.CheckpointManager) -> None:
 
 
 def remove_leftovers(directory: str) -> None:
-  """Deletes the temporary folders of unfinished saves in a checkpoint folder (process 0 only: another process may
-  still be writing its shards); orbax never lists them as checkpoints."""
+  """Deletes the folders of unfinished saves in a checkpoint folder (_unfinished; process 0 only: another process
+  may still be writing its shards); orbax never lists them as checkpoints."""
   if jax.process_index():
     return
-  folder, pattern = epath.Path(directory), "*.orbax-checkpoint-tmp*"
+  folder = epath.Path(directory)
+  leftovers = lambda: [p for p in folder.iterdir() if _unfinished(p)] if folder.is_dir() else []
   for _ in range(20):  # tensorstore's writer threads can still be closing files: retry for up to 2 s
-    for partial in folder.glob(pattern):
+    for partial in leftovers():
       with contextlib.suppress(OSError):
         partial.rmtree()
-    if not list(folder.glob(pattern)):
+    if not leftovers():
       return
     time.sleep(0.1)
+
+
+def settle(manager: ocp.CheckpointManager, timeout: float) -> None:
+  """Waits up to `timeout` s for the save in flight to finish or fail; a failure is left to its own report (the next
+  wait or close), or to nobody on a process that is ending on another failure."""
+  def wait_quietly() -> None:
+    with contextlib.suppress(Exception):
+      manager.wait_until_finished()
+
+  waiter = threading.Thread(target=wait_quietly, name="ddpm_jax-settle", daemon=True)
+  waiter.start()
+  waiter.join(timeout)
+
+
+def kept(directory: str) -> str:
+  """What a stopped run leaves to resume from: 'kept: 5, 10' (the complete checkpoints) or 'kept: no checkpoint'."""
+  return f"kept: {', '.join(map(str, steps_on_disk(directory))) or 'no checkpoint'}"
 
 
 def close(manager: ocp.CheckpointManager) -> None:
@@ -233,9 +262,8 @@ def _write_error(manager: ocp.CheckpointManager, step: int, error: BaseException
   """The CheckpointError of a failed write of `step`, after removing its temporary folder: the step, the path, the
   cause and the checkpoints still on disk from before it (nothing from it or later is counted as kept)."""
   _remove_partial(manager)
-  kept = [s for s in steps_on_disk(str(manager.directory)) if s < step]
   return CheckpointError(f"could not write the checkpoint of step {step} to {manager.directory}: {_cause(error)}; "
-                         f"kept: {', '.join(map(str, kept)) or 'no checkpoint'}")
+                         f"{kept(str(manager.directory))}")
 
 
 def wait(manager: ocp.CheckpointManager) -> None:

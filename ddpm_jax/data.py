@@ -62,7 +62,7 @@ def parse_dataset(spec: str) -> tuple[str, str]:
 
 def _digits_table() -> str:
   """The file of scikit-learn's bundled digits (per row: 64 pixels in 0..16, then the label), found without importing
-  sklearn.datasets, which imports SciPy: 1.5 s of every training process's start on a 2-core CPU."""
+  sklearn.datasets, which imports SciPy and would slow every training process's start (CONTRIBUTING.md, "Test time")."""
   spec = importlib.util.find_spec("sklearn")
   if spec is None or not spec.submodule_search_locations:
     raise ValueError("dataset='digits' needs scikit-learn: pip install scikit-learn")
@@ -181,12 +181,19 @@ def tfds_source(name: str, split: str, data_dir: Optional[str]) -> Source:
   features = builder.info.features
   if "image" not in features:
     raise ValueError(f"TFDS dataset {name!r} has no 'image' feature (it has {', '.join(features)})")
+  not_prepared = lambda e: ValueError(
+      f"TFDS dataset {name!r} is not prepared as ArrayRecord in {builder.data_dir_root}: prepare it once with "
+      f"`{PREPARE_COMMAND.format(name=name)}` and point config.data.data_dir (or TFDS_DATA_DIR) at DIR "
+      f"({type(e).__name__})")
   try:
     records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  except (NotImplementedError, AssertionError, FileNotFoundError) as e:  # TFDS's ways of saying "not prepared"
-    raise ValueError(f"TFDS dataset {name!r} is not prepared as ArrayRecord in {builder.data_dir_root}: prepare it "
-                     f"once with `{PREPARE_COMMAND.format(name=name)}` and point config.data.data_dir (or "
-                     f"TFDS_DATA_DIR) at DIR ({type(e).__name__})") from None
+  except KeyError as e:  # a split TFDS does not list: an unknown name, or none at all (not prepared)
+    if builder.info.splits:
+      raise ValueError(f"TFDS dataset {name!r} has no split {split!r} (config.data.split): it has "
+                       f"{', '.join(builder.info.splits)}") from None
+    raise not_prepared(e) from None
+  except (NotImplementedError, AssertionError, FileNotFoundError) as e:  # TFDS's other ways of saying "not prepared"
+    raise not_prepared(e) from None
   if len(records) < 1:
     raise ValueError(f"TFDS dataset {name!r} split {split!r} is empty")
   label = features["label"] if "label" in features else None
@@ -203,6 +210,23 @@ def make_source(dataset: str, *, data_dir: Optional[str] = None, split: str = "t
   if kind == "folder":
     return folder_source(arg)
   return tfds_source(arg, split, data_dir)
+
+
+def evaluation_source(dataset: str, *, data_dir: Optional[str] = None, split: str = "train") -> tuple[Source, str]:
+  """The images a trained model is evaluated on, and which they are: a TFDS dataset's test split where it has one,
+  else the training images (the digits, a folder, the `split` of a TFDS dataset without a test split)."""
+  kind, arg = parse_dataset(dataset)
+  if kind == "tfds":
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # only for tfds: datasets
+
+    try:
+      splits = tfds.builder(arg, data_dir=data_dir).info.splits
+    except tfds.core.registered.DatasetNotFoundError:
+      splits = {}  # make_source names the problem
+    if "test" in splits:
+      return tfds_source(arg, "test", data_dir), f"the test split of {arg}"
+    return make_source(dataset, data_dir=data_dir, split=split), f"the {split} split of {arg}, which has no test split"
+  return make_source(dataset, data_dir=data_dir, split=split), f"the training images of {dataset}, which has no test split"
 
 
 def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:

@@ -7,6 +7,11 @@ A model predicts one of PREDICTIONS: the noise ε ("eps"), v = sqrt(ᾱ) ε - sq
 ("v") or x0 itself ("x0"). `prediction_target` is what it learns, `split_prediction` turns
 its output back into (x̂0, ε̂), and `loss_weights` gives the per-example weights of
 LOSS_WEIGHTINGS ("none", or Hang et al. 2023's "min_snr") for `loss_fn`.
+
+The reverse process p(x_{t-1} | x_t) has the posterior mean at x̂0 and one of
+VARIANCES: the posterior variance β̃_t ("fixed_small"), β_t ("fixed_large") or
+Nichol & Dhariwal's "learned_range", an interpolation set by extra output
+channels v (`split_variance`, `model_log_variance`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ddpm_jax.schedule import Schedule
 LOSSES = ("l1", "l2")
 PREDICTIONS = ("eps", "v", "x0")
 LOSS_WEIGHTINGS = ("none", "min_snr")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 
 
 def _check_choice(what: str, value: str, allowed: Sequence[str]) -> None:
@@ -150,6 +156,44 @@ def q_posterior_mean_variance(
   var = extract(schedule.posterior_variance, t, x_t)
   log_var = extract(schedule.posterior_log_variance_clipped, t, x_t)
   return mean, var, log_var
+
+
+def split_variance(output: jnp.ndarray, x: jnp.ndarray) -> tuple[jnp.ndarray, Optional[jnp.ndarray]]:
+  """(prediction, v) of a model output with x's C channels (v None) or 2C: the prediction, then v in [-1, 1]."""
+  c = x.shape[-1]
+  if output.shape[-1] == c:
+    return output, None
+  if output.shape[-1] == 2 * c:
+    return output[..., :c], output[..., c:]
+  raise ValueError(f"the model output has {output.shape[-1]} channels: expected {c} (the input's) or {2 * c} "
+                   "(a prediction and a learned variance)")
+
+
+def model_log_variance(schedule: Schedule, t: jnp.ndarray, x: jnp.ndarray, variance: str,
+                       v: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+  """log σ_t² of p(x_{t-1} | x_t) under `variance` (one of VARIANCES), broadcast against x.
+
+  "fixed_small": log β̃_t, clipped at t = 0 to log β̃_1 (the posterior
+  variance is 0 there). "fixed_large": log β_t, and log β̃_1 at t = 0, as the
+  DDPM code does so that the decoder stays sharp. "learned_range" (Nichol &
+  Dhariwal 2021): frac log β_t + (1 - frac) log β̃_t (clipped) with
+  frac = (v + 1) / 2 for the model's v, nominally in [-1, 1] (values outside
+  extrapolate, as in their code).
+  """
+  _check_choice("variance", variance, VARIANCES)
+  if (variance == "learned_range") != (v is not None):
+    raise ValueError(f"variance={variance!r} " + ("needs the model's v (an output of twice the input's channels)"
+                                                  if v is None else "takes no v: the model learns its variance, use "
+                                                  "variance='learned_range'"))
+  small = extract(schedule.posterior_log_variance_clipped, t, x)
+  if variance == "fixed_small":
+    return jnp.broadcast_to(small, x.shape)
+  if variance == "fixed_large":
+    large = jnp.log(jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]]))
+    return jnp.broadcast_to(extract(large, t, x), x.shape)
+  large = extract(jnp.log(schedule.betas), t, x)
+  frac = (v.astype(x.dtype) + 1.0) / 2.0
+  return frac * large + (1.0 - frac) * small
 
 
 def loss_fn(

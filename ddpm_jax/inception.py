@@ -195,7 +195,7 @@ def check_weights_path(path: str) -> None:
   """Raises ValueError unless path names an existing file (the weights a run will need for FID)."""
   if not path:
     raise ValueError("no Inception weights given: set config.inception_weights to the file that "
-                     "tools/convert_inception_weights.py wrote (see the README's 'FID' section)")
+                     "tools/convert_inception_weights.py wrote (see docs/evaluation.md)")
   if not os.path.isfile(path):
     raise ValueError(f"inception_weights={path!r} is not a file: convert the FID weights with "
                      "tools/convert_inception_weights.py first")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -31,6 +33,10 @@ END_OF_RUN = "end_of_run.json"
 # With several processes, a signal is agreed on by a collective at every step whose answer is read this many steps
 # later (reading waits for it; a lag keeps the host that many steps ahead of the devices).
 AGREEMENT_LAG = 2
+# How long a process ending on a failure (its own or another's) waits for the checkpoint it is still writing: every
+# process writes its shards of it and meets the others before it is complete, so each waits, up to this, before it
+# leaves (a big state on a bucket can take minutes).
+SAVE_WAIT_S = 600.0
 
 
 class Interrupted(Exception):
@@ -88,11 +94,13 @@ def prefetch(iterator: Iterator[Any], put: Callable[[Any], Any], size: int = 2) 
     yield queue.popleft()
 
 
-def check_finite(rows: list[tuple[int, dict[str, float]]], latest_checkpoint: Optional[int]) -> None:
-  """Raises FloatingPointError naming the first step whose loss is NaN or Inf, and what was kept."""
+def check_finite(rows: list[tuple[int, dict[str, float]]], newest_kept: Callable[[], Optional[int]]) -> None:
+  """Raises FloatingPointError naming the first step whose loss is NaN or Inf, and the newest complete checkpoint
+  (newest_kept(), asked only then)."""
   for step, m in rows:
     if not np.isfinite(m["loss"]):
-      kept = (f"the latest checkpoint, of step {latest_checkpoint}, predates it" if latest_checkpoint is not None
+      latest = newest_kept()
+      kept = (f"the newest complete checkpoint, of step {latest}, predates it" if latest is not None
               else "no checkpoint was written")
       raise FloatingPointError(f"loss is {m['loss']} at step {step}: training stopped; {kept} (try a lower "
                                "optim.learning_rate or optim.grad_clip_norm=1.0)")
@@ -236,6 +244,7 @@ def _finish(t: Training, workdir: str, run_state: Any, writer: Optional[MetricWr
       raise Interrupted(t.end_step, signum)
     if piece == CURVES:
       if lead:
+        writer.flush()  # in a bucket, metrics.jsonl holds its last rows only once flushed
         plots.plot_training_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, CURVES))
     else:
       piece.run(t.end_step, ema_params, writer)
@@ -247,87 +256,183 @@ def _finish(t: Training, workdir: str, run_state: Any, writer: Optional[MetricWr
 
 def train(training: Training, workdir: str) -> TrainState:
   """Trains from workdir's latest checkpoint (or from scratch) to training.end_step, then does the end-of-run work
-  (the last step's hooks, CURVES) not yet done; returns the host state."""
+  (the last step's hooks, CURVES) not yet done; returns the host state.
+
+  A failure first lets the checkpoint in flight finish (up to SAVE_WAIT_S),
+  then removes half-written ones; its error gains a note of the complete
+  checkpoints kept. Every cleanup runs whatever another one raises: the
+  writer is closed, the signal handlers restored, the workdir lock released.
+  """
   t = training
   lead = jax.process_index() == 0
+  made = not epath.Path(workdir).exists()  # by this run: removed again if it ends having written nothing
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  # Before the manager, which clears unfinished saves: they may be another live run's.
-  lock = workdir_lock.acquire(workdir) if lead else None
-  manager = None
-  writer = None
-  received: list[int] = []
-  handlers = {}
-  batches = None
-
-  def abandon() -> None:
-    """What a process ending on another's failure still does: no half-written checkpoint stays, metrics reach disk."""
-    if manager:
-      checkpoint.remove_leftovers(str(manager.directory))
-    if writer:
-      writer.close()
-
-  try:
-    with consensus.cleanup(abandon):
-      manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
-      state = _restore_or_create(manager, t.create_state, t.runner.restore_layout, t.config, t.parameter_meaning)
-      if lead:
-        if t.record is not None:
-          run_record.append(workdir, t.record, int(state.step) or None)
-        _write_config(workdir, t.config)
-        if t.class_names:
-          epath.Path(workdir, CLASSES).write_text(
-              json.dumps({str(label): name for label, name in enumerate(t.class_names)}, indent=2), encoding="utf-8")
-      start = int(state.step)
-      if start > t.end_step:
-        logging.info("nothing to do: the checkpoint is at step %d, the run ends at step %d", start, t.end_step)
-        return t.runner.get_state(t.runner.put_state(state))
-      run_state = t.runner.put_state(state)
-      handlers = _catch_signals(received)
-      agree = parallel.make_agreement() if jax.process_count() > 1 else None
-      writer = MetricWriter(workdir, start, t.wandb_project, t.config) if lead else None
-      if start < t.end_step:
-        batches = prefetch(t.batches(start), t.runner.put_batch)
-        run_state = _train_steps(t, manager, run_state, batches, writer, received, agree, start)
-        checkpoint.wait(manager)  # the last checkpoint is on disk before the end-of-run work is recorded as done
-      own = lambda: received[0] if received else 0
-      _finish(t, workdir, run_state, writer,
-              (lambda: int(parallel.local_value(agree(own())))) if agree else own)
-      return t.runner.get_state(run_state)
-  except Exception as e:  # pylint: disable=broad-except
-    if not isinstance(e, Interrupted):  # an agreed stop: every process raises it together
-      consensus.fail_together(e)
-    raise
-  finally:
-    batches = None  # close the input pipeline (and its worker processes) now, not during interpreter shutdown
-    if manager:
-      checkpoint.close(manager)
-    if writer:
-      writer.close()
-    for sig, handler in handlers.items():
-      signal.signal(sig, handler)
+  with contextlib.ExitStack() as cleanups:
+    # Before the manager, which clears unfinished saves: they may be another live run's.
+    lock = workdir_lock.acquire(workdir) if lead else None
+    parts: dict[str, Any] = {}  # "manager": the checkpoint manager; "writer", "lock": their closing, each run once
     if lock is not None:
-      workdir_lock.release(lock)
+      parts["lock"] = _once(lambda: _give_back(workdir, lock, made))
+      cleanups.callback(parts["lock"])
+
+    def abandon(failure: BaseException) -> str:
+      """What a process ending on a failure through os._exit (which skips `cleanups`) still does: lets the save in
+      flight finish (unless the failure is a failed write: a save that another process could not write never
+      completes), removes half-written checkpoints, closes the writer, releases the lock; says what is kept."""
+      manager = parts.get("manager")
+      closing = [parts[k] for k in ("writer", "lock") if k in parts]
+      wait_s = 0.0 if isinstance(failure, checkpoint.CheckpointError) else SAVE_WAIT_S
+      for close in ([lambda: _settle(manager, wait_s)] if manager else []) + closing:
+        with contextlib.suppress(Exception):
+          close()
+      return checkpoint.kept(str(manager.directory)) if manager else ""
+
+    with consensus.cleanup(abandon):  # (the failing process's own ending included)
+      try:
+        return _run(t, workdir, parts, cleanups)
+      except Exception as e:  # pylint: disable=broad-except
+        if not isinstance(e, Interrupted):  # an agreed stop: every process raises it together
+          consensus.fail_together(e)  # several processes: ends this one (abandon first)
+          if "manager" in parts:  # one process: the same wait, then the same note
+            _settle(parts["manager"])
+            consensus.add_note(e, checkpoint.kept(str(parts["manager"].directory)))
+        raise
+
+
+def _once(fn: Callable[[], Any]) -> Callable[[], None]:
+  """fn, run by the first call only (a closing that both the normal exit and the failure path may ask for)."""
+  pending = [fn]
+  return lambda: pending and pending.pop()()
+
+
+def _settle(manager: Any, wait_s: float = SAVE_WAIT_S) -> None:
+  """Lets the save in flight finish (up to wait_s), then removes what unfinished saves left."""
+  checkpoint.settle(manager, wait_s)
+  checkpoint.remove_leftovers(str(manager.directory))
+
+
+def _give_back(workdir: str, lock: Any, made: bool) -> None:
+  """Gives the workdir back: no checkpoints/ folder left empty by a run that saved nothing, the lock released, and no
+  workdir left that this run made (`made`) and wrote nothing in."""
+  folder = epath.Path(checkpoint.checkpoint_dir(workdir))
+  local = not storage.is_remote(workdir)
+  with contextlib.suppress(OSError):  # (a mount point, say: it stays)
+    if local and folder.is_dir() and not any(folder.iterdir()):
+      folder.rmdir()
+  workdir_lock.release(lock)
+  with contextlib.suppress(OSError):
+    if made and local and [p.name for p in epath.Path(workdir).iterdir()] == [workdir_lock.LOCK_FILE]:
+      epath.Path(workdir, workdir_lock.LOCK_FILE).unlink()
+      epath.Path(workdir).rmdir()
+
+
+class _Signals:
+  """The stop signals, claimed while the run can stop on them at a step with a checkpoint (the loop's handlers
+  record them in `received`), and given back to the handlers they had before."""
+
+  def __init__(self) -> None:
+    self.received: list[int] = []
+    self._before: dict = {}
+
+  def claim(self) -> None:
+    """From now on a signal stops the run after the current step, with a checkpoint."""
+    if not self._before:
+      self._before = _catch_signals(self.received)
+
+  def give_back(self) -> None:
+    """Puts back the handlers from before claim."""
+    for sig, handler in self._before.items():
+      signal.signal(sig, handler)
+    self._before = {}
+
+
+def _run(t: Training, workdir: str, parts: dict[str, Any], cleanups: contextlib.ExitStack) -> TrainState:
+  """train's work once the lock is held: each part it opens goes into `parts` and its closing into `cleanups` (the
+  checkpoint manager closed after the input pipeline, the writer and the signal handlers)."""
+  lead = jax.process_index() == 0
+  manager = checkpoint.make_manager(workdir, t.keep_checkpoints)
+  cleanups.callback(checkpoint.close, manager)
+  state = _restore_or_create(manager, t.create_state, t.runner.restore_layout, t.config, t.parameter_meaning)
+  parts["manager"] = manager  # from here on a failure waits for the save in flight and says what is kept
+  if lead:
+    if t.record is not None:
+      run_record.append(workdir, t.record, int(state.step) or None)
+    _write_config(workdir, t.config)
+    if t.class_names:
+      epath.Path(workdir, CLASSES).write_text(
+          json.dumps({str(label): name for label, name in enumerate(t.class_names)}, indent=2), encoding="utf-8")
+  start = int(state.step)
+  if start > t.end_step:
+    logging.info("nothing to do: the checkpoint is at step %d, the run ends at step %d", start, t.end_step)
+    return t.runner.get_state(t.runner.put_state(state))
+  run_state = t.runner.put_state(state)
+  agree = parallel.make_agreement() if jax.process_count() > 1 else None
+  # In one process, outside the steps (the first step's compile; the end-of-run work, once the last checkpoint is on
+  # disk) signals keep their previous handlers, which may end the process at once. Several processes stop together
+  # at a step: claimed throughout.
+  signals = _Signals()
+  cleanups.callback(signals.give_back)
+  if agree:
+    signals.claim()
+  writer = MetricWriter(workdir, start, t.wandb_project, t.config) if lead else None
+  if writer:
+    parts["writer"] = _once(writer.close)
+    cleanups.callback(parts["writer"])
+  if start < t.end_step:
+    batches = iter(prefetch(t.batches(start), t.runner.put_batch))
+    # closes the input pipeline (and its worker processes) at the end, not during interpreter shutdown
+    cleanups.callback(getattr(batches, "close", lambda: None))
+    run_state = _train_steps(t, manager, run_state, batches, writer, signals, agree, start)
+    checkpoint.wait(manager)  # the last checkpoint is on disk before the end-of-run work is recorded as done
+  if not agree:
+    signals.give_back()
+  own = lambda: signals.received[0] if signals.received else 0
+  _finish(t, workdir, run_state, writer, (lambda: int(parallel.local_value(agree(own())))) if agree else own)
+  return t.runner.get_state(run_state)
+
+
+def _newest_kept(manager: Any) -> Optional[int]:
+  """The newest complete checkpoint's step, once the save in flight has finished (or after SAVE_WAIT_S)."""
+  checkpoint.settle(manager, SAVE_WAIT_S)
+  return max(checkpoint.steps_on_disk(str(manager.directory)), default=None)
+
+
+def _compiled_together(step: Callable, *args: Any) -> Callable:
+  """With several processes, the step compiled ahead on each, then run by none before every one has compiled it: the
+  set-up of its first collective has a deadline (30 s for CPU collectives) that a process compiling for longer than
+  another (a cold compilation cache on one host) would miss. With one process, or under pmap (whose ahead-of-time
+  lowering takes the global shapes across processes), the step itself."""
+  if jax.process_count() == 1 or not parallel.compiles_ahead(step):
+    return step
+  compiled = step.lower(*args).compile()
+  consensus.wait_for_all("train step compiled")
+  return compiled
 
 
 def _train_steps(t: Training, manager: Any, run_state: Any, batches: Iterator[Any], writer: Optional[MetricWriter],
-                 received: list[int], agree: Optional[Callable[[int], jax.Array]], start: int) -> Any:
+                 signals: _Signals, agree: Optional[Callable[[int], jax.Array]], start: int) -> Any:
   """The train steps from `start` to t.end_step with their logging, checkpoints and periodic hooks (those of the
-  last step are _finish's); returns the state on the devices. Raises Interrupted after the checkpoint of a signal."""
+  last step are _finish's); returns the state on the devices. Signals are claimed once the first step (its compile)
+  is done; Interrupted is raised after the checkpoint of one."""
   lead = jax.process_index() == 0
   votes: collections.deque = collections.deque()
   pending: list[tuple[int, Any]] = []
   t_last, n_last = time.time(), start
   logging.info("training from step %d to %d on %d device(s) in %d process(es), global batch %d", start,
                t.end_step, jax.device_count(), jax.process_count(), t.batch_size)
+  first = next(batches)
+  step_fn = _compiled_together(t.runner.step, run_state, first, t.key)
+  batches = itertools.chain([first], batches)
   for step in range(start, t.end_step):
-    run_state, metrics = t.runner.step(run_state, next(batches), t.key)
+    run_state, metrics = step_fn(run_state, next(batches), t.key)
     done = step + 1
     pending.append((done, metrics))
     if step == start:
       jax.block_until_ready(metrics)
       logging.info("first step (compile included) took %.1f s", time.time() - t_last)
       t_last, n_last = time.time(), done
-    signum = _stop_signal(received, votes, agree)
+      signals.claim()
+    signum = _stop_signal(signals.received, votes, agree)
     if done == t.end_step and not signum:  # the votes not yet read: any signal until now stops at the last step
       signum = max([int(parallel.local_value(v)) for v in votes] + [0])
     stop = signum != 0
@@ -336,7 +441,7 @@ def _train_steps(t: Training, manager: Any, run_state: Any, batches: Iterator[An
     if log_now or save_now:
       rows = [(s, t.runner.get_metrics(m)) for s, m in pending]
       pending.clear()
-      check_finite(rows, manager.latest_step())
+      check_finite(rows, lambda: _newest_kept(manager))
       if log_now and lead:
         now = time.time()
         rate = (done - n_last) / max(now - t_last, 1e-9)

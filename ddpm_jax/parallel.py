@@ -113,8 +113,11 @@ def _default_device(abstract: Any) -> None:
 
 
 def _single_runner(step_fn: Callable) -> Runner:
-  """The step jitted for the one device there is (checkpoints restore onto it: the default of restore_state)."""
-  return Runner(step=jax.jit(step_fn, donate_argnums=0), put_state=jax.device_put, put_batch=jax.device_put,
+  """The step jitted for the one device there is (checkpoints restore onto it: the default of restore_state). The
+  state is committed to it whole: a restored one mixes committed arrays with an uncommitted step, and the step's
+  committed output would compile the train step a second time."""
+  put_state = lambda state: jax.device_put(state, jax.devices()[0])
+  return Runner(step=jax.jit(step_fn, donate_argnums=0), put_state=put_state, put_batch=jax.device_put,
                 get_state=jax.device_get, get_metrics=lambda m: _metrics(m, jax.device_get), to_save=_unchanged,
                 restore_layout=_unchanged, state_shardings=_default_device, mode="single")
 
@@ -167,6 +170,11 @@ class _MeshStep:
 
   def lower(self, state: Any, batch: jax.Array, key: jax.Array) -> Any:
     return self.jitted_for(state).lower(state, batch, key)
+
+
+def compiles_ahead(step: Callable) -> bool:
+  """Whether a Runner's step can be compiled ahead of its first call on every process (the jit and fsdp steps)."""
+  return isinstance(step, _MeshStep)
 
 
 def _mesh_runner(step_fn: Callable, sharded: bool) -> Runner:

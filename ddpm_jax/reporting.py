@@ -70,9 +70,22 @@ def check_wandb(project: Optional[str]) -> None:
                      "pip install wandb (or leave wandb.project unset)")
 
 
+class _AppendedEventFiles:
+  """tensorboardX's writer factory for gs:// paths: event files that grow through storage.appender (each byte
+  uploaded once), where tensorboardX's own uploads the whole file again at every flush."""
+
+  def open(self, path: str):
+    """A handle appending to the event file at path."""
+    return storage.appender(path)
+
+  def directory_check(self, path: str) -> None:
+    """Nothing to do: a bucket has no folders to make."""
+
+
 class MetricWriter:
-  """Appends scalars to workdir/metrics.jsonl (in a bucket: rewrites it whole, storage.appender), scalars and images to TensorBoard event files (tensorboardX), and to
-  Weights & Biases when a project is named.
+  """Appends scalars to workdir/metrics.jsonl, scalars and images to TensorBoard event files (tensorboardX), and to
+  Weights & Biases when a project is named. In a bucket the first two grow through storage.appender: uploaded at
+  most every storage.UPLOAD_EVERY_S (and on flush and close), each byte once.
 
   A writer opened at `start_step` (a resumed run) first drops the rows the
   interrupted run logged after it, from metrics.jsonl and, through TensorBoard's
@@ -81,11 +94,13 @@ class MetricWriter:
 
   def __init__(self, workdir: str, start_step: int = 0, wandb_project: Optional[str] = None,
                config: Optional[dict] = None):
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  # only the training process
+    from tensorboardX import SummaryWriter, record_writer  # pylint: disable=g-import-not-at-top  # training only
 
-    path = os.path.join(workdir, "metrics.jsonl")
-    drop_rows_after(path, start_step)
-    self._jsonl = storage.appender(path)
+    if storage.is_remote(workdir):  # tensorboardX's writers, by scheme: its gs:// one replaced for this process
+      record_writer.register_writer_factory("gs", _AppendedEventFiles())
+    self._metrics = os.path.join(workdir, "metrics.jsonl")
+    drop_rows_after(self._metrics, start_step)
+    self._jsonl = storage.appender(self._metrics)
     # A suffix of its own: event files are named by the second, and a run restarted within it would overwrite one.
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1,
                              filename_suffix=f".from{start_step}.pid{os.getpid()}")
@@ -94,8 +109,8 @@ class MetricWriter:
       check_wandb(wandb_project)
       import wandb  # pylint: disable=g-import-not-at-top  # optional
 
-      self._wandb = wandb.init(project=wandb_project, dir=workdir, config=config, resume="allow",
-                               id=_run_id(workdir))
+      self._wandb = wandb.init(project=wandb_project, dir=None if storage.is_remote(workdir) else workdir,
+                               config=config, resume="allow", id=_run_id(workdir))  # W&B's own files: local only
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     """Records scalars at step."""
@@ -118,6 +133,11 @@ class MetricWriter:
 
       self._wandb.log({name: wandb.Image(image)}, step=step)
 
+  def flush(self) -> None:
+    """Makes every row written so far readable in metrics.jsonl, in a bucket too."""
+    self._jsonl.close()
+    self._jsonl = storage.appender(self._metrics)
+
   def close(self) -> None:
     """Flushes and closes every output."""
     self._jsonl.close()
@@ -129,9 +149,7 @@ class MetricWriter:
 def _run_id(workdir: str) -> str:
   """The workdir's Weights & Biases run id, made at its first start and kept in WORKDIR/wandb_run_id, so that a
   resumed run continues the same W&B run and a new run in a recreated workdir starts a new one."""
-  path = os.path.join(workdir, "wandb_run_id")
-  if not os.path.isfile(path):
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(uuid.uuid4().hex[:16])
-  with open(path, encoding="utf-8") as f:
-    return f.read().strip()
+  path = epath.Path(workdir, "wandb_run_id")
+  if not path.is_file():
+    storage.write_atomic(str(path), uuid.uuid4().hex[:16])
+  return path.read_text(encoding="utf-8").strip()

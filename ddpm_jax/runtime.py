@@ -1,13 +1,17 @@
-"""Process set-up shared by the entry points: XLA's persistent compilation cache, deterministic settings, finding the
-cluster job this process belongs to, JAX's backend discovery log, and which failures are out-of-memory errors."""
+"""Process set-up shared by the entry points: ending on SIGINT / SIGTERM at once, XLA's persistent compilation cache,
+deterministic settings, finding the cluster job this process belongs to, JAX's backend discovery log, and which
+failures are out-of-memory errors. Imports no JAX at load time: the entry points set up signals first, before the heavy
+imports."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Optional
-
-import jax
+import signal
+import sys
+import threading
+from typing import Callable, Optional
 
 # JAX's cluster detectors that train.py follows with no flags: Cloud TPU VMs (a pod slice's workers, on GCE or GKE),
 # SLURM and Open MPI jobs.
@@ -15,6 +19,57 @@ CLUSTERS = ("gcetpu", "gketpu", "slurm", "ompi")
 DEFAULT_CACHE = os.path.join("~", ".cache", "ddpm_jax", "xla")  # overridden by JAX_COMPILATION_CACHE_DIR when set
 DETERMINISTIC_OPS = "--xla_gpu_deterministic_ops=true"  # XLA's GPU kernels without atomics or run-dependent choices
 FULL_PRECISION = ("float32", "highest")  # jax_default_matmul_precision values that keep float32 matmuls float32
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CLEANUP_WAIT_S = 10.0  # the longest a process ending on a signal spends on its cleanup before it exits regardless
+
+
+def stop_on_signals(program: str, cleanup: Callable[[], Optional[str]] = lambda: None,
+                    deferred: str = "stopping at the next safe point; a second signal stops at once") -> None:
+  """From now on SIGINT and SIGTERM end this process within moments, whatever its main thread is doing (an XLA
+  compile or computation included): cleanup() (at most CLEANUP_WAIT_S), one line `PROGRAM: stopped by SIGNAL[; what
+  cleanup returned]` on stderr, exit code 128 + N, no traceback. While other code has its own handler installed (the
+  training loop between steps), the first signal is that code's to act on and is acknowledged here with `PROGRAM:
+  SIGNAL received: DEFERRED`; a second one ends the process. Call from the main thread, before the heavy imports."""
+  read, write = os.pipe()
+  os.set_blocking(write, False)
+  signal.set_wakeup_fd(write, warn_on_full_buffer=False)  # C-level: written even while the main thread is in XLA
+
+  def hold(signum: int, frame: object) -> None:  # the main thread, once it runs Python again: the watcher is ending
+    del signum, frame
+    threading.Event().wait()
+
+  for sig in STOP_SIGNALS:
+    signal.signal(sig, hold)
+
+  def say(line: str) -> None:
+    os.write(2, f"{program}: {line}\n".encode())
+
+  def watch() -> None:
+    deferred_once = False
+    while True:
+      signum = os.read(read, 1)[0]
+      if signum not in STOP_SIGNALS:
+        continue
+      name = signal.Signals(signum).name
+      if signal.getsignal(signum) is not hold and not deferred_once:  # the loop acts on it at its next step
+        deferred_once = True
+        say(f"{name} received: {deferred}")
+        continue
+      note = []
+
+      def finish() -> None:
+        with contextlib.suppress(Exception):  # ending regardless (e.g. a signal before the modules it uses loaded)
+          for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+          note.append(cleanup())
+
+      worker = threading.Thread(target=finish, name="ddpm_jax-signal-cleanup", daemon=True)
+      worker.start()
+      worker.join(CLEANUP_WAIT_S)
+      say(f"stopped by {name}" + (f"; {note[0]}" if note and note[0] else ""))
+      os._exit(128 + signum)  # pylint: disable=protected-access  (no interpreter teardown under running XLA threads)
+
+  threading.Thread(target=watch, name="ddpm_jax-signals", daemon=True).start()
 
 
 def default_cache_dir() -> str:
@@ -26,6 +81,8 @@ def enable_compilation_cache(path: Optional[str]) -> Optional[str]:
   """Keeps compiled XLA programs in `path` (created if needed) for later runs; "" or None leaves it off."""
   if not path:
     return None
+  import jax  # pylint: disable=g-import-not-at-top  (see the module docstring)
+
   path = os.path.abspath(os.path.expanduser(path))
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
@@ -36,6 +93,7 @@ def enable_compilation_cache(path: Optional[str]) -> Optional[str]:
 def make_deterministic() -> None:
   """Deterministic GPU kernels (DETERMINISTIC_OPS in XLA_FLAGS) and full float32 precision in every matmul and
   convolution (no TF32 or bf16 passes); called before JAX starts its backends, which read XLA_FLAGS once."""
+  import jax  # pylint: disable=g-import-not-at-top  (see the module docstring)
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top  (JAX has no public test for a started backend)
 
   if xla_bridge.backends_are_initialized():
@@ -48,22 +106,38 @@ def make_deterministic() -> None:
 
 def is_deterministic() -> bool:
   """Whether make_deterministic's settings are in force (XLA_FLAGS and the default matmul precision)."""
+  import jax  # pylint: disable=g-import-not-at-top  (see the module docstring)
+
   return (DETERMINISTIC_OPS in os.environ.get("XLA_FLAGS", "").split()
           and jax.config.jax_default_matmul_precision in FULL_PRECISION)
 
 
 def detected_cluster() -> Optional[str]:
-  """The name of the CLUSTERS environment JAX's cluster detection finds this process in, or None."""
-  from jax._src import clusters  # pylint: disable=g-import-not-at-top  (JAX has no public list of its detectors)
+  """The name of the CLUSTERS environment JAX's cluster detection finds this process in, or None; also None, with a
+  one-line note, when this JAX's (private) list of detectors cannot be read: then give the multi-process flags."""
+  try:
+    from jax._src import clusters  # pylint: disable=g-import-not-at-top  (JAX has no public list of its detectors)
 
-  return next((env.name for env in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
-               if env.name in CLUSTERS and env.is_env_present()), None)
+    kinds = list(clusters.ClusterEnv._cluster_types)  # pylint: disable=protected-access
+  except (ImportError, AttributeError) as e:
+    logging.getLogger(__name__).warning(
+        "cannot read JAX's cluster detectors (%s): a multi-process job needs --coordinator_address, --num_processes "
+        "and --process_id", e)
+    return None
+  # A detector without a name (K8sCluster in JAX 0.7.0) is not one of CLUSTERS.
+  return next((env.name for env in kinds if getattr(env, "name", None) in CLUSTERS and env.is_env_present()), None)
 
 
 def quiet_backend_discovery() -> None:
   """Keeps JAX's INFO lines about platforms it probed and did not find (`Unable to initialize backend 'tpu'` on
   every CPU or GPU machine) off stderr; its warnings and errors still show."""
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+
+
+def quiet_storage_retries() -> None:
+  """Keeps gcsfs's traceback of each request that failed after its retries off stderr: the exception reaches the
+  caller, which reports it in one line (a bucket that cannot be reached printed two 25-line tracebacks first)."""
+  logging.getLogger("gcsfs").addFilter(lambda record: not (record.exc_info and record.levelno >= logging.ERROR))
 
 
 def is_out_of_memory(error: BaseException) -> bool:

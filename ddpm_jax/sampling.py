@@ -1,8 +1,12 @@
 """Reverse-process samplers (DDPM ancestral, DDIM, DPM-Solver++(2M)) as one jit-compiled lax.scan.
 
-`timesteps` gives the timesteps each method visits (DESIGN.md's "leading",
-"trailing" and "linspace" spacings). Every sampler turns the model's output
-(ε, v or x0, per `prediction`) into (x̂0, ε̂) in one place, `_predict`.
+`timesteps` gives the timesteps each method visits (the "leading", "trailing"
+and "linspace" spacings of docs/architecture.md). Every sampler turns the
+model's output (ε, v or x0, per `prediction`) into (x̂0, ε̂) in one place,
+`_predict`. DDPM on fewer than T steps runs the chain of `respaced_schedule`,
+as Improved DDPM (Nichol & Dhariwal 2021) does; a model output of twice the
+image channels carries a learned variance, which DDPM uses and DDIM and
+DPM-Solver++ ignore.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import diffusion, parallel
-from ddpm_jax.schedule import Schedule
+from ddpm_jax.schedule import Schedule, schedule_from_betas
 from ddpm_jax.unet import NO_LABEL
 
 EpsFn = Callable[..., jnp.ndarray]  # (x_t, t) -> model output; with labels, (x_t, t, labels) -> model output
@@ -33,22 +37,18 @@ def max_num_steps(method: str, num_timesteps: int, spacing: str = "leading") -> 
 
 def timesteps(method: str, num_timesteps: int, num_steps: Optional[int] = None,
               spacing: str = "leading") -> np.ndarray:
-  """The descending int32 timesteps at which `method` calls the model, with DESIGN.md's `spacing`.
+  """The descending int32 timesteps at which `method` calls the model, with `spacing` (docs/architecture.md).
 
-  DDPM visits all T. DDIM and DPM-Solver++ follow diffusers' schedulers of the
-  same name; DPM-Solver's leading and linspace spacings place num_steps + 1
-  points and drop the last, so they need num_steps <= T - 1.
+  DDPM (all T by default) and DDIM follow diffusers' schedulers of the same
+  name; DDPM's "linspace" is Improved DDPM's even spacing, "leading" its
+  "ddimN" stride. DPM-Solver's leading and linspace spacings place
+  num_steps + 1 points and drop the last, so they need num_steps <= T - 1.
   """
   T = num_timesteps
   if method not in METHODS:
     raise ValueError(f"method={method!r} is unknown: choose one of {', '.join(METHODS)}")
   if spacing not in SPACINGS:
     raise ValueError(f"timestep_spacing={spacing!r} is unknown: choose one of {', '.join(SPACINGS)}")
-  if method == "ddpm":
-    if num_steps not in (None, T):
-      raise ValueError(f"num_steps={num_steps!r} with method='ddpm': ancestral sampling runs all T={T} steps; "
-                       "use method='ddim' or 'dpmpp_2m' for fewer")
-    return np.arange(T - 1, -1, -1, dtype=np.int32)
   top = max_num_steps(method, T, spacing)
   n = top if num_steps is None else num_steps
   if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= top:
@@ -63,6 +63,19 @@ def timesteps(method: str, num_timesteps: int, num_steps: Optional[int] = None,
   else:
     ts = np.round(np.linspace(0, T - 1, points))[::-1][:n]
   return ts.astype(np.int32)
+
+
+def respaced_schedule(schedule: Schedule, ts: np.ndarray) -> Schedule:
+  """The schedule of a chain through the distinct timesteps ts alone (Improved DDPM's respacing): its step i goes
+  from the i-th smallest to the next smaller, β'_i = 1 - ᾱ_{t_(i)} / ᾱ_{t_(i-1)} (ᾱ = 1 before the first), every
+  other coefficient derived from β' in float64 on the host."""
+  if isinstance(schedule.betas, jax.core.Tracer):
+    raise ValueError("DDPM on fewer steps than the schedule has respaces it on the host: pass a concrete schedule "
+                     "(not one traced under jit)")
+  betas, alphas = np.asarray(schedule.betas, np.float64), np.asarray(schedule.alphas, np.float64)
+  # log(1 - β) from whichever float32 array holds it to full relative precision (β small: β; β near 1: 1 - β).
+  log_abar = np.cumsum(np.where(betas < 0.5, np.log1p(-betas), np.log(alphas)))
+  return schedule_from_betas(-np.expm1(np.diff(log_abar[np.sort(ts)], prepend=0.0)))
 
 
 def example_keys(key: jax.Array, batch: int, index_offset: jnp.ndarray | int = 0) -> jax.Array:
@@ -83,7 +96,8 @@ def guided(fn: EpsFn, labels: jnp.ndarray, guidance_scale: jnp.ndarray | float, 
   ε, v and x̂0 are the same whichever space the combination is taken in, and
   the sampler's conversions and clipping follow it as for any model output.
   The conditional and unconditional halves run as one batched call; with
-  `one_call` (w = 1, where the formula is out_c) only the conditional one.
+  `one_call` (w = 1, where the formula is out_c) only the conditional one. A
+  learned variance (channels past x's) is the conditional call's.
   """
   if one_call:
     return lambda x, t: fn(x, t, labels)
@@ -92,27 +106,31 @@ def guided(fn: EpsFn, labels: jnp.ndarray, guidance_scale: jnp.ndarray | float, 
     both = fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
               jnp.concatenate([labels, jnp.full_like(labels, NO_LABEL)]))
     out_c, out_u = jnp.split(both, 2)
-    return out_u + guidance_scale * (out_c - out_u)
+    c = x.shape[-1]
+    guided_out = out_u[..., :c] + guidance_scale * (out_c[..., :c] - out_u[..., :c])
+    return jnp.concatenate([guided_out, out_c[..., c:]], axis=-1)
   return call
 
 
-def _predict(eps_fn, schedule, prediction, clip_x0, x, t):
-  """(t as a [B] array, x̂0, ε̂) at step t; with clipping, x̂0 is clipped to [-1, 1] and ε̂ recomputed from it."""
+def _predict(eps_fn, schedule, prediction, clip_x0, x, t, model_t):
+  """(t as a [B] array, x̂0, ε̂, learned v or None) at step t of the schedule, the model called at model_t; with
+  clipping, x̂0 is clipped to [-1, 1] and ε̂ recomputed from it."""
   tb = jnp.full((x.shape[0],), t, jnp.int32)
-  x0, eps = diffusion.split_prediction(schedule, x, tb, eps_fn(x, tb), prediction)
+  pred, v = diffusion.split_variance(eps_fn(x, jnp.full((x.shape[0],), model_t, jnp.int32)), x)
+  x0, eps = diffusion.split_prediction(schedule, x, tb, pred, prediction)
   if clip_x0:
     x0 = jnp.clip(x0, -1.0, 1.0)
     eps = diffusion.predict_eps_from_x0(schedule, x, tb, x0)
-  return tb, x0, eps
+  return tb, x0, eps, v
 
 
 def _ddpm_step(predict, schedule, keys, variance, carry, xs):
-  """(x_t, ·) -> (x_{t-1}, x̂0) by ancestral sampling."""
+  """(x_t, ·) -> (x_{t-1}, x̂0) by ancestral sampling, with the model's learned variance when it has one."""
   x, _ = carry
   t = xs["t"]
-  tb, x0, _ = predict(x, t)
-  mean, _, log_var = diffusion.q_posterior_mean_variance(schedule, x0, x, tb)
-  std = jnp.exp(0.5 * log_var) if variance == "fixed_small" else jnp.sqrt(diffusion.extract(schedule.betas, tb, x))
+  tb, x0, _, v = predict(x, t, xs["model_t"])
+  mean, _, _ = diffusion.q_posterior_mean_variance(schedule, x0, x, tb)
+  std = jnp.exp(0.5 * diffusion.model_log_variance(schedule, tb, x, variance if v is None else "learned_range", v))
   z = _normal(keys, xs["stream"], x.shape[1:])
   return mean + jnp.where(t > 0, std, 0.0) * z, x0
 
@@ -121,7 +139,7 @@ def _ddim_step(predict, schedule, keys, eta, carry, xs):
   """(x_t, ·) -> (x_{t_prev}, x̂0) by DDIM (Song et al. eq. 12); ᾱ_prev = 1 on the last step returns x̂0."""
   x, _ = carry
   t, abar_prev = xs["t"], xs["abar_prev"]
-  _, x0, eps = predict(x, t)
+  _, x0, eps, _ = predict(x, t, t)
   abar = schedule.alphas_cumprod[t]
   sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
   z = _normal(keys, xs["stream"], x.shape[1:])
@@ -150,15 +168,16 @@ def _dpmpp_coefficients(schedule: Schedule, ts: jnp.ndarray) -> dict[str, jnp.nd
 def _dpmpp_step(predict, carry, xs):
   """(x_t, x̂0 of the previous step) -> (x_{t_next}, x̂0) by DPM-Solver++(2M) (Lu et al. 2022)."""
   x, x0_prev = carry
-  _, x0, _ = predict(x, xs["t"])
+  _, x0, _, _ = predict(x, xs["t"], xs["t"])
   return xs["a"] * x + xs["b"] * (xs["c"] * x0 + xs["d"] * x0_prev), x0
 
 
 @functools.partial(jax.jit, static_argnames=("eps_fn", "shape", "method", "variance", "clip_x0", "prediction",
                                              "stride", "one_call"))
-def _chain(eps_fn, schedule, key, x_T, ts, eta, index_offset, labels, guidance_scale, *, shape, method, variance,
-           clip_x0, prediction, stride, one_call):
-  """Runs the reverse chain; returns (x_0, x after every `stride`-th step or None)."""
+def _chain(eps_fn, schedule, key, x_T, ts, model_ts, eta, index_offset, labels, guidance_scale, *, shape, method,
+           variance, clip_x0, prediction, stride, one_call):
+  """Runs the reverse chain through the schedule's steps ts, the model called at model_ts (DDPM respaced: the
+  original timesteps); returns (x_0, x after every `stride`-th step or None)."""
   if labels is not None:
     eps_fn = guided(eps_fn, labels, guidance_scale, one_call)
   keys = example_keys(key, shape[0], index_offset)
@@ -167,6 +186,7 @@ def _chain(eps_fn, schedule, key, x_T, ts, eta, index_offset, labels, guidance_s
   n = ts.shape[0]
   xs = {"t": ts, "stream": jnp.arange(1, n + 1)}
   if method == "ddpm":
+    xs["model_t"] = model_ts
     step = functools.partial(_ddpm_step, predict, schedule, keys, variance)
   elif method == "ddim":
     xs["abar_prev"] = jnp.concatenate([schedule.alphas_cumprod[ts[1:]], jnp.ones((1,), jnp.float32)])
@@ -208,9 +228,12 @@ def sample(
   """Draws x_0 by running the reverse chain from x_T ~ N(0, I) (or the given x_T).
 
   `eps_fn(x_t, t)` returns the model output for a batch at int32 timesteps t of
-  shape [B]: ε, v or x0 as `prediction` says. `method` is "ddpm" (all T steps,
-  `variance`), "ddim" (`eta`) or "dpmpp_2m" (deterministic); `num_steps` (None:
-  `max_num_steps`) and `timestep_spacing` pick the timesteps (see `timesteps`).
+  shape [B]: ε, v or x0 as `prediction` says. `method` is "ddpm" (`variance`;
+  on fewer than T steps, the chain of `respaced_schedule`), "ddim" (`eta`) or
+  "dpmpp_2m" (deterministic); `num_steps` (None: `max_num_steps`) and
+  `timestep_spacing` pick the timesteps (see `timesteps`). An output of twice
+  x's channels carries a learned variance (diffusion.model_log_variance): DDPM
+  uses it in place of `variance`, DDIM and DPM-Solver++ read the prediction.
   With `labels` (int [B]) the model is `eps_fn(x_t, t, labels)` and its output
   is guided with scale `guidance_scale` (see `guided`): 0 is unconditional, 1
   conditional, above 1 guided beyond it; without labels the scale has no effect.
@@ -229,8 +252,12 @@ def sample(
     raise ValueError(f"labels have shape {tuple(np.shape(labels))}, expected ({shape[0]},): one per sample")
   if return_trajectory and (trajectory_stride < 1 or num_steps % trajectory_stride):
     raise ValueError(f"trajectory_stride={trajectory_stride!r} must be a positive divisor of num_steps={num_steps}")
-  x0, traj = _chain(eps_fn, schedule, key, x_T, jnp.asarray(chain), jnp.asarray(eta, jnp.float32),
-                    jnp.asarray(index_offset, jnp.int32), None if labels is None else jnp.asarray(labels, jnp.int32),
+  model_ts = chain
+  if method == "ddpm" and num_steps < schedule.num_timesteps:
+    schedule, chain = respaced_schedule(schedule, chain), np.arange(num_steps - 1, -1, -1, dtype=np.int32)
+  x0, traj = _chain(eps_fn, schedule, key, x_T, jnp.asarray(chain), jnp.asarray(model_ts),
+                    jnp.asarray(eta, jnp.float32), jnp.asarray(index_offset, jnp.int32),
+                    None if labels is None else jnp.asarray(labels, jnp.int32),
                     jnp.asarray(guidance_scale, jnp.float32), shape=shape, method=method, variance=variance,
                     clip_x0=clip_x0, prediction=prediction,
                     stride=trajectory_stride if return_trajectory else None,

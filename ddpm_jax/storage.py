@@ -4,13 +4,19 @@ Local paths behave as they always did (os calls, atomic renames, appends). A
 path with a scheme (`gs://`) goes through epath's fsspec backend (gcsfs):
 folders are name prefixes, an object written is replaced whole when its
 writer closes (so no temporary name and rename is needed for atomicity), and
-appending is impossible: `appender` rewrites the whole object instead.
+an object cannot be appended to in place: `appender` uploads what is added
+as a new piece and composes it onto the object's end (each byte is uploaded
+once, at most every UPLOAD_EVERY_S).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import posixpath
+import threading
+import time
+import uuid
 from typing import Union
 
 import fsspec
@@ -50,29 +56,58 @@ def write_atomic(path: str, data: Union[str, bytes]) -> None:
     os.replace(target, path)
 
 
-class _Rewriter:
-  """A text 'append' handle for storage that cannot append: keeps every line and uploads the whole object on each
-  write (one upload per logged row; the object is always complete)."""
+UPLOAD_EVERY_S = 30.0  # an appender in a bucket uploads what it was given at most this often (and when closed)
 
-  def __init__(self, path: str, text: str):
-    self._path, self._text = epath.Path(path), text
 
-  def write(self, text: str) -> None:
-    """Adds text and uploads the whole object."""
-    self._text += text
-    self._path.write_text(self._text, encoding="utf-8")
+class _BucketAppender:
+  """A handle whose writes (text or bytes) are added to the end of an object in a bucket: kept in memory, and
+  uploaded when flushed UPLOAD_EVERY_S or more after the last upload, and when closed, as a piece (an object of its
+  own beside it) composed onto the object's end, then deleted. Bytes uploaded grow linearly with what is written;
+  a process killed outright loses what it had not uploaded."""
+
+  def __init__(self, path: str):
+    self._fs, self._path = fsspec.core.url_to_fs(path)
+    self._exists = self._fs.exists(self._path)
+    self._pending, self._uploaded = bytearray(), -UPLOAD_EVERY_S  # the first flush uploads
+    self._lock = threading.Lock()  # tensorboardX writes from its own thread
+
+  def write(self, data: Union[str, bytes]) -> int:
+    """Adds text (as UTF-8) or bytes; returns their length."""
+    with self._lock:
+      self._pending += data.encode("utf-8") if isinstance(data, str) else data
+    return len(data)
 
   def flush(self) -> None:
-    """Nothing to do: every write is uploaded."""
+    """Uploads what was added once UPLOAD_EVERY_S have passed since the last upload."""
+    if time.monotonic() - self._uploaded >= UPLOAD_EVERY_S:
+      self._upload()
 
   def close(self) -> None:
-    """Nothing to do: every write is uploaded."""
+    """Uploads what was added."""
+    self._upload()
+
+  def _upload(self) -> None:
+    """Appends what was added to the object (creates it the first time)."""
+    with self._lock:
+      data, self._pending = bytes(self._pending), bytearray()
+      self._uploaded = time.monotonic()
+      if not data:
+        return
+      if not self._exists:
+        self._fs.pipe_file(self._path, data)
+        self._exists = True
+        return
+      piece = posixpath.join(posixpath.dirname(self._path), f".append-{uuid.uuid4().hex}")  # no tfevents in its name
+      self._fs.pipe_file(piece, data)
+      try:
+        self._fs.merge(self._path, [self._path, piece])
+      finally:
+        self._fs.rm_file(piece)
 
 
 def appender(path: str):
-  """A text handle whose writes add to the end of a file: an append-mode file locally; remotely a _Rewriter that
-  starts from the object's text and uploads it whole on every write."""
+  """A handle whose writes add to the end of a file: an append-mode text file locally; in a bucket a
+  _BucketAppender (text or bytes), which uploads at most every UPLOAD_EVERY_S and when closed."""
   if not is_remote(path):
     return open(path, "a", encoding="utf-8")
-  p = epath.Path(path)
-  return _Rewriter(path, p.read_text(encoding="utf-8") if p.exists() else "")
+  return _BucketAppender(path)

@@ -12,8 +12,8 @@ import numpy as np
 import optax
 
 
-# The initialisers run once: compiled without LLVM's optimisations, the program of ~100 PRNG calls compiles about
-# 4x faster on the CPU (tiny: 7 s instead of 27 s on a loaded 2-core machine) and runs no slower that matters.
+# The initialisers run once: compiled without LLVM's optimisations, the program of ~100 PRNG calls compiles several
+# times faster on the CPU (BENCHMARKS.md, "Start-up") and runs no slower that matters.
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
@@ -66,17 +66,21 @@ def init_params(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) 
   return model.lazy_init(key, x, t)["params"]
 
 
+def state_from_params(model: nn.Module, tx: optax.GradientTransformation, params: Any) -> TrainState:
+  """A TrainState at step 0 holding `params`, their EMA equal to them and `tx` initialised."""
+  # The EMA in buffers of its own: a donating step may reuse either.
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree_util.tree_map(jnp.copy, params),
+                    opt_state=tx.init(params), apply_fn=model.apply, tx=tx)
+
+
 def init_program(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array, input_shape: tuple[int, ...],
                  layout: Optional[Callable[[TrainState], Any]] = None) -> tuple[Callable[[Any], TrainState], Any]:
   """(the jitted program that makes create_train_state's TrainState from key data, `key`'s data to give it)."""
   impl = jax.random.key_impl(key)
 
   def init(key_data: jax.Array) -> TrainState:
-    params = init_params(model, jax.random.wrap_key_data(key_data, impl=impl), input_shape)
-    # The EMA in buffers of its own: a donating step may reuse either.
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema_params=jax.tree_util.tree_map(jnp.copy, params), opt_state=tx.init(params),
-                      apply_fn=model.apply, tx=tx)
+    return state_from_params(model, tx, init_params(model, jax.random.wrap_key_data(key_data, impl=impl),
+                                                    input_shape))
 
   # A concrete key travels as host data, which every process holds whole: a key committed to one device could not
   # enter a program that spans other processes' devices. Under a trace (e.g. jax.eval_shape) the key is a tracer

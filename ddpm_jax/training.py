@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddpm_jax import diffusion
+from ddpm_jax import diffusion, likelihood
 from ddpm_jax.schedule import Schedule
 from ddpm_jax.train_state import TrainState
 from ddpm_jax.unet import NO_LABEL
@@ -70,7 +70,7 @@ def drop_labels(labels: jnp.ndarray, example_keys: jax.Array, cond_drop_prob: fl
 def train_step(state: TrainState, batch: jnp.ndarray, key: jax.Array, *, schedule: Schedule, loss: str = "l1",
                ema_decay: float = 0.9999, ema_warmup: bool = False, prediction: str = "eps",
                loss_weighting: str = "none", min_snr_gamma: float = 5.0, labels: jnp.ndarray | None = None,
-               cond_drop_prob: float = 0.0, axis_name: str | None = None
+               cond_drop_prob: float = 0.0, vlb_weight: float = 0.0, axis_name: str | None = None
                ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
   """One optimisation step on a batch [b, H, W, C] of images in [-1, 1]; returns the new state and metrics.
 
@@ -79,6 +79,12 @@ def train_step(state: TrainState, batch: jnp.ndarray, key: jax.Array, *, schedul
   γ = min_snr_gamma). With `labels` (int [b]; a class-conditional network),
   each label is replaced by NO_LABEL with probability `cond_drop_prob`, so the
   network also learns the unconditional output that guidance needs.
+
+  A network with learned variances (twice the image channels out) trains on
+  Nichol & Dhariwal's hybrid loss: the above + vlb_weight · T · L_t, L_t the
+  bound's term at each example's t in bits per dimension (likelihood.vb_terms)
+  with the prediction's gradient stopped, so that L_t trains the variance alone;
+  metrics then hold `vlb`, the batch mean of L_t.
 
   Example i of the batch on device d (of `axis_name`, when given) has global
   index d·b + i; its timestep, noise and label coin come from that index
@@ -100,12 +106,21 @@ def train_step(state: TrainState, batch: jnp.ndarray, key: jax.Array, *, schedul
   conditioning = {} if labels is None else {"labels": drop_labels(labels, example_keys, cond_drop_prob)}
 
   def loss_of(params):
-    pred = state.apply_fn({"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key}, **conditioning)
-    return diffusion.loss_fn(pred, target, loss, weights)
+    out = state.apply_fn({"params": params}, x_t, t, train=True, rngs={"dropout": dropout_key}, **conditioning)
+    pred, v = diffusion.split_variance(out, x_t)
+    simple = diffusion.loss_fn(pred, target, loss, weights)
+    if v is None:
+      if not isinstance(vlb_weight, jax.Array) and vlb_weight:
+        raise ValueError(f"vlb_weight={vlb_weight!r} needs a network with learned variances (learn_variance=True): "
+                         "the bound's term would train nothing")
+      return simple, {}
+    vlb = likelihood.vb_terms(schedule, batch, x_t, t, jnp.concatenate([jax.lax.stop_gradient(pred), v], axis=-1),
+                              variance="learned_range", prediction=prediction, clip_x0=False)
+    return simple + vlb_weight * schedule.num_timesteps * jnp.mean(vlb), {"vlb": jnp.mean(vlb)}
 
-  value, grads = jax.value_and_grad(loss_of)(state.params)
+  (value, extra), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
   if axis_name:
-    value, grads = jax.lax.pmean((value, grads), axis_name)
+    value, extra, grads = jax.lax.pmean((value, extra, grads), axis_name)
   new_state = state.apply_gradients(grads, ema_decay=ema_decay, ema_warmup=ema_warmup)
-  metrics = dict(loss=value, grad_norm=optax.tree.norm(grads), lr=_current_lr(new_state.opt_state))
+  metrics = dict(loss=value, grad_norm=optax.tree.norm(grads), lr=_current_lr(new_state.opt_state), **extra)
   return new_state, metrics

@@ -36,12 +36,15 @@ def initializers(scheme: str) -> tuple[Any, Any]:
   return default, default
 
 
-def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
-  """[B] timesteps -> [B, dim] features [sin(t f_i), cos(t f_i)], f_i = exp(-ln(max_period) i / (dim/2 - 1))."""
+def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0, flip_sin_to_cos: bool = False,
+                       freq_shift: float = 1.0) -> jnp.ndarray:
+  """[B] timesteps -> [B, dim] features [sin(t f_i), cos(t f_i)] ([cos, sin] when flipped),
+  f_i = exp(-ln(max_period) i / (dim/2 - freq_shift))."""
   half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
   args = t.astype(jnp.float32)[:, None] * freqs[None, :]
-  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+  return jnp.concatenate(parts, axis=-1)
 
 
 def space_to_depth(x: jnp.ndarray, block: int = 2) -> jnp.ndarray:
@@ -68,13 +71,14 @@ class ResBlock(nn.Module):
   init_scheme: str = "flax"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, train: bool) -> jnp.ndarray:
     kernel, last = initializers(self.init_scheme)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     conv = functools.partial(nn.Conv, self.out_ch, (3, 3), **kw)
-    norm = functools.partial(nn.GroupNorm, num_groups=self.groups, **kw)
+    norm = functools.partial(nn.GroupNorm, num_groups=self.groups, epsilon=self.norm_eps, **kw)
     shift = nn.Dense(self.out_ch, kernel_init=kernel, **kw)(nn.silu(temb))[:, None, None, :]
     drop = nn.Dropout(self.dropout, deterministic=not train)
     if self.order == "pre":  # DDPM: norm -> act -> conv
@@ -99,6 +103,7 @@ class AttentionBlock(nn.Module):
   init_scheme: str = "flax"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -106,9 +111,9 @@ class AttentionBlock(nn.Module):
     b, hh, ww, c = x.shape
     hd = self.head_dim or c // self.num_heads
     if self.norm == "group":
-      h = nn.GroupNorm(num_groups=self.groups, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+      h = nn.GroupNorm(num_groups=self.groups, epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)(x)
     else:
-      h = nn.LayerNorm(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+      h = nn.LayerNorm(use_bias=False, epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)(x)
     qkv = nn.Dense(3 * self.num_heads * hd, use_bias=self.qkv_bias, kernel_init=kernel, dtype=self.dtype,
                    param_dtype=self.param_dtype)(h.reshape(b, hh * ww, c))
     q, k, v = jnp.split(qkv.reshape(b, hh * ww, 3, self.num_heads, hd), 3, axis=2)
@@ -128,7 +133,9 @@ class UNet(nn.Module):
   the stem kept as a global skip for a final residual block, a middle and
   decoder at twice the encoder's widths. `attn_resolutions` are feature-map
   heights that get attention in the encoder (and `up_attn_resolutions`, default
-  the same, in the decoder); the middle always has one.
+  the same, in the decoder); the middle always has one. With `learn_variance`
+  the output has twice the channels: the prediction, then the v of Nichol &
+  Dhariwal's learned variance (ddpm_jax.diffusion.model_log_variance).
   """
 
   base_channels: int = 128
@@ -146,9 +153,14 @@ class UNet(nn.Module):
   block_order: str = "pre"
   double_temb_silu: bool = False  # the book applies SiLU to the embedding twice
   downsample: str = "conv"
+  downsample_padding: int = 0  # of the conv downsampling: 0, one row and column after (TF's SAME); 1, one each side
+  norm_eps: float = 1e-6  # epsilon of every normalization
+  flip_sin_to_cos: bool = False  # the time embedding as [cos, sin] instead of [sin, cos]
+  freq_shift: float = 1.0  # time-embedding frequencies exp(-ln(10^4) i / (dim/2 - freq_shift))
   topology: str = "ddpm"
   init_scheme: str = "flax"  # "ddpm": the DDPM reference's initialisation (see initializers())
   out_channels: Optional[int] = None  # None: as many as the input
+  learn_variance: bool = False  # True: twice the output channels, the prediction then v of a learned variance
   num_classes: int = 0  # > 0: class-conditional, an embedding of num_classes + 1 rows (the last: no label)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -165,6 +177,10 @@ class UNet(nn.Module):
                        f"{tuple(self.channel_mult)}, {self.num_res_blocks}, {self.base_channels}")
     if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
       raise ValueError(f"UNet num_classes={self.num_classes!r} is invalid: use 0 (unconditional) or a class count")
+    if self.downsample_padding not in (0, 1):
+      raise ValueError(f"UNet downsample_padding={self.downsample_padding!r} is unsupported: use 0 or 1")
+    if not self.norm_eps > 0:
+      raise ValueError(f"UNet norm_eps={self.norm_eps!r} is invalid: it must be > 0")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"UNet dropout={self.dropout!r} is out of range: it must lie in [0, 1)")
     bad = [w for w in self._widths() if w % self.norm_groups]
@@ -177,6 +193,10 @@ class UNet(nn.Module):
     if shape[1] % factor or shape[2] % factor:
       raise ValueError(f"image size {shape[1]}x{shape[2]} is not divisible by {factor}, "
                        f"which {len(self.channel_mult)} resolution levels need")
+
+  def _head_channels(self, x: jnp.ndarray) -> int:
+    """Output channels: out_channels (default: the input's), doubled with a learned variance."""
+    return (self.out_channels or x.shape[-1]) * (2 if self.learn_variance else 1)
 
   def _widths(self) -> list[int]:
     """Every feature width the network uses."""
@@ -193,7 +213,7 @@ class UNet(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     ch = self.base_channels
     kernel, _ = initializers(self.init_scheme)
-    temb = timestep_embedding(t, ch)
+    temb = timestep_embedding(t, ch, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
     temb = nn.Dense(4 * ch, kernel_init=kernel, name="temb_dense_0", **kw)(temb)
     temb = nn.Dense(4 * ch, kernel_init=kernel, name="temb_dense_1", **kw)(nn.silu(temb))
     if self.num_classes:
@@ -203,9 +223,10 @@ class UNet(nn.Module):
     if self.double_temb_silu:
       temb = nn.silu(temb)
     res = lambda name, width, h: ResBlock(width, self.norm_groups, self.block_order, self.dropout, self.init_scheme,
-                                          name=name, **kw)(h, temb, train)
+                                          name=name, norm_eps=self.norm_eps, **kw)(h, temb, train)
     attn = lambda name, h: AttentionBlock(self.num_heads, self.head_dim, self.attn_norm, self.attn_qkv_bias,
-                                          self.norm_groups, self.init_scheme, name=name, **kw)(h)
+                                          self.norm_groups, self.init_scheme, name=name, norm_eps=self.norm_eps,
+                                          **kw)(h)
     body = self._ddpm_body if self.topology == "ddpm" else self._book_body
     h = body(x.astype(self.dtype), res, attn, kw)
     return h.astype(x.dtype)
@@ -218,7 +239,7 @@ class UNet(nn.Module):
       raise ValueError(f"labels must be of shape [{x.shape[0]}] (the batch), got shape {jnp.shape(labels)}")
     if not isinstance(labels, jax.core.Tracer):  # concrete labels are checked; traced ones (under jit) cannot be
       values = np.asarray(labels)
-      bad = values[(values < NO_LABEL) | (values > self.num_classes)]
+      bad = values[(values < NO_LABEL) | (values >= self.num_classes)]
       if bad.size:
         raise ValueError(f"label {int(bad[0])} is out of range: use 0..{self.num_classes - 1}, or {NO_LABEL} (no "
                          "label)")
@@ -235,7 +256,8 @@ class UNet(nn.Module):
     """Halves the resolution, ending at `width` channels."""
     kernel, _ = initializers(self.init_scheme)
     if self.downsample == "conv":
-      return nn.Conv(width, (3, 3), strides=(2, 2), kernel_init=kernel, name=name, **kw)(h)
+      padding = ((1, 1), (1, 1)) if self.downsample_padding else "SAME"
+      return nn.Conv(width, (3, 3), strides=(2, 2), padding=padding, kernel_init=kernel, name=name, **kw)(h)
     return nn.Conv(width, (1, 1), kernel_init=kernel, name=name, **kw)(space_to_depth(h))
 
   def _up(self, name: str, h: jnp.ndarray, width: int, kw: dict) -> jnp.ndarray:
@@ -270,8 +292,8 @@ class UNet(nn.Module):
       h = self._level(h, level, widths[level], self.num_res_blocks + 1, skips, res, attn, up=True)
       if level != 0:
         h = self._up(f"up_{level}_upsample", h, h.shape[-1], kw)
-    h = nn.silu(nn.GroupNorm(num_groups=self.norm_groups, name="head_norm", **kw)(h))
-    return nn.Conv(self.out_channels or x.shape[-1], (3, 3), kernel_init=last, name="head_conv", **kw)(h)
+    h = nn.silu(nn.GroupNorm(num_groups=self.norm_groups, epsilon=self.norm_eps, name="head_norm", **kw)(h))
+    return nn.Conv(self._head_channels(x), (3, 3), kernel_init=last, name="head_conv", **kw)(h)
 
   def _book_body(self, x, res, attn, kw):
     """The book's encoder, middle and decoder at twice the width, and global-skip head."""
@@ -293,7 +315,7 @@ class UNet(nn.Module):
       else:
         h = nn.Conv(self.base_channels, (3, 3), kernel_init=kernel, name=f"up_{level}_narrow", **kw)(h)
     h = res("head_res", self.base_channels, jnp.concatenate([h, r], axis=-1))
-    return nn.Conv(self.out_channels or x.shape[-1], (1, 1), kernel_init=last, name="head_conv", **kw)(h)
+    return nn.Conv(self._head_channels(x), (1, 1), kernel_init=last, name="head_conv", **kw)(h)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -1,5 +1,6 @@
 """Test-session setup."""
 
+import importlib.util
 import os
 import re
 
@@ -86,3 +87,27 @@ def inception_weights(inception_variables, tmp_path_factory):
 def imported_tensorflow():
   """stderr of `python -X importtime ...` -> the TensorFlow modules it lists as imported."""
   return lambda stderr: re.findall(r"\|\s+(tensorflow(?:\.\S+)?)$", stderr, flags=re.MULTILINE)
+
+
+@pytest.fixture
+def emulator(monkeypatch):
+  """A Cloud Storage emulator's environment (tests/gcs_emulator.py; also set in this process); skipped when the
+  emulator cannot run here."""
+  pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is not installed (requirements-dev.txt)")
+  if importlib.util.find_spec("gcsfs") is None:
+    pytest.skip("gcsfs is not installed (gs:// workdirs need it: requirements-dev.txt)")
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+
+  port = gcs_emulator.free_port()
+  try:
+    server = gcs_emulator.start(port)
+  except OSError as e:
+    pytest.skip(f"the Cloud Storage emulator cannot start on 127.0.0.1:{port}: {e}")
+  env = gcs_emulator.environment(port)
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  import gcsfs  # pylint: disable=g-import-not-at-top  # after the environment, which it reads on import
+
+  gcsfs.GCSFileSystem.clear_instance_cache()  # one made for an earlier test's emulator would call its port
+  yield env
+  server.stop()

@@ -5,7 +5,6 @@ import functools
 import json
 import os
 import re
-import subprocess
 import sys
 
 import jax
@@ -17,8 +16,8 @@ from ddpm_jax import training
 from ddpm_jax.schedule import make_schedule
 from ddpm_jax.train_state import create_train_state, init_params
 from ddpm_jax.unet import unet_preset
+from helpers import ROOT, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import flops  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -60,11 +59,10 @@ def test_bench_prints_a_progress_line_per_phase_keeps_each_figure_and_passes_par
   result = tmp_path / "bench.json"
   # JAX warns when a program captures more constant bytes than this: the tiny model's parameters (about 1 MiB) would,
   # the schedule (10 arrays of 1,000 float32, 40 KB) does not.
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_CAPTURED_CONSTANTS_WARN_BYTES=str(2 ** 18))
-  proc = subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--device=cpu", "--preset=tiny",
-       "--image_size=8", "--batch=2", "--repeats=1", "--steps=1", "--sample_repeats=1", "--ddpm1000=off",
-       "--no_torch", f"--json={result}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  proc = run_script("benchmarks/bench.py", "--device=cpu", "--preset=tiny", "--image_size=8", "--batch=2",
+                    "--repeats=1", "--steps=1", "--sample_repeats=1", "--ddpm1000=off", "--no_torch",
+                    f"--json={result}", env_extra={"JAX_CAPTURED_CONSTANTS_WARN_BYTES": str(2 ** 18)},
+                    background=True)
   lines, kept = [], None
   for line in proc.stdout:
     lines.append(line)
@@ -88,8 +86,7 @@ def test_bench_prints_a_progress_line_per_phase_keeps_each_figure_and_passes_par
 
 
 def test_startup_refuses_to_measure_the_cpu_when_asked_for_a_gpu():
-  res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "startup.py"), "--device=gpu"],
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  res = run_script("benchmarks/startup.py", "--device=gpu")
   assert res.returncode == 2
   assert res.stderr.strip().splitlines() == [
       "startup.py: error: --device gpu but JAX's backend is 'cpu': install jax[cuda12] (or jax[cuda13])"]

@@ -3,8 +3,11 @@
 
 import errno
 import signal
+import socket
+import threading
 
 import pytest
+from jax._src.lib import _jax  # JAX's coordination service, as jax.distributed starts it
 
 from ddpm_jax import checkpoint, consensus, loop
 
@@ -30,3 +33,44 @@ def test_one_process_decides_alone_and_fails_alone():
   with consensus.cleanup(lambda: None):
     assert len(consensus._cleanups) == 1  # pylint: disable=protected-access
   assert not consensus._cleanups  # pylint: disable=protected-access
+
+
+def _free_port():
+  """A TCP port nothing listens on now."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_each_decision_of_a_name_gets_its_own_answer_on_every_process(monkeypatch):
+  # Two processes as two threads, each with its own client of one coordination service (JAX's, as in a real job).
+  address = f"127.0.0.1:{_free_port()}"
+  service = _jax.get_distributed_runtime_service(address, 2)
+  clients = [_jax.get_distributed_runtime_client(address, i) for i in range(2)]
+  me = threading.local()
+  monkeypatch.setattr(consensus, "_client", lambda: clients[me.index])
+  monkeypatch.setattr(consensus.jax, "process_index", lambda: me.index)
+  counters = [{}, {}]  # each process counts its own decisions
+
+  class PerProcess:
+    get = lambda self, key, default: counters[me.index].get(key, default)
+    __setitem__ = lambda self, key, value: counters[me.index].__setitem__(key, value)
+
+  monkeypatch.setattr(consensus, "_asked", PerProcess())
+  answers = [None, None]
+
+  def process(index):
+    me.index = index
+    clients[index].connect()
+    # process 0 decides "resume" twice (say, two runs in one job); process 1 would decide otherwise
+    answers[index] = [consensus.decide("resume", (lambda k=k: [index * 10 + k])) for k in (1, 2)]
+    consensus.wait_for_all("done")
+    clients[index].shutdown()  # a barrier of every client
+
+  threads = [threading.Thread(target=process, args=(i,), daemon=True) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(60)
+  assert answers == [[[1], [2]], [[1], [2]]]  # (a failed process leaves the service up: shutting it down aborts)
+  service.shutdown()

@@ -1,12 +1,14 @@
 """Failures a user meets: damaged checkpoints, full disks, bad config files and workdirs, failed starts."""
 
 import contextlib
+import dataclasses
 import errno
 import glob
 import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -17,26 +19,8 @@ import numpy as np
 import pytest
 import tensorstore
 
-import configs.default as default_config
-from ddpm_jax import builders, checkpoint, loop
-from ddpm_jax.train_state import create_train_state
-from test_training import run_train, small_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def small_run(tmp_path, steps=(2, 4)):
-  """A workdir with checkpoints of the small model at `steps`; returns (workdir, config, create_state)."""
-  config = default_config.get_config()
-  config.model.base_channels, config.model.channel_mult, config.batch_size = 8, (1, 2), 16
-  create = lambda: create_train_state(builders.build_model(config), builders.build_optimizer(config),
-                                      jax.random.key(0), (1, 8, 8, 1))
-  state = create()
-  manager = checkpoint.make_manager(str(tmp_path))
-  for step in steps:
-    checkpoint.save(manager, state.replace(step=jax.numpy.asarray(step)), config.to_dict())
-  manager.close()
-  return tmp_path, config, create
+from ddpm_jax import builders, checkpoint, consensus, loop, reporting, workdir_lock
+from helpers import ROOT, one_error_line, run_python, run_script, run_train, small_config, small_run
 
 
 def truncate_a_data_file(step_dir):
@@ -45,20 +29,6 @@ def truncate_a_data_file(step_dir):
   biggest = max(files, key=os.path.getsize)
   with open(biggest, "r+b") as f:
     f.truncate(os.path.getsize(biggest) // 2)
-
-
-def run_entry(script, *args, env_extra=None):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **(env_extra or {}))
-  return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], env=env, capture_output=True,
-                        text=True, timeout=300)
-
-
-def one_error_line(res, program):
-  """The last stderr line, after checking that nothing but log lines precede it (no traceback)."""
-  assert "Traceback" not in res.stderr and "Event loop is closed" not in res.stderr, res.stderr[-3000:]
-  last = res.stderr.strip().splitlines()[-1]
-  assert last.startswith(f"{program}: error: "), last
-  return last[len(f"{program}: error: "):]
 
 
 def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys):
@@ -77,8 +47,8 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys):
 def test_sample_names_the_intact_checkpoints_when_the_latest_is_damaged(tmp_path):
   workdir, _, _ = small_run(tmp_path)
   truncate_a_data_file(os.path.join(workdir, "checkpoints", "4", "ema_params"))
-  res = run_entry("sample.py", f"--workdir={workdir}", f"--out={tmp_path}/s.png", "--num_samples=2")
-  assert res.returncode == 2  # DESIGN.md: a corrupt checkpoint is bad input
+  res = run_script("sample.py", f"--workdir={workdir}", f"--out={tmp_path}/s.png", "--num_samples=2")
+  assert res.returncode == 2  # a corrupt checkpoint is bad input (docs/architecture.md)
   line = one_error_line(res, "sample.py")
   assert line.startswith(f"checkpoint 4 in {workdir}/checkpoints could not be read: ")
   assert line.endswith(f"; intact: 2 (use --checkpoint {workdir}/checkpoints/2)")
@@ -90,22 +60,79 @@ def test_sample_names_the_intact_checkpoints_when_a_step_folder_lost_its_arrays(
   for item in step_dir.iterdir():  # the items go, the step's own metadata file stays
     if item.is_dir():
       subprocess.run(["rm", "-r", str(item)], check=True)
-  res = run_entry("sample.py", f"--workdir={workdir}", f"--out={tmp_path}/s.png", "--num_samples=2")
+  res = run_script("sample.py", f"--workdir={workdir}", f"--out={tmp_path}/s.png", "--num_samples=2")
   assert res.returncode == 2
   line = one_error_line(res, "sample.py")
   assert line.startswith(f"the config of checkpoint 4 in {workdir}/checkpoints could not be read: "), line
   assert line.endswith(f"; intact: 2 (use --checkpoint {workdir}/checkpoints/2)"), line
 
 
-def test_sample_checks_out_before_sampling(tmp_path):
+SAMPLE_DRIVER = """
+import contextlib, io, json, sys
+spec = json.loads(sys.argv[1])
+sys.argv = ["sample.py"]
+import sample
+from absl import flags
+from ddpm_jax import builders
+real = builders.tempfile.TemporaryFile
+def unwritable(dir=None, **kwargs):
+  if dir in spec["unwritable"]:
+    raise OSError(13, "Permission denied")
+  return real(dir=dir, **kwargs)
+builders.tempfile.TemporaryFile = unwritable
+results = []
+for args in spec["cases"]:
+  flags.FLAGS.unparse_flags()
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      builders.flags_parser("sample.py", None)(["sample.py", *args])
+      sample.main([])
+      code = 0
+    except SystemExit as e:
+      code = e.code
+  results.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def test_sample_checks_every_flag_before_reading_or_sampling(tmp_path):
+  # One process runs sample.py's main for each command line (a process each would take seconds to start).
   (tmp_path / "afile").write_text("")
-  for out, message in ((f"{tmp_path}/s.jpg", f"--out='{tmp_path}/s.jpg' is not a .png path: the grid is written as "
-                        "PNG (the samples beside it as .npz); give e.g. --out=samples.png"),
-                       (f"{tmp_path}/afile/s.png", f"--out='{tmp_path}/afile/s.png' cannot be written: "
-                        f"'{tmp_path}/afile' is a file, not a folder")):
-    res = run_entry("sample.py", f"--workdir={tmp_path}", f"--out={out}", "--num_samples=2")
-    assert res.returncode == 2 and "sampling" not in res.stdout
-    assert one_error_line(res, "sample.py") == message
+  for folder in ("adir.png", "b.npz", "locked"):
+    (tmp_path / folder).mkdir()
+  w, out = str(tmp_path), f"--out={tmp_path}/s.png"
+  cases = {
+      (f"--out={w}/s.jpg",): f"--out='{w}/s.jpg' is not a .png path: the grid is written as PNG (the samples beside it "
+                             "as .npz); give e.g. --out=samples.png",
+      (f"--out={w}/afile/s.png",): f"--out='{w}/afile/s.png' cannot be written: '{w}/afile' is a file, not a folder: "
+                                   "give a folder path",
+      (f"--out={w}/adir.png",): f"--out='{w}/adir.png' cannot be written: '{w}/adir.png' is a folder; give a file path",
+      (f"--out={w}/b.png",): f"--out='{w}/b.png' cannot be written: '{w}/b.npz' is a folder; give a file path",
+      (f"--out={w}/locked/s.png",): f"--out='{w}/locked/s.png' cannot be written: '{w}/locked' is not writable: "
+                                    "Permission denied",
+      ("--scale=0", out): "--scale=0 is invalid: it must be >= 1 (or leave it out: enlarged to 64 pixels)",
+      ("--batch_size=0", out): "--batch_size=0 is invalid: it must be >= 1 (or leave it out: the config's "
+                               "sample.batch_size)",
+      ("--batch_size=-1", out): "--batch_size=-1 is invalid: it must be >= 1 (or leave it out: the config's "
+                                "sample.batch_size)",
+      ("--num_samples=-5", out): "--num_samples=-5 is invalid: it must be >= 1",
+      (f"--workdir={w}/locked", "--eval", out): f"workdir '{w}/locked' is not writable: Permission denied",
+  }
+  lines = [[f"--workdir={w}", *args] if not args[0].startswith("--workdir") else list(args) for args in cases]
+  lines += [[f"--checkpoint={w}/checkpoints", out]]
+  spec = json.dumps({"unwritable": [f"{w}/locked"], "cases": lines})
+  res = subprocess.run([sys.executable, "-c", SAMPLE_DRIVER, spec], env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                                                           PYTHONPATH=ROOT),
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  results = json.loads(res.stdout.splitlines()[-1])
+  expected = list(cases.values()) + [f"--checkpoint={w}/checkpoints is a checkpoints folder, not one of its step "
+                                     f"folders: give --checkpoint {w}/checkpoints/STEP, or --workdir {w} for the "
+                                     "latest"]
+  for args, (code, stdout, stderr), message in zip(lines, results, expected):
+    assert (code, stderr) == (2, f"sample.py: error: {message}\n"), args
+    assert stdout == "", args  # nothing read, nothing sampled
 
 
 def test_a_failed_write_names_the_step_path_cause_and_what_was_kept(tmp_path, monkeypatch):
@@ -215,15 +242,13 @@ def read_only(path):
 def test_a_save_into_a_read_only_folder_ends_the_process_within_seconds(tmp_path):
   workdir, _, _ = small_run(tmp_path, steps=(2,))
   # A process saving step 4 into the read-only folder; the error propagates (exit 1, its last line).
-  code = ("import pathlib, sys, tempfile, jax; from ddpm_jax import checkpoint; from test_failures import small_run; "
+  code = ("import pathlib, sys, tempfile, jax; from ddpm_jax import checkpoint; from helpers import small_run; "
           "checkpoint.quiet_orbax(); _, config, create = small_run(pathlib.Path(tempfile.mkdtemp()), steps=()); "
           "manager = checkpoint.make_manager(sys.argv[1]); "
           "checkpoint.save(manager, create().replace(step=jax.numpy.asarray(4)), config.to_dict())")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT}/tests")
   with read_only(workdir / "checkpoints"):
     start = time.time()
-    res = subprocess.run([sys.executable, "-c", code, str(workdir)], env=env, capture_output=True, text=True,
-                         timeout=400)
+    res = run_python("-c", code, workdir, env_extra={"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT}/tests"}, timeout=400)
     seconds = time.time() - start
   # Orbax's threads waiting for a step folder that was never made kept the process alive for 300 s after the error.
   assert seconds < 30, seconds
@@ -249,6 +274,8 @@ def test_a_full_disk_stops_training_at_the_next_save_or_the_end_with_one_line_an
       assert manager.all_steps() == [] and os.listdir(tmp_path / "checkpoints") == []
       manager.close()
       assert [json.loads(r)["step"] for r in open(tmp_path / "metrics.jsonl")] == logged  # stopped at that save
+      # the end-of-run work waits for the last checkpoint: none of it is done, nor recorded as done
+      assert not (tmp_path / "end_of_run.json").exists() and not (tmp_path / "curves.png").exists()
 
 
 def test_a_failed_start_leaves_an_existing_run_untouched_and_makes_no_workdir(tmp_path):
@@ -273,7 +300,7 @@ def test_a_failed_start_leaves_an_existing_run_untouched_and_makes_no_workdir(tm
 def test_config_file_and_workdir_problems_end_with_one_line_and_exit_2(tmp_path, args, message):
   (tmp_path / "broken.py").write_text("def get_config():\n  return (\n")
   (tmp_path / "afile").write_text("")
-  res = run_entry("train.py", f"--workdir={tmp_path}/run", *[a.format(tmp=tmp_path) for a in args])
+  res = run_script("train.py", f"--workdir={tmp_path}/run", *[a.format(tmp=tmp_path) for a in args])
   assert res.returncode == 2
   assert one_error_line(res, "train.py").startswith(message.format(tmp=tmp_path))
 
@@ -291,20 +318,16 @@ def test_small_ones(tmp_path):
   with pytest.raises(ValueError, match="best is not a checkpoint step folder: give WORKDIR/checkpoints/STEP"):
     checkpoint.locate(str(tmp_path / "checkpoints" / "best"))
   with pytest.raises(FloatingPointError, match="at step 7: training stopped; no checkpoint was written"):
-    loop.check_finite([(7, {"loss": float("nan")})], None)
-  with pytest.raises(FloatingPointError, match="the latest checkpoint, of step 5, predates it"):
-    loop.check_finite([(7, {"loss": float("inf")})], 5)
-  res = run_entry("sample.py", f"--workdir={tmp_path}", "--num_samples=-5")
-  assert res.returncode == 2 and "sampling" not in res.stdout
-  assert one_error_line(res, "sample.py") == "--num_samples=-5 is invalid: it must be >= 1"
+    loop.check_finite([(7, {"loss": float("nan")})], lambda: None)
+  with pytest.raises(FloatingPointError, match="the newest complete checkpoint, of step 5, predates it"):
+    loop.check_finite([(7, {"loss": float("inf")})], lambda: 5)
 
 
 def test_the_input_pipeline_leaves_no_autograph_files_when_killed(tmp_path):
   code = ("import os; from ddpm_jax import data; "
           "s = data.batch_stream(data.make_source('digits'), seed=0, global_batch=8, image_size=8, channels=1); "
           "next(s); os._exit(0)")  # like kill -9: no clean-up runs
-  env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path))
-  assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
+  assert run_python("-c", code, env_extra={"TMPDIR": str(tmp_path)}, timeout=120).returncode == 0
   assert not list(tmp_path.glob("__autograph_generated_file*")), os.listdir(tmp_path)
 
 
@@ -323,7 +346,7 @@ def test_a_second_run_on_a_live_workdir_is_refused_and_a_dead_runs_lock_taken_ov
     workdir_lock.release(held)
   # A run killed with -9 leaves its record behind, but not its lock: the next run takes it over.
   code = "import sys; from ddpm_jax import workdir_lock; workdir_lock.acquire(sys.argv[1]); import os; os._exit(0)"
-  subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=dict(os.environ, PYTHONPATH=ROOT), check=True)
+  assert run_python("-c", code, tmp_path).returncode == 0
   dead = json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())
   assert dead["pid"] != os.getpid()
   fd = workdir_lock.acquire(str(tmp_path))
@@ -354,10 +377,8 @@ def test_resuming_with_a_change_that_keeps_the_shapes_is_refused_naming_the_fiel
 
 
 def test_no_backend_discovery_line_before_a_one_line_error(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # as a user runs it: JAX probes for a TPU
-  res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={tmp_path}",
-                        "--config.optim.optimizer=sgd"], env=dict(env, PYTHONPATH=ROOT), capture_output=True,
-                       text=True, timeout=300)
+  # platform=None: JAX_PLATFORMS unset, as a user runs it: JAX probes for a TPU
+  res = run_script("train.py", f"--workdir={tmp_path}", "--config.optim.optimizer=sgd", platform=None)
   assert res.returncode == 2
   assert one_error_line(res, "train.py") == "optim.optimizer='sgd' is unknown: choose one of adam, adamw"
   assert "Unable to initialize backend" not in res.stderr, res.stderr  # JAX's INFO line about a missing TPU
@@ -437,9 +458,121 @@ def test_out_of_memory_on_a_training_step_is_one_line_naming_the_cure_and_exit_1
           "def out_of_memory(*args): raise jax.errors.JaxRuntimeError(message)\n"
           "loop.train = out_of_memory\n"
           "app.run(train.main, flags_parser=builders.flags_parser('train.py', train.DEFAULT_CONFIG))")
-  res = subprocess.run([sys.executable, "-c", code, f"--workdir={tmp_path}", XLA_OOM], capture_output=True, text=True,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), timeout=300, cwd=ROOT)
+  res = run_python("-c", code, f"--workdir={tmp_path}", XLA_OOM, cwd=ROOT)
   assert res.returncode == 1, res.stderr[-2000:]
   assert one_error_line(res, "train.py") == ("out of memory on the devices while training: shard the parameters, EMA "
                                              "and optimizer state over the devices with --config.parallelism=fsdp, "
                                              "or lower --config.batch_size")
+
+
+def test_unusable_workdirs_are_refused_before_anything_is_built(tmp_path, monkeypatch):
+  for workdir in ("", "  ", "gs://", "gs:///"):
+    with pytest.raises(ValueError, match=re.escape(f"workdir {workdir!r} names no folder: give a path")):
+      builders.check_workdir(workdir)
+  # A resume into a read-only checkpoints/ (the workdir itself writable) is refused before it compiles.
+  (tmp_path / "checkpoints").mkdir()
+  real = builders.tempfile.TemporaryFile
+
+  def read_only_checkpoints(dir=None, **kwargs):  # pylint: disable=redefined-builtin
+    if os.path.basename(dir) == "checkpoints":
+      raise OSError(errno.EROFS, "Read-only file system")
+    return real(dir=dir, **kwargs)
+
+  monkeypatch.setattr(builders.tempfile, "TemporaryFile", read_only_checkpoints)
+  with pytest.raises(ValueError, match=re.escape(f"workdir '{tmp_path}': its checkpoints folder is not writable: "
+                                                 "Read-only file system")):
+    builders.check_workdir(str(tmp_path))
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+  (tmp_path / "raises.py").write_text("raise RuntimeError('boom')\n")
+  (tmp_path / "bare.py").write_text("X = 1\n")
+  (tmp_path / "fails.py").write_text("def get_config():\n  return 1 / 0\n")
+  line = lambda name: builders.flag_error(["train.py", f"--config={tmp_path}/{name}"], RuntimeError("x"), None)
+  assert line("raises.py") == f"config file '{tmp_path}/raises.py' raised RuntimeError: boom"
+  assert line("bare.py") == (f"config file '{tmp_path}/bare.py' has no get_config(): a config file defines "
+                             "get_config() returning an ml_collections.ConfigDict (see configs/default.py)")
+  assert line("fails.py") == f"config file '{tmp_path}/fails.py': get_config() raised ZeroDivisionError: division by zero"
+
+
+def test_help_exits_0_and_shows_the_config_flags():
+  res = run_script("train.py", "-h", "--config.batch_size=7")
+  assert res.returncode == 0 and res.stderr == "", res.stderr[-2000:]
+  assert "--workdir: Checkpoints, metrics" in res.stdout and "--config: Experiment config file" in res.stdout
+  assert "  --config.batch_size=7\n" in res.stdout and "  --config.optim.learning_rate=" in res.stdout
+  res = run_script("sample.py", "--help")
+  assert res.returncode == 0 and res.stderr == "", res.stderr[-2000:]
+  assert "--out: PNG grid path" in res.stdout and "--config: Optional config" in res.stdout
+
+
+def test_a_bucket_that_cannot_be_reached_is_one_line_naming_it_within_seconds(tmp_path):
+  pytest.importorskip("gcsfs", reason="gcsfs is not installed (gs:// workdirs need it: requirements-gcs.txt)")
+  with socket.socket() as s:  # a port nobody listens on
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
+         "FSSPEC_GCS_TOKEN": "anon", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+  expected = (f"workdir 'gs://bucket/run' cannot be reached: no connection to http://127.0.0.1:{port} "
+              "(ConnectionRefusedError: Connection refused); check the network")
+  for script, args in (("train.py", ["--stop_at_step=1"]), ("sample.py", [f"--out={tmp_path}/s.png"])):
+    start = time.time()
+    res = run_script(script, "--workdir=gs://bucket/run", *args, env_extra=env)
+    assert res.returncode == 2 and time.time() - start < 30, (res.returncode, res.stderr[-3000:])
+    assert one_error_line(res, script) == expected  # sample.py: not "no checkpoint ... train first"
+
+
+def test_a_full_disk_at_start_names_the_workdir(tmp_path):
+  with small_tmpfs(tmp_path / "full", "16k"):
+    (tmp_path / "full" / "fill").write_bytes(b"\0" * 16384)
+    res = run_train(tmp_path / "full" / "run", "--stop_at_step=1")
+  assert res.returncode == 1, res.stderr[-3000:]
+  assert one_error_line(res, "train.py") == (f"the disk is full: no space left to write in the workdir "
+                                             f"'{tmp_path}/full/run' ([Errno 28] No space left on device)")
+
+
+def test_an_unprepared_tfds_dataset_is_one_line_naming_the_tfds_build_command(tmp_path):
+  # TFDS_DATA_DIR at an empty folder, no config.data.data_dir: TFDS raised a KeyError ("splits is empty"), exit 1.
+  res = run_script("train.py", f"--workdir={tmp_path}/run", "--config.dataset=tfds:cifar10",
+                  env_extra={"TFDS_DATA_DIR": str(tmp_path)})
+  assert res.returncode == 2, res.stderr[-3000:]
+  assert one_error_line(res, "train.py") == (
+      f"TFDS dataset 'cifar10' is not prepared as ArrayRecord in {tmp_path}: prepare it once with `pip install -r "
+      "requirements-prepare.txt && tfds build cifar10 --file_format=array_record --data_dir=DIR` and point "
+      "config.data.data_dir (or TFDS_DATA_DIR) at DIR (KeyError)")
+
+
+def test_every_cleanup_runs_when_closing_the_checkpoints_fails_and_on_the_path_that_ends_by_os_exit(tmp_path,
+                                                                                                   monkeypatch):
+  # no train step (nothing to compile): straight to the end-of-run work
+  training = dataclasses.replace(builders.build_training(small_config(), str(tmp_path), 1), end_step=0)
+  writers = []
+  monkeypatch.setattr(loop, "MetricWriter", lambda *a: writers.append(reporting.MetricWriter(*a)) or writers[-1])
+  before = signal.getsignal(signal.SIGINT)
+  seen = {}
+
+  def end_of_run(*_):
+    """Stands for a failure: first does what a process ending on another's failure does before os._exit."""
+    seen["notes"] = [fn(RuntimeError()) for fn in list(consensus._cleanups)]  # pylint: disable=protected-access
+    seen["writer closed"] = writers[0]._jsonl.closed  # pylint: disable=protected-access
+    try:
+      workdir_lock.release(workdir_lock.acquire(str(tmp_path)))  # a new open file: free only once released
+      seen["lock free"] = True
+    except workdir_lock.WorkdirBusy:
+      seen["lock free"] = False
+    raise RuntimeError("the end-of-run work failed")
+
+  real_close = checkpoint.close
+
+  def failing_close(manager):
+    real_close(manager)
+    raise checkpoint.CheckpointError("closing failed")
+
+  monkeypatch.setattr(loop, "_finish", end_of_run)
+  monkeypatch.setattr(checkpoint, "close", failing_close)
+  with pytest.raises(checkpoint.CheckpointError, match="closing failed"):
+    loop.train(training, str(tmp_path))
+  assert seen == {"notes": ["kept: no checkpoint"], "writer closed": True, "lock free": True}
+  # Closing the checkpoint manager raised, and still: the writer is closed, the handlers are back, the lock is free.
+  assert writers[0]._jsonl.closed  # pylint: disable=protected-access
+  assert signal.getsignal(signal.SIGINT) is before
+  workdir_lock.release(workdir_lock.acquire(str(tmp_path)))

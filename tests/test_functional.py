@@ -17,7 +17,9 @@ from ddpm_jax.schedule import make_schedule
 from ddpm_jax.train_state import TrainState, create_train_state
 from ddpm_jax.unet import AttentionBlock, timestep_embedding, unet_preset
 
-README = __import__("pathlib").Path(__file__).resolve().parents[1] / "README.md"
+from helpers import ROOT, SMALL_MODEL
+
+README = ROOT / "README.md"
 
 
 def _state(tx, params):
@@ -120,7 +122,7 @@ def test_bfloat16_train_step_keeps_float32_params_and_tracks_the_float32_loss():
   batch = jax.random.uniform(jax.random.key(3), (8, 8, 8, 1), minval=-1, maxval=1)
   losses = {}
   for dtype in ("float32", "bfloat16"):
-    model = unet_preset("tiny", base_channels=8, channel_mult=(1, 2), attn_resolutions=(4,), dtype=dtype)
+    model = unet_preset("tiny", **SMALL_MODEL, attn_resolutions=(4,), dtype=dtype)
     tx = training.make_optimizer(learning_rate=1e-3, total_steps=10)
     state = create_train_state(model, tx, jax.random.key(0), (1, 8, 8, 1))
     # The float32 reference in float32 throughout, also where matmuls would default to TF32 or bf16 passes.
@@ -204,7 +206,7 @@ def test_labels_are_dropped_at_the_configured_rate_from_the_step_key():
 
 @pytest.mark.slow
 def test_a_conditional_train_step_sees_the_labels_and_drops_them_all_at_probability_one():
-  model = unet_preset("tiny", base_channels=8, channel_mult=(1, 2), num_classes=3)
+  model = unet_preset("tiny", **SMALL_MODEL, num_classes=3)
   tx = optax.adam(1e-3)
   state = create_train_state(model, tx, jax.random.key(0), (1, 8, 8, 1))
   # Distinct label rows, so that the labels reaching the network change the loss.

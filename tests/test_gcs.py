@@ -1,35 +1,14 @@
-"""A gs:// workdir, against a local Cloud Storage emulator: train, resume, sample; what lands in the bucket."""
+"""A gs:// workdir, against a local Cloud Storage emulator: train, resume, sample, train as two processes; what lands
+in the bucket."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from test_training import ROOT, run_train
+from helpers import MODEL, run_sample, run_train, run_two
 
 pytestmark = [pytest.mark.gcs, pytest.mark.slow]
 FLAGS = ["--config.sample.num_steps=4", "--config.sample.num_samples=4"]  # the end-of-run grid: 4 samples, 4 steps
-
-
-@pytest.fixture
-def emulator(monkeypatch):
-  """The emulator's environment (also set in this process); skipped when the emulator cannot run here."""
-  pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is not installed (requirements-dev.txt)")
-  pytest.importorskip("gcsfs", reason="gcsfs is not installed (gs:// workdirs need it: requirements-dev.txt)")
-  import gcs_emulator  # pylint: disable=g-import-not-at-top
-
-  port = gcs_emulator.free_port()
-  try:
-    server = gcs_emulator.start(port)
-  except OSError as e:
-    pytest.skip(f"the Cloud Storage emulator cannot start on 127.0.0.1:{port}: {e}")
-  env = gcs_emulator.environment(port)
-  for key, value in env.items():
-    monkeypatch.setenv(key, value)
-  yield env
-  server.stop()
 
 
 def bucket_objects(prefix):
@@ -51,10 +30,7 @@ def test_a_gs_workdir_trains_resumes_and_samples(emulator, tmp_path):
   assert second.returncode == 0, second.stderr[-2000:]
   assert "resumed from the checkpoint of step 6" in second.stderr
   out = tmp_path / "s.png"
-  sampled = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--workdir=gs://bucket/run",
-                            "--num_samples=2", f"--out={out}"], env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                                                           PYTHONPATH=ROOT),
-                           capture_output=True, text=True, timeout=300)
+  sampled = run_sample("--workdir=gs://bucket/run", "--num_samples=2", f"--out={out}")
   assert sampled.returncode == 0, sampled.stderr[-2000:]
   assert "sampling 2 images at step 12" in sampled.stdout and out.exists()
   made = json.loads((tmp_path / "s.json").read_text())  # beside the samples: which checkpoint, which start
@@ -73,4 +49,23 @@ def test_a_gs_workdir_trains_resumes_and_samples(emulator, tmp_path):
   assert json.loads(objects["run/end_of_run.json"]) == {"step": 12, "done": ["samples", "curves.png"]}
   assert objects["run/curves.png"].startswith(b"\x89PNG")
   assert len([n for n in names if n.startswith("run/tensorboard/events.out.tfevents.")]) == 2  # one per run
-  assert "run/train.lock" not in names and "run/.write_check" not in names  # released; the probe removed
+  assert "run/train.lock" not in names  # released
+  assert not [n for n in names if n.startswith("run/.write_check")]  # the probe removed
+
+
+@pytest.mark.multiprocess
+def test_two_processes_train_in_a_gs_workdir(emulator):
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+
+  # the flags of test_multiprocess (their compiled programs shared) but for the stop: saves at steps 5 and 6; no
+  # sample grid (a compile of its own)
+  ends = run_two("gs://bucket/two", "--stop_at_step=6", "--config.checkpoint_every_steps=5",
+                 "--config.parallelism=fsdp", *MODEL, "--config.sample.every_steps=0")
+  assert [code for code, _, _ in ends] == [0, 0], [err[-2000:] for _, err, _ in ends]
+  names = set(bucket_objects("two/"))
+  for step in (5, 6):
+    assert f"two/checkpoints/{step}/commit_success.txt" in names
+  assert [json.loads(line)["step"] for line in bucket_objects("two/metrics.jsonl")["two/metrics.jsonl"].splitlines()
+          ] == [5, 6]
+  assert "two/train.lock" not in names and not [n for n in names if n.startswith("two/.write_check")]
+  assert len([n for n in gcs_emulator.uploads() if n.startswith("two/.write_check")]) == 1  # process 0's probe alone

@@ -6,8 +6,7 @@ import pathlib
 
 from configs import common
 from ddpm_jax.unet import UNet
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def imported_modules(path: pathlib.Path) -> set[str]:

@@ -4,40 +4,13 @@ within seconds with one line and one exit code (test_training's chain test: the 
 import glob
 import os
 import re
-import time
 
 import pytest
 
-from test_training import fault_env, start_two_processes
+from helpers import MODEL, last_line, run_two
 
-# fsdp: each process writes and reads its own shards of the state; the model flags of test_training's chain test,
-# whose compiled programs the compilation cache shares
-MODEL = ("--config.ema.decay=0.5", "--config.optim.eps=1.0")
+# fsdp: each process writes and reads its own shards of the state
 FLAGS = ("--stop_at_step=100", "--config.checkpoint_every_steps=5", "--config.parallelism=fsdp", *MODEL)
-
-
-def run_two(workdir, *flags, fault=None):
-  """train.py as 2 processes x 2 devices until both end: [(exit code, stderr, seconds from start to its end)]."""
-  start = time.time()
-  procs = start_two_processes(workdir, *flags, env_extra=fault_env(fault) if fault else None)
-  ended = [None, None]
-  deadline = start + 240
-  while None in ended and time.time() < deadline:
-    for i, p in enumerate(procs):
-      if ended[i] is None and p.poll() is not None:
-        ended[i] = time.time() - start
-    time.sleep(0.05)
-  for p in procs:
-    p.kill()
-  errs = [p.communicate()[1] for p in procs]
-  assert None not in ended, f"a process did not end within 240 s: {errs[0][-1500:]} | {errs[1][-1500:]}"
-  return [(p.returncode, err, seconds) for p, err, seconds in zip(procs, errs, ended)]
-
-
-def last_line(err):
-  """The last stderr line, after checking that no traceback precedes it."""
-  assert "Traceback" not in err, err[-3000:]
-  return err.strip().splitlines()[-1]
 
 
 @pytest.mark.multiprocess
@@ -72,6 +45,51 @@ def test_a_failure_on_one_process_ends_both_within_seconds_with_its_line_and_exi
   sampler = "ddpm_jax.sampling:SamplerOptions.sample"
   ends = run_two(tmp_path / "hook", "--stop_at_step=2", "--config.parallelism=jit", *MODEL,
                  fault=f"{sampler}:1:0,{sampler}:0:0:sleep")
-  want = "train.py: error: [Errno 5] Input/output error (injected into SamplerOptions.sample on process 1)"
+  want = "train.py: error: [Errno 5] Input/output error (injected into SamplerOptions.sample on process 1); kept: 2"
   assert [last_line(err) for _, err, _ in ends] == [want, want], ends
   assert [code for code, _, _ in ends] == [1, 1] and abs(ends[0][2] - ends[1][2]) < 10, ends
+
+
+SLOW_WRITE_S = 20  # process 0's background write of a checkpoint, slowed (a big state, a bucket)
+
+
+@pytest.mark.multiprocess
+def test_a_failure_lets_the_checkpoint_in_flight_finish_and_says_what_is_kept(tmp_path):
+  # 1. At step 5 both processes start saving, then draw the sample grid; process 0's write takes SLOW_WRITE_S more
+  #    and process 1's sampler fails. Both wait for the write, then end with process 1's line and what is kept.
+  run = tmp_path / "run"
+  # orbax's background commit: it waits for the writes, then renames the step's temporary folder into place
+  commit = "orbax.checkpoint._src.checkpointers.async_checkpointer:_background_wait_for_commit_futures"
+  ends = run_two(run, *FLAGS, "--config.sample.every_steps=5", env_extra={"TEST_FAULT_SLEEP_S": str(SLOW_WRITE_S)},
+                 fault=f"ddpm_jax.sampling:SamplerOptions.sample:1:0,{commit}:0:0:sleep")
+  want = ("train.py: error: [Errno 5] Input/output error (injected into SamplerOptions.sample on process 1); "
+          "kept: 5")
+  assert [last_line(err) for _, err, _ in ends] == [want, want], ends
+  assert [code for code, _, _ in ends] == [1, 1] and abs(ends[0][2] - ends[1][2]) < 10, ends
+  assert sorted(os.listdir(run / "checkpoints")) == ["5"]
+  # 2. Process 0 fails first (its hook), while process 1 is busy with work of its own: both end with its line; process
+  #    0, which hosts the coordination service, leaves last.
+  sampler = "ddpm_jax.sampling:SamplerOptions.sample"
+  ends = run_two(tmp_path / "first", "--stop_at_step=2", "--config.parallelism=jit", *MODEL,
+                 fault=f"{sampler}:0:0,{sampler}:1:0:sleep")
+  want = "train.py: error: [Errno 5] Input/output error (injected into SamplerOptions.sample on process 0); kept: 2"
+  assert [last_line(err) for _, err, _ in ends] == [want, want], ends
+  assert [code for code, _, _ in ends] == [1, 1] and abs(ends[0][2] - ends[1][2]) < 10, ends
+  assert ends[0][2] >= ends[1][2], ends
+
+
+SLOW_COMPILE_S = 40  # longer than the 30 s within which CPU collectives must be set up by every process
+
+
+@pytest.mark.multiprocess
+def test_processes_that_compile_for_different_lengths_of_time_start_training_together(tmp_path):
+  # Process 0 starts with an empty compilation cache and compiles SLOW_COMPILE_S longer (a big model on a cold host);
+  # process 1's cache is warm. Neither times out in the first step's collectives: both train to the end.
+  cold = tmp_path / "empty-cache"
+  ends = run_two(tmp_path / "run", "--stop_at_step=2", "--config.parallelism=fsdp", *MODEL,
+                 fault="jax._src.stages:Lowered.compile:0:0:sleep",
+                 env_extra={"TEST_FAULT_SLEEP_S": str(SLOW_COMPILE_S)},
+                 env_of=({"JAX_COMPILATION_CACHE_DIR": str(cold)}, {}))
+  assert [code for code, _, _ in ends] == [0, 0], [err[-2000:] for _, err, _ in ends]
+  assert min(seconds for _, _, seconds in ends) > SLOW_COMPILE_S
+  assert os.listdir(cold)  # process 0 compiled into its own, empty cache

@@ -1,54 +1,15 @@
 """The run record (runs.jsonl): what a row says, the deterministic switch, which start a checkpoint came from."""
 
 import hashlib
-import importlib.metadata
 import os
-import subprocess
-import sys
 import textwrap
 
-import flax
 import jax
-import jaxlib
 import numpy as np
-import optax
-import orbax.checkpoint
 import pytest
 
 from ddpm_jax import data, run_record, runtime
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def git(*args, cwd=ROOT):
-  return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, check=True).stdout.strip()
-
-
-def assert_row_describes_this_machine(row, *, command_has, resumed_from, parallelism="single", devices=1):
-  """A row of a train.py run started by the tests on this CPU (JAX_PLATFORMS=cpu, `devices` CPU devices, one
-  process, the digits) holds the truth about it, each field checked against its own source."""
-  try:  # a checkout (None when the tests run from an unpacked copy)
-    code = {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
-  except (OSError, subprocess.CalledProcessError):
-    code = None
-  assert row["code"] == code
-  assert row["python"] == ".".join(map(str, sys.version_info[:3]))
-  packages = row["packages"]
-  assert (packages["jax"], packages["jaxlib"], packages["flax"], packages["optax"], packages["numpy"]) == (
-      jax.__version__, jaxlib.__version__, flax.__version__, optax.__version__, np.__version__)
-  assert packages["orbax-checkpoint"] == orbax.checkpoint.__version__
-  assert packages["grain"] == importlib.metadata.version("grain")
-  assert packages["tensorflow-datasets"] == importlib.metadata.version("tensorflow-datasets")
-  assert (row["backend"], row["device_kind"], row["device_count"], row["process_count"]) == (
-      "cpu", jax.devices("cpu")[0].device_kind, devices, 1)
-  assert row["parallelism"] == parallelism and row["deterministic"] is False
-  assert row["xla_flags"] == f"--xla_force_host_platform_device_count={devices}"
-  assert row["jax_settings"]["jax_platforms"] == "cpu" and row["jax_settings"]["environment"]["JAX_PLATFORMS"] == "cpu"
-  assert row["jax_settings"]["jax_default_matmul_precision"] is None and row["jax_settings"]["jax_enable_x64"] is False
-  assert os.path.basename(row["command"][0]) == "train.py" and command_has in row["command"]
-  with open(data._digits_table(), "rb") as f:  # pylint: disable=protected-access
-    assert row["dataset"] == {"name": "digits", "sha256": hashlib.sha256(f.read()).hexdigest()}
-  assert row["resumed_from"] == resumed_from and row["config"]["batch_size"] == 16
+from helpers import git, run_python
 
 
 def test_deterministic_sets_xla_flags_and_float32_precision_before_the_backend_and_the_row_says_so():
@@ -62,8 +23,7 @@ def test_deterministic_sets_xla_flags_and_float32_precision_before_the_backend_a
       print(json.dumps([os.environ["XLA_FLAGS"], row["deterministic"], row["xla_flags"],
                         row["jax_settings"]["jax_default_matmul_precision"]]))
   """)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+  out = run_python("-c", code, devices=2, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   flags = "--xla_force_host_platform_device_count=2 --xla_gpu_deterministic_ops=true"  # the user's flags kept
   assert out.stdout.strip() == f'["{flags}", true, "{flags}", "float32"]'

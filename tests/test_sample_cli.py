@@ -3,6 +3,8 @@
 import functools
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -13,37 +15,17 @@ import pytest
 from PIL import Image
 
 import configs.default as default_config
-from ddpm_jax import builders, checkpoint, figures, images, run_record, sampling
+from ddpm_jax import builders, figures, images, run_record, sampling
 from ddpm_jax.data import load_digits
-from ddpm_jax.train_state import create_train_state
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_MODEL = ["--config.model.base_channels=8", "--config.model.channel_mult=(1,2)"]
-
-
-def save_checkpoint(config, path):
-  """Writes a step-0 checkpoint of the config's model at path."""
-  state = create_train_state(builders.build_model(config), builders.build_optimizer(config), jax.random.key(0),
-                             (1,) + builders.image_shape(config))
-  manager = checkpoint.make_manager(str(path))
-  checkpoint.save(manager, state, config.to_dict())
-  manager.wait_until_finished()
-  manager.close()
+from helpers import ROOT, SMALL_MODEL_FLAGS, run_sample, run_train, save_checkpoints, small_config, stop
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  config = default_config.get_config()
-  config.model.base_channels, config.model.channel_mult = 8, (1, 2)
+  """A workdir with a step-0 checkpoint of the small model."""
   path = tmp_path_factory.mktemp("run")
-  save_checkpoint(config, path)
+  save_checkpoints(small_config(), path)
   return path
-
-
-def run_sample(*flags, python_flags=()):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, *python_flags, os.path.join(ROOT, "sample.py"), *flags], env=env,
-                        capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
@@ -92,8 +74,8 @@ def test_checkpoint_of_another_model_is_a_clear_error(workdir, tmp_path):
 def test_sampling_reads_only_the_ema_params_so_another_optimizer_section_works(workdir, tmp_path):
   # Adam has no weight-decay state and MultiSteps wraps the state in another structure: restoring the optimizer
   # state under this config would fail; sampling never reads it.
-  res = run_sample(f"--workdir={workdir}", f"--config={ROOT}/configs/default.py", "--config.model.base_channels=8",
-                   "--config.model.channel_mult=(1,2)", "--config.optim.optimizer=adam",
+  res = run_sample(f"--workdir={workdir}", f"--config={ROOT}/configs/default.py", *SMALL_MODEL_FLAGS,
+                   "--config.optim.optimizer=adam",
                    "--config.optim.grad_accum_steps=4", "--num_samples=2", "--steps=2", f"--out={tmp_path}/x.png")
   assert res.returncode == 0, res.stderr[-3000:]
   assert np.load(tmp_path / "x.npz")["images"].shape == (2, 8, 8, 1)
@@ -107,7 +89,7 @@ def test_eval_of_a_folder_dataset_reports_fid_with_the_given_weights(tmp_path, i
     Image.fromarray(digit[:, :, 0]).save(images / f"{i}.png")
   config = default_config.get_config()
   config.dataset = f"folder:{images}"
-  save_checkpoint(config, tmp_path / "run")
+  save_checkpoints(config, tmp_path / "run")
   # --config gives a locked config without the key: the flag must still reach the evaluator.
   res = run_sample(f"--workdir={tmp_path / 'run'}", f"--config={ROOT}/configs/default.py",
                    f"--config.dataset=folder:{images}", "--num_samples=4", "--steps=2", f"--out={tmp_path}/s.png",
@@ -121,8 +103,6 @@ def test_eval_of_a_folder_dataset_reports_fid_with_the_given_weights(tmp_path, i
 
 @pytest.mark.slow
 def test_v_prediction_with_min_snr_trains_and_samples_with_dpm_solver(tmp_path):
-  from test_training import run_train  # pylint: disable=g-import-not-at-top
-
   res = run_train(tmp_path, "--stop_at_step=4", "--config.diffusion.prediction=v",
                   "--config.diffusion.loss_weighting=min_snr")
   assert res.returncode == 0, res.stderr[-3000:]
@@ -140,7 +120,7 @@ def test_v_prediction_with_min_snr_trains_and_samples_with_dpm_solver(tmp_path):
   assert (made["checkpoint_step"], made["sampler"]["method"], made["sampler"]["num_steps"]) == (4, "dpmpp_2m", 20)
   assert made["run"] == run_record.read(str(tmp_path))[0] and made["run"]["resumed_from"] is None
   # A --config that says eps does not override what the checkpoint's network predicts.
-  res = run_sample(f"--workdir={tmp_path}", f"--config={ROOT}/configs/default.py", *SMALL_MODEL, *flags,
+  res = run_sample(f"--workdir={tmp_path}", f"--config={ROOT}/configs/default.py", *SMALL_MODEL_FLAGS, *flags,
                    f"--out={tmp_path}/c.png")
   assert res.returncode == 0, res.stderr[-3000:]
   assert "the checkpoint's network predicts 'v'; using that" in res.stderr
@@ -159,8 +139,6 @@ def test_v_prediction_with_min_snr_trains_and_samples_with_dpm_solver(tmp_path):
 
 @pytest.mark.slow
 def test_a_guided_model_trains_on_digit_labels_and_draws_the_classes_asked_for(tmp_path, workdir):
-  from test_training import run_train  # pylint: disable=g-import-not-at-top
-
   res = run_train(tmp_path, "--stop_at_step=4", "--config.sample.every_steps=4", "--config.sample.num_samples=20",
                   "--config.sample.num_steps=2", config=f"{ROOT}/configs/digits_guided.py")
   assert res.returncode == 0, res.stderr[-3000:]
@@ -210,3 +188,54 @@ def test_progress_rate_and_eta_leave_the_first_call_out(monkeypatch, capsys):
   clock = iter([0.0, 0.0])
   reporting.progress_printer("sampled")(0, 10)  # nothing done yet, no time passed: no rate to go on
   assert capsys.readouterr().out == "sampled 0/10 | 0.0/s | ETA unknown\n"
+
+
+@pytest.mark.slow  # 21 s on a loaded 2-core machine (start-up, the sampler's compile, its first batch)
+def test_sigint_while_sampling_ends_within_seconds_with_one_line(workdir, tmp_path):
+  out = tmp_path / "s.png"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  # 2048 batches of 2 samples, 50 model calls each: minutes of sampling.
+  proc = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "sample.py"), f"--workdir={workdir}",
+                           "--num_samples=4096", "--batch_size=2", "--method=ddim", "--steps=50", f"--out={out}"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for line in proc.stdout:
+    if line.startswith("sampled "):  # the first batch is done: it is sampling the next ones
+      break
+  seconds, lines = stop(proc, signal.SIGINT)
+  assert proc.returncode == 130 and seconds < 5, (proc.returncode, seconds)
+  assert lines == ["sample.py: stopped by SIGINT"]
+  assert not out.exists() and not (tmp_path / "s.npz").exists()
+
+
+NLL_LINE = re.compile(r"^bits/dim: (\d+\.\d{4}) ± (\d+\.\d{4}) over 6 images \(prior (\S+) \+ decoder (\S+) \+ KL terms "
+                      r"(\S+); the training images of digits, which has no test split; variance fixed_large\)$", re.M)
+
+
+def test_nll_prints_the_bound_with_its_parts_and_writes_it_beside_out(workdir, tmp_path):
+  res = run_sample(f"--workdir={workdir}", "--nll=6", "--batch_size=4", "--variance=fixed_large",
+                   f"--out={tmp_path}/new/nll.png")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "bound: images 4/6" in res.stdout and "bound: images 6/6" in res.stdout  # progress after each batch
+  total, se, prior, decoder, kl = map(float, NLL_LINE.search(res.stdout).groups())
+  assert total == pytest.approx(prior + decoder + kl, abs=2e-4) and se > 0  # four printed decimals each
+  saved = json.loads((tmp_path / "new" / "nll.json").read_text())
+  assert (saved["num_images"], saved["variance"], saved["step"], len(saved["terms"])) == (6, "fixed_large", 0, 1000)
+  assert round(saved["bits_per_dim"], 4) == total and saved["decoder"] == saved["terms"][0]
+  # The total is summed per image in float32 (~1e-7 relative), its parts averaged in float64.
+  assert sum(saved["terms"]) + saved["prior"] == pytest.approx(saved["bits_per_dim"], rel=1e-6)
+  res = run_sample(f"--workdir={workdir}", "--nll=1798")
+  assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == (
+      "sample.py: error: 1798 images were asked for the likelihood bound, more than the 1797 of the training images "
+      "of digits, which has no test split")
+
+
+@pytest.mark.slow
+def test_a_learned_variance_checkpoint_samples_with_respaced_ddpm(tmp_path):
+  from configs import digits_hybrid  # pylint: disable=g-import-not-at-top
+
+  config = digits_hybrid.get_config()
+  config.model.base_channels, config.model.channel_mult = 8, (1, 2)
+  save_checkpoints(config, tmp_path)
+  res = run_sample(f"--workdir={tmp_path}", "--method=ddpm", "--steps=10", "--num_samples=3", f"--out={tmp_path}/s.png")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "with ddpm" in res.stdout and np.load(tmp_path / "s.npz")["images"].shape == (3, 8, 8, 1)

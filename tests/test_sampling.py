@@ -1,11 +1,8 @@
 """Samplers against exact moments of analytic ε-, v- and x0-predictors, float64 NumPy references
-(a hand DDIM step, DPM-Solver++(2M)), DESIGN.md's timestep spacings, and seed semantics."""
+(a hand DDIM step, DPM-Solver++(2M)), the timestep spacings of docs/architecture.md, and seed semantics."""
 
 import functools
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,7 +13,8 @@ import pytest
 from ddpm_jax import diffusion
 from ddpm_jax import sampling
 from ddpm_jax.sampling import SPACINGS, SamplerOptions, make_generator, sample, timesteps
-from ddpm_jax.schedule import make_schedule
+from ddpm_jax.schedule import make_betas, make_schedule
+from helpers import run_python
 
 T = 1000
 SCHED = make_schedule("linear", T)
@@ -59,7 +57,7 @@ def analytic_x0_64(x, t):
 
 
 def design_timesteps(method, T, n, spacing):
-  """DESIGN.md's timestep formulas for DDIM and DPM-Solver, written out literally."""
+  """The timestep formulas of docs/architecture.md for DDIM and DPM-Solver, written out literally."""
   if spacing == "trailing":
     return np.round(np.arange(T, 0, -T / n)) - 1
   if spacing == "leading":
@@ -367,7 +365,7 @@ def test_sample_i_is_the_same_on_one_and_four_devices():
   code = textwrap.dedent("""
       import jax, jax.numpy as jnp, numpy as np
       from ddpm_jax.sampling import SamplerOptions, make_generator
-      from ddpm_jax.schedule import make_schedule
+      from ddpm_jax.schedule import make_betas, make_schedule
       assert jax.local_device_count() == 4
       model = lambda p, x, t: p * x + 0.01 * jnp.cos(x)
       args = (model, make_schedule("linear", 1000), (3, 3, 1), SamplerOptions(method="ddim", num_steps=20))
@@ -376,8 +374,7 @@ def test_sample_i_is_the_same_on_one_and_four_devices():
       np.testing.assert_allclose(one, four, rtol=1e-6, atol=1e-6)
       print("OK", four.shape)
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+  out = run_python("-c", code, devices=4)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "OK (10, 3, 3, 1)" in out.stdout
 
@@ -407,7 +404,7 @@ def test_ddpm_with_clipping_matches_a_hand_computed_chain():
     (dict(method="euler"), "method='euler' is unknown: choose one of ddpm, ddim, dpmpp_2m"),
     (dict(method="ddim", num_steps=0), "num_steps=0 is invalid"),
     (dict(method="ddim", num_steps=1001), "num_steps=1001 is invalid"),
-    (dict(method="ddpm", num_steps=50), "num_steps=50 with method='ddpm'"),
+    (dict(method="ddpm", num_steps=1001), "num_steps=1001 is invalid: it must be an integer in [1, 1000]"),
     (dict(method="ddim", num_steps=10, eta=1.5), "eta=1.5 is out of range"),
     (dict(variance="learned"), "variance='learned' is unknown: choose one of fixed_small, fixed_large"),
     (dict(x_T=jnp.zeros((1, 2, 2, 1))), "x_T has shape (1, 2, 2, 1), expected (2, 2, 2, 1)"),
@@ -479,3 +476,99 @@ def test_guided_sampling_in_the_scan():
     sample(labelled_model, SCHED, key, shape, labels=labels, guidance_scale=-1.0, **kw)
   with pytest.raises(ValueError, match=r"labels have shape \(3,\), expected \(4,\)"):
     sample(labelled_model, SCHED, key, shape, labels=labels[:3], **kw)
+
+
+# ---- DDPM on respaced steps (Improved DDPM) and learned variances ----
+
+def improved_ddpm_steps(T_, n):
+  """Improved DDPM's space_timesteps(T, [n]): a float stride (T - 1) / (n - 1) from 0, each point rounded."""
+  stride, cur, out = ((T_ - 1) / (n - 1) if n > 1 else 1), 0.0, []
+  for _ in range(n):
+    out.append(round(cur))
+    cur += stride
+  return out
+
+
+def test_ddpm_linspace_is_improved_ddpms_even_spacing_and_leading_its_ddim_stride():
+  for T_, n in [(1000, 1000), (1000, 250), (1000, 100), (1000, 50), (1000, 10), (1000, 7), (4000, 33), (37, 6)]:
+    assert sorted(timesteps("ddpm", T_, n, "linspace").tolist()) == improved_ddpm_steps(T_, n), (T_, n)
+  for n in (250, 100, 50, 10):  # "ddimN": the stride i whose range(0, T, i) has n points
+    assert sorted(timesteps("ddpm", 1000, n, "leading").tolist()) == list(range(0, 1000, 1000 // n))
+
+
+def respaced_reference(betas, ts):
+  """Improved DDPM's respacing in float64: β'_i = 1 - ᾱ_{t_i} / ᾱ_{t_(i-1)} over the sorted kept timesteps, and the
+  posterior variance of the new chain."""
+  abar, new, last = np.cumprod(1 - betas), [], 1.0
+  for t in np.sort(ts):
+    new.append(1 - abar[t] / last)
+    last = abar[t]
+  new = np.array(new)
+  ab = np.cumprod(1 - new)
+  ab_prev = np.append(1.0, ab[:-1])
+  return new, ab, new * (1 - ab_prev) / (1 - ab)
+
+
+@pytest.mark.parametrize("name, n, spacing", [("cosine", 100, "linspace"), ("cosine", 50, "leading"),
+                                              ("linear", 7, "trailing")])
+def test_respaced_schedule_matches_a_float64_reference(name, n, spacing):
+  ts = timesteps("ddpm", 1000, n, spacing)
+  betas, abar, post = respaced_reference(make_betas(name, 1000), ts)
+  got = sampling.respaced_schedule(make_schedule(name, 1000), ts)
+  # The float32 arrays: ~6e-8 relative each, and the betas the respacing starts from carry that much too.
+  np.testing.assert_allclose(got.betas, betas, rtol=2e-6)
+  np.testing.assert_allclose(got.alphas_cumprod, abar, rtol=2e-6)
+  np.testing.assert_allclose(got.posterior_variance[1:], post[1:], rtol=2e-6)
+  np.testing.assert_allclose(got.posterior_log_variance_clipped, np.log(np.append(post[1], post[1:])), atol=2e-6)
+
+
+def test_respaced_ddpm_with_a_learned_variance_matches_a_hand_computed_chain():
+  T_, n = 20, 6
+  sched = make_schedule("linear", T_, 0.01, 0.2)
+  ts = timesteps("ddpm", T_, n, "linspace")
+  betas, abar, post = respaced_reference(np.linspace(0.01, 0.2, T_), ts)
+  model = lambda x, t: jnp.concatenate([0.5 * x + 0.01 * t.reshape(-1, 1, 1, 1), jnp.tanh(x)], axis=-1)
+  key = jax.random.key(3)
+  x_T = np.asarray(jax.random.normal(jax.random.key(9), (3, 2, 2, 1)), np.float64)
+  got = sample(model, sched, key, x_T.shape, method="ddpm", num_steps=n, timestep_spacing="linspace",
+               x_T=jnp.asarray(x_T, jnp.float32), clip_x0=False)
+  keys = sampling.example_keys(key, 3)
+  x = x_T
+  for i, (pos, t) in enumerate(zip(range(n - 1, -1, -1), ts)):  # the model sees the original t
+    ab, ab_prev = abar[pos], (abar[pos - 1] if pos > 0 else 1.0)
+    x0 = (x - np.sqrt(1 - ab) * (0.5 * x + 0.01 * t)) / np.sqrt(ab)
+    mean = (betas[pos] * np.sqrt(ab_prev) * x0 + (1 - ab_prev) * np.sqrt(1 - betas[pos]) * x) / (1 - ab)
+    frac = (np.tanh(x) + 1) / 2
+    log_var = frac * np.log(betas[pos]) + (1 - frac) * np.log(post[max(pos, 1)])
+    z = np.asarray(sampling._normal(keys, i + 1, x.shape[1:]), np.float64)
+    x = mean + (np.exp(0.5 * log_var) * z if pos > 0 else 0.0)
+  np.testing.assert_allclose(np.asarray(got), x, rtol=1e-5, atol=1e-5)
+
+
+def with_v(fn, value):
+  """fn with a learned variance: its output, then v = value everywhere."""
+  return lambda x, t: jnp.concatenate([fn(x, t), jnp.full_like(x, value)], axis=-1)
+
+
+def test_learned_variance_at_its_ends_samples_as_the_fixed_ones_and_ddim_dpm_ignore_it():
+  key, shape = jax.random.key(4), (3, 2, 2, 1)
+  draw = lambda fn, **kw: np.asarray(sample(fn, SCHED, key, shape, **kw))
+  for steps in (None, 50):  # all 1000 steps, and respaced
+    kw = dict(method="ddpm", num_steps=steps, timestep_spacing="linspace")
+    np.testing.assert_array_equal(draw(with_v(analytic_eps, -1.0), **kw), draw(analytic_eps, variance="fixed_small",
+                                                                                 **kw))
+    np.testing.assert_array_equal(draw(with_v(analytic_eps, 1.0), **kw), draw(analytic_eps, variance="fixed_large",
+                                                                                **kw))
+  for method in ("ddim", "dpmpp_2m"):
+    np.testing.assert_array_equal(draw(with_v(analytic_eps, 0.3), method=method, num_steps=5),
+                                  draw(analytic_eps, method=method, num_steps=5))
+
+
+def test_guidance_combines_the_prediction_and_keeps_the_conditional_variance():
+  x = jax.random.normal(jax.random.key(0), (3, 2, 2, 1))
+  t, labels = jnp.array([10, 20, 30]), jnp.array([0, 1, 2])
+  model = lambda x, t, y: jnp.concatenate([labelled_model(x, t, y), jnp.tanh(labelled_model(x, t, y))], axis=-1)
+  got = np.asarray(sampling.guided(model, labels, 2.5, one_call=False)(x, t), np.float64)
+  cond, uncond = (np.asarray(labelled_model(x, t, y), np.float64) for y in (labels, jnp.full(3, -1)))
+  np.testing.assert_allclose(got[..., :1], uncond + 2.5 * (cond - uncond), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got[..., 1:], np.tanh(cond), rtol=1e-6, atol=1e-6)

@@ -2,13 +2,10 @@
 
 import json
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import textwrap
 import time
 
@@ -17,56 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import configs.default as default_config
-from ddpm_jax import builders, checkpoint, loop, run_record
-from ddpm_jax.train_state import create_train_state
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The smallest model worth training: widths 8 and 16, 8x8 digits, batch 16.
-# Runs end by --stop_at_step, so that they share num_train_steps (a constant of the compiled step) and
-# with it the compilation cache.
-SMALL = ["--config.model.base_channels=8", "--config.model.channel_mult=(1,2)", "--config.batch_size=16",
-         "--config.optim.warmup_steps=2", "--config.log_every_steps=5", "--config.num_train_steps=100000",
-         "--config.checkpoint_every_steps=100000"]
-
-
-def small_config(**changes):
-  config = default_config.get_config()
-  config.model.base_channels, config.model.channel_mult, config.batch_size = 8, (1, 2), 16
-  config.optim.warmup_steps, config.num_train_steps = 0, 100000
-  for k, v in changes.items():
-    node, *path = k.split(".")
-    target = config
-    for p in [node] + path[:-1]:
-      target = target[p]
-    target[path[-1] if path else node] = v
-  return config
-
-
-def run_train(workdir, *flags, devices=1, timeout=300, env_extra=None, background=False, python_flags=(),
-              config=None):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  env.update(env_extra or {})
-  first = [f"--config={config}"] if config else []  # the config file before its overrides
-  cmd = [sys.executable, *python_flags, os.path.join(ROOT, "train.py"), f"--workdir={workdir}", *first, *SMALL,
-         *flags]
-  if background:
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-FAULTS = os.path.join(ROOT, "tests", "faults")  # its sitecustomize.py injects the fault TEST_FAULT names
-
-
-def fault_env(spec):
-  """The environment that makes train.py's process inject the fault `spec` (tests/faults/sitecustomize.py)."""
-  return {"TEST_FAULT": spec, "PYTHONPATH": f"{FAULTS}{os.pathsep}{ROOT}"}
-
-
-def new_state(config):
-  return create_train_state(builders.build_model(config), builders.build_optimizer(config), jax.random.key(0),
-                            (1,) + builders.image_shape(config))
+from ddpm_jax import checkpoint, loop, run_record
+from helpers import (ROOT, SMALL_MODEL, assert_row_describes_this_machine, fault_env, new_state, run_python,
+                     run_script, run_train, small_config, start_two_processes)
 
 
 def restore_host_state(workdir, config, step=None):
@@ -82,6 +32,22 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
+def test_a_restored_state_compiles_the_train_step_once():
+  # A restored state mixes arrays committed to the device (orbax's) with a step made afresh (uncommitted); placed as
+  # it was, the step's committed output compiled the train step again at the second step (a minute for the small
+  # model on a loaded machine, counted in the first progress line's rate: "ETA 1:25:20" for a run of seconds).
+  from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
+
+  assert jax.device_count() == 1  # the plain-jit runner
+  step_fn = lambda state, batch, key, axis_name=None: ({"step": state["step"] + 1, "w": state["w"] * batch},
+                                                       {"loss": state["w"].sum()})
+  runner = parallel.make_runner(step_fn)
+  placed = runner.put_state({"step": jax.numpy.asarray(3), "w": jax.device_put(np.ones(2), jax.devices()[0])})
+  for _ in range(3):
+    placed, _ = runner.step(placed, np.full(2, 0.5, np.float32), jax.random.key(0))
+  assert runner.step._cache_size() == 1 and int(placed["step"]) == 6  # pylint: disable=protected-access
+
+
 @pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path, imported_tensorflow):
   first = run_train(tmp_path / "resumed", "--stop_at_step=6")
@@ -91,7 +57,6 @@ def test_resume_is_bit_identical(tmp_path, imported_tensorflow):
   assert second.returncode == 0, second.stderr[-2000:]
   assert "resumed from the checkpoint of step 6" in second.stderr
   # Each start added its row to the run record.
-  from test_run_record import assert_row_describes_this_machine  # pylint: disable=g-import-not-at-top
   rows = run_record.read(str(tmp_path / "resumed"))
   assert len(rows) == 2 and rows[0]["run_id"] != rows[1]["run_id"]
   assert_row_describes_this_machine(rows[0], command_has="--stop_at_step=6", resumed_from=None)
@@ -143,8 +108,11 @@ def test_sigterm_leaves_a_restorable_checkpoint_at_the_step_reached(tmp_path):
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+  # Acknowledged at once (the stop waits for the step and its checkpoint), then the stop's own line.
+  assert ("train.py: SIGTERM received: stopping after this step, with a checkpoint; a second signal stops at once, "
+          "without it\n") in err
   reached = int(re.search(r"stopped by SIGTERM at step (\d+); checkpoint saved", err).group(1))
-  assert reached >= 10
+  assert reached >= 10 and (tmp_path / "train.lock").read_text() == ""  # the lock released
   state = restore_host_state(tmp_path, small_config())
   assert int(state.step) == reached and checkpoint.all_finite(state.params)
 
@@ -162,7 +130,9 @@ def test_a_signal_during_the_end_of_run_work_leaves_a_run_that_a_restart_complet
   proc.send_signal(signal.SIGTERM)  # the last step is logged: it is checkpointed, then the end-of-run work starts
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-  assert "stopped by SIGTERM at step 20; checkpoint saved" in err
+  # Still saving step 20: the loop stops after it. Already in the end-of-run work (step 20 on disk): at once.
+  assert ("stopped by SIGTERM at step 20; checkpoint saved" in err or "train.py: stopped by SIGTERM; kept: 20\n" in err
+          ), err[-2000:]
   assert not (tmp_path / "curves.png").exists()  # stopped before it (the grid may be done: it is recorded then)
   out = run_train(tmp_path, *flags)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -207,40 +177,6 @@ def test_bad_config_fails_before_compiling_with_one_line_and_exit_2(tmp_path, fl
   assert last.startswith("train.py: error: ") and fragment in last, last
   assert "Compiling" not in out.stderr  # JAX_LOG_COMPILES logs every compilation: there is none
   assert not (tmp_path / "checkpoints").exists() and time.time() - start < 60
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-SLURM_PORTS = 61440  # JAX's SLURM detector puts the coordinator on port SLURM_JOB_ID % 4096 + 61440
-
-
-def _free_slurm_job_id():
-  """A SLURM job id whose coordinator port (JAX's rule) is free on 127.0.0.1."""
-  for job_id in random.Random().sample(range(4096), 4096):
-    with socket.socket() as s:
-      try:
-        s.bind(("127.0.0.1", SLURM_PORTS + job_id))
-      except OSError:
-        continue
-      return job_id
-  pytest.skip(f"no free port in {SLURM_PORTS}..65535")
-
-
-def start_two_processes(workdir, *flags, slurm=False, env_extra=None):
-  """train.py as 2 processes x 2 devices on 127.0.0.1, in the background: told so by flags, or (slurm) by nothing
-  but the environment srun gives the tasks of a job of two one-task nodes."""
-  if slurm:
-    job = {"SLURM_JOB_ID": str(_free_slurm_job_id()), "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
-           "SLURM_LOCALID": "0"}
-    return [run_train(workdir, *flags, devices=2, background=True,
-                      env_extra={**job, "SLURM_PROCID": str(i), **(env_extra or {})}) for i in range(2)]
-  port = _free_port()
-  return [run_train(workdir, *flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                    f"--process_id={i}", devices=2, background=True, env_extra=env_extra) for i in range(2)]
 
 
 def fail_and_kill(procs, why):
@@ -343,9 +279,7 @@ def test_checkpoints_move_between_layouts_and_a_signal_to_one_process_stops_ever
                   jax.tree_util.tree_leaves((b.params, b.ema_params, b.opt_state))):
     # The same per-example noise and data; only the all-reduce order differs (float32 rounding).
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
-  sampled = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--workdir={run}", "--num_samples=4",
-                            f"--out={tmp_path / 'samples.png'}"], env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                           capture_output=True, text=True, timeout=300)
+  sampled = run_script("sample.py", f"--workdir={run}", "--num_samples=4", f"--out={tmp_path / 'samples.png'}")
   assert sampled.returncode == 0 and np.load(tmp_path / "samples.npz")["images"].shape == (4, 8, 8, 1), sampled.stderr
 
 
@@ -379,14 +313,15 @@ def test_fsdp_shards_the_largest_axis_the_device_count_divides(shape, devices, a
 
 @pytest.mark.slow
 def test_pmap_jit_and_fsdp_on_four_devices_match_one_device():
-  code = textwrap.dedent("""
+  code = textwrap.dedent(f"""
       import jax, jax.numpy as jnp, numpy as np
       import configs.default as d
       from ddpm_jax import builders, images, parallel
       from ddpm_jax.train_state import create_train_state
       assert jax.device_count() == 4
       c = d.get_config()
-      c.model.base_channels, c.model.channel_mult, c.optim.warmup_steps, c.ema.decay = 8, (1, 2), 0, 0.5
+      c.model.update({SMALL_MODEL!r})
+      c.optim.warmup_steps, c.ema.decay = 0, 0.5
       # Biases feeding a GroupNorm have a zero true gradient, so their float32 gradient is rounding noise
       # whose sign Adam's first step (lr·g/(|g|+eps)) would turn into ±lr. With eps = 1 the update is
       # lr·g/(|g|+1) ≈ lr·g: linear in g, so the comparison sees float32 differences, not signs of noise.
@@ -435,8 +370,7 @@ def test_pmap_jit_and_fsdp_on_four_devices_match_one_device():
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
         print("OK", mode)
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   # 600 s: a 2-core machine shared with other test runs took just over 300 s.
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+  out = run_python("-c", code, devices=4, timeout=600, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.split() == ["OK", "pmap", "OK", "jit", "OK", "fsdp"]

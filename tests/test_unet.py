@@ -222,12 +222,13 @@ def test_labels_steer_the_output_and_no_label_is_the_last_row():
   out = lambda labels: np.asarray(model.apply({"params": params}, x, t, labels=labels))
   none = out(None)
   np.testing.assert_array_equal(out(jnp.full(4, -1)), none)  # NO_LABEL = the unconditional row, as None
-  np.testing.assert_array_equal(out(jnp.full(4, 3)), none)  # row N is that row
   a, b = out(jnp.array([0, 1, 2, 0])), out(jnp.array([0, 2, 2, 0]))
   np.testing.assert_array_equal(a[[0, 2, 3]], b[[0, 2, 3]])  # example i depends on label i alone
   assert np.abs(a[1] - b[1]).max() > 1e-3 and np.abs(a - none).max() > 1e-3
   with pytest.raises(ValueError, match=r"label 5 is out of range: use 0..2, or -1 \(no label\)"):
     model.apply({"params": params}, x, t, labels=np.array([0, 5, 1, 1]))
+  with pytest.raises(ValueError, match=r"label 3 is out of range: use 0..2, or -1 \(no label\)"):  # N: no class
+    model.apply({"params": params}, x, t, labels=np.array([0, 3, 1, 1]))
   with pytest.raises(ValueError, match=r"label -2 is out of range"):
     model.apply({"params": params}, x, t, labels=np.array([0, -2, 1, 1]))
   with pytest.raises(ValueError, match=r"labels were given to an unconditional UNet"):

@@ -2,7 +2,8 @@
 TEST_FAULT="module:attr:process:calls[:kind]" (several joined by ",") changes module.attr (a function or a class's
 method) on JAX process `process` once it has been called `calls` times: it raises OSError (ENOSPC for names
 containing "save" or "write", else EIO); with kind "empty" it returns [] without calling it (a listing that differs
-between processes); with kind "sleep" it waits SLEEP_S first (a long piece of work only that process does)."""
+between processes); with kind "sleep" it waits TEST_FAULT_SLEEP_S seconds (default 60) first (a long piece of work
+only that process does, a slow write)."""
 
 import errno
 import functools
@@ -10,7 +11,7 @@ import importlib
 import os
 import time
 
-SLEEP_S = 60.0
+SLEEP_S = float(os.environ.get("TEST_FAULT_SLEEP_S", "60"))
 
 
 def _inject(spec):

@@ -1,0 +1,40 @@
+"""SIGINT / SIGTERM during train.py's start-up and first compile: one line, exit 128 + N within seconds, no traceback,
+the workdir given back (no lock held, no empty folder). Training: test_training; sampling: test_sample_cli."""
+
+import time
+
+import pytest
+
+from helpers import run_train, stop
+
+
+def wait_for(predicate, proc, seconds=240):
+  """Polls until predicate() holds (the process still running)."""
+  deadline = time.time() + seconds
+  while not predicate():
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+    time.sleep(0.05)
+
+
+def test_sigint_during_start_up_ends_at_once_with_one_line_and_writes_nothing(tmp_path):
+  proc = run_train(tmp_path / "run", "--stop_at_step=5", background=True)
+  time.sleep(1.0)  # importing JAX and the package takes longer
+  seconds, lines = stop(proc)
+  assert proc.returncode == 130 and seconds < 5, (proc.returncode, seconds)
+  assert len(lines) == 1 and lines[0].startswith("train.py: stopped by SIGINT"), lines
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # 10 s here on an idle machine, 25 s on a loaded one
+def test_sigint_during_the_first_compile_abandons_it_and_gives_the_workdir_back(tmp_path):
+  run = tmp_path / "run"
+  # No compilation cache: the train step compiles for seconds (a minute on a loaded machine).
+  proc = run_train(run, "--stop_at_step=5", "--compilation_cache=", background=True)
+  wait_for(lambda: (run / "tensorboard").exists(), proc)  # the metric writer: made just before the first step
+  time.sleep(0.5)
+  seconds, lines = stop(proc)
+  assert proc.returncode == 130 and seconds < 5, (proc.returncode, seconds)
+  assert lines == ["train.py: stopped by SIGINT; kept: no checkpoint"]
+  assert (run / "train.lock").read_text() == ""  # released (a lock holds its holder's pid and host)
+  assert not (run / "checkpoints").exists()  # made empty at start, removed
+  assert (run / "metrics.jsonl").read_text() == ""  # the first step never ended
