@@ -8,8 +8,12 @@ import sys
 
 from ddpm_jax import runtime
 
-# Before the imports below (seconds): a signal while they load, compile or sample ends the process with one line.
-runtime.stop_on_signals("sample.py")
+# Before the imports below (seconds): a signal while they load, compile or sample ends the process with one line (in
+# the main process only, as in train.py).
+if __name__ == "__main__":
+  runtime.stop_on_signals("sample.py")
+elif __name__ == "__mp_main__":  # a worker process, importing this file first of all
+  runtime.leave_signals_to_the_main_process()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax

@@ -15,9 +15,14 @@ def stopped_at_once() -> str:
   return checkpoint.kept(checkpoint.checkpoint_dir(FLAGS.workdir))
 
 
-# Before the imports below (seconds): a signal while they load, compile or run ends the process with one line.
-runtime.stop_on_signals("train.py", stopped_at_once,
-                        "stopping after this step, with a checkpoint; a second signal stops at once, without it")
+# Before the imports below (seconds): a signal while they load, compile or run ends the process with one line. Not in
+# the input pipeline's worker processes, which import this file as __mp_main__: a Ctrl-C reaches every process of the
+# terminal's group, and the run's one line is the main process's.
+if __name__ == "__main__":
+  runtime.stop_on_signals("train.py", stopped_at_once,
+                          "stopping after this step, with a checkpoint; a second signal stops at once, without it")
+elif __name__ == "__mp_main__":  # a worker process, importing this file first of all
+  runtime.leave_signals_to_the_main_process()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position

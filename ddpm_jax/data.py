@@ -26,6 +26,8 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
+from ddpm_jax import runtime
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 SHOWN_BAD_FILES = 5  # undecodable files named in the warning; the rest are counted
 NO_LABEL = -1  # the label of a record in an unlabelled source
@@ -357,8 +359,15 @@ def batch_stream(source: Source, *, seed: int, global_batch: int, image_size: in
   if workers:
     if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; a program without absl never parsed them
       flags.FLAGS.mark_as_parsed()
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
+                                  worker_init_fn=_leave_signals_to_the_main_process)
   return _closing(iter(iter_ds))
+
+
+def _leave_signals_to_the_main_process(worker_index: int, worker_count: int) -> None:
+  """Grain's worker_init_fn: runtime.leave_signals_to_the_main_process (for programs whose main module does not)."""
+  del worker_index, worker_count
+  runtime.leave_signals_to_the_main_process()
 
 
 def _images_only(batch: tuple[np.ndarray, np.ndarray]) -> np.ndarray:

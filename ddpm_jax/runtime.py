@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Callable, Optional
 
 # JAX's cluster detectors that train.py follows with no flags: Cloud TPU VMs (a pod slice's workers, on GCE or GKE),
@@ -70,6 +71,26 @@ def stop_on_signals(program: str, cleanup: Callable[[], Optional[str]] = lambda:
       os._exit(128 + signum)  # pylint: disable=protected-access  (no interpreter teardown under running XLA threads)
 
   threading.Thread(target=watch, name="ddpm_jax-signals", daemon=True).start()
+
+
+PARENT_POLL_S = 0.5  # how often a worker process checks that the main process is still there
+
+
+def leave_signals_to_the_main_process() -> None:
+  """In a worker process (the input pipeline's): SIGINT and SIGTERM ignored, and the process ended once the main
+  process is gone. A Ctrl-C reaches every process of the terminal's job, a scheduler's SIGTERM every process of the
+  task: the main process decides how the run ends, still reads the batches it needs to finish its step and save, and
+  may end through os._exit, which closes no worker."""
+  for sig in STOP_SIGNALS:
+    signal.signal(sig, signal.SIG_IGN)
+  parent = os.getppid()
+
+  def watch() -> None:
+    while os.getppid() == parent:
+      time.sleep(PARENT_POLL_S)
+    os._exit(0)  # pylint: disable=protected-access  (the main process is gone: nothing to hand batches to)
+
+  threading.Thread(target=watch, name="ddpm_jax-parent-watch", daemon=True).start()
 
 
 def default_cache_dir() -> str:

@@ -1,9 +1,15 @@
 """SIGINT / SIGTERM during train.py's start-up and first compile: one line, exit 128 + N within seconds, no traceback,
 the workdir given back (no lock held, no empty folder). Training: test_training; sampling: test_sample_cli."""
 
+import glob
+import os
+import re
+import signal
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from helpers import run_train, stop
 
@@ -38,3 +44,30 @@ def test_sigint_during_the_first_compile_abandons_it_and_gives_the_workdir_back(
   assert (run / "train.lock").read_text() == ""  # released (a lock holds its holder's pid and host)
   assert not (run / "checkpoints").exists()  # made empty at start, removed
   assert (run / "metrics.jsonl").read_text() == ""  # the first step never ended
+
+
+def worker_pids(pid):
+  """The pids of process pid's children, started by any of its threads (Linux)."""
+  pids = []
+  for children in glob.glob(f"/proc/{pid}/task/*/children"):
+    with open(children, encoding="ascii") as f:
+      pids += [int(p) for p in f.read().split()]
+  return pids
+
+
+def test_ctrl_c_to_the_whole_job_prints_one_line_not_one_per_input_worker(tmp_path):
+  # A terminal's Ctrl-C reaches every process of the job: train.py and the worker processes decoding a folder.
+  images = tmp_path / "images"
+  images.mkdir()
+  for i in range(32):
+    Image.fromarray(np.full((16, 16), i * 8, np.uint8)).save(images / f"{i:02d}.png")  # resized: decoded by workers
+  run = tmp_path / "run"
+  proc = run_train(run, f"--config.dataset=folder:{images}", "--config.data.worker_count=2", background=True,
+                   new_session=True)
+  # the workers have started and imported train.py's module (as __mp_main__) once the first batch is out of them
+  wait_for(lambda: len(worker_pids(proc.pid)) >= 2 and (run / "tensorboard").exists(), proc, 120)
+  time.sleep(3)
+  os.killpg(proc.pid, signal.SIGINT)
+  _, err = proc.communicate(timeout=60)  # no worker outlives it holding its output open
+  stops = [line for line in err.splitlines() if line.startswith("train.py: stopped by")]
+  assert proc.returncode == 130 and len(stops) == 1, (proc.returncode, stops, err[-3000:])
