@@ -83,7 +83,8 @@ def small_run(workdir, steps=(2, 4)):
 def environment(devices: Optional[int] = None, platform: Optional[str] = "cpu", env_extra=None) -> dict[str, str]:
   """This process's environment with the repository importable, JAX_PLATFORMS=platform (None: left unset, as a
   user's shell has it), `devices` CPU devices (None: as set), and env_extra on top."""
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  # PYTHONFAULTHANDLER: a process killed by a fatal signal (SIGABRT, SIGSEGV) prints every thread's traceback
+  env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1")
   env.pop("JAX_PLATFORMS", None)
   if platform:
     env["JAX_PLATFORMS"] = platform
@@ -93,13 +94,15 @@ def environment(devices: Optional[int] = None, platform: Optional[str] = "cpu", 
   return env
 
 
-def run_python(*args, devices=None, platform="cpu", env_extra=None, timeout=300, background=False, cwd=None):
+def run_python(*args, devices=None, platform="cpu", env_extra=None, timeout=300, background=False, cwd=None,
+               new_session=False):
   """`python *args` in the environment() these name: the finished process (text output captured), or with
-  `background` the running one."""
+  `background` the running one (with `new_session`, in a process group of its own, as a terminal's job is)."""
   cmd = [sys.executable, *map(str, args)]
   env = environment(devices, platform, env_extra)
   if background:
-    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=new_session)
   return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
