@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
 from etils import epath
 
 from ddpm_jax import storage
+
+if TYPE_CHECKING:  # the annotation only: matplotlib is imported when a plot is drawn
+  import matplotlib.figure
 
 LOSS_KEY, LR_KEY, EVAL_PREFIX = "loss", "lr", "eval/"
 RAW_COLOUR, LINE_COLOUR = "#aabee1", "#14286e"  # light blue: the raw loss; dark blue: every other line

@@ -3,7 +3,6 @@ the workdir given back (no lock held, no empty folder). Training: test_training;
 
 import glob
 import os
-import re
 import signal
 import time
 
