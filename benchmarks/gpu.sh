@@ -3,12 +3,12 @@
 #   sh benchmarks/gpu.sh [OUT]
 # Each configuration runs in its own process under its own time limit (30 + 150 + 120 s: a cold JAX compile for the
 # big presets, both PyTorch peers with torch.compile's own, and the timed runs; ddpm_cifar10's row also times
-# DDPM-1000 sampling, whose rate gives the time of FID-50k's samples). Every number is printed as a "[bench] ..." line the moment it is measured and kept in
-# OUT/gpu_NAME.log, and written to OUT/gpu_NAME.json as it is measured ("complete": false until the row ends), so
-# a row cut off by its limit keeps what it measured; the .md table is written when the row ends. Timed runs last at
-# least 1 s each (5 of them, the median reported with its spread, (max - min) / median). Every row compiles into
-# one on-disk XLA compilation cache, OUT/xla_cache, so a rerun skips the JAX compiles. The PyTorch peers (eager and
-# torch.compile) run when PyTorch is installed.
+# DDPM-1000 sampling, whose rate gives the time of FID-50k's samples). Every number is printed as a "[bench] ..."
+# line the moment it is measured and kept in OUT/gpu_NAME.log, and written to OUT/gpu_NAME.json as it is measured
+# ("complete": false until the row ends), so a row cut off by its limit keeps what it measured; the .md table is
+# written when the row ends. Timed runs last at least 1 s each (5 of them, the median reported with its spread,
+# (max - min) / median). Every row compiles into one on-disk XLA compilation cache, OUT/xla_cache, so a rerun skips
+# the JAX compiles. The PyTorch peers (eager and torch.compile) run when PyTorch is installed.
 set -u
 out=${1:-benchmarks/results}
 mkdir -p "$out"

@@ -1,7 +1,7 @@
 #!/bin/bash
 # A lent GPU's checks, in two parts that each fit one call of a time-limited device (every step under its own limit;
 # each step's output in RESULTS/NAME.log as it comes, a line "== NAME: exit CODE in S s" after it):
-#   bash benchmarks/gpu_session.sh table RESULTS   # gpu.sh's table (5 min cold), then start-up cold and warm
+#   bash benchmarks/gpu_session.sh table RESULTS   # gpu.sh's table (5 min cold), then start-up cold and warm (3 min)
 #   bash benchmarks/gpu_session.sh suite RESULTS   # the tests on the GPU, train.py end to end, determinism
 # Run from the repository root with JAX's GPU plugin installed.
 set -u
@@ -24,7 +24,7 @@ case $part in
   table)
     python -c "import jax; print(jax.__version__, jax.devices())" | tee "$results/jax.txt"
     sh benchmarks/gpu.sh "$results"
-    step startup 100 python benchmarks/startup.py --preset ddpm_cifar10 --batch 128 --precision bf16 --device gpu \
+    step startup 200 python benchmarks/startup.py --preset ddpm_cifar10 --batch 128 --precision bf16 --device gpu \
         --json "$results/startup.json" --markdown "$results/startup.md"
     cat "$results/startup.md"
     ;;
@@ -49,7 +49,7 @@ EOF
     wait
     for i in 1 2; do  # the second pass finds its programs in the compilation cache
       for d in "" --deterministic; do
-        step "determinism$i${d:+_on}" 50 python benchmarks/determinism.py --preset ddpm_cifar10 --batch 128 \
+        step "determinism$i${d:+_on}" 100 python benchmarks/determinism.py --preset ddpm_cifar10 --batch 128 \
             --steps 20 $d
         tail -1 "$results/determinism$i${d:+_on}.log"
       done

@@ -612,8 +612,9 @@ def build_training(config: ml_collections.ConfigDict, workdir: str, stop_at_step
                                                                      *nll_data[:2], jax.random.fold_in(sample_key, 1),
                                                                      nll_data[2])))
   runner = parallel.make_runner(build_train_step(config, schedule), config.parallelism)
+  # process 0 alone writes the run record (describing it runs git and reads every installed package's version)
   record = run_record.describe(config=config.to_dict(), dataset=source.identity, parallelism=runner.mode,
-                               command=command)
+                               command=command) if jax.process_index() == 0 else None
   return loop.Training(
       # Created in the runner's shardings: each device computes its own shards, no host holds the state.
       create_state=lambda: create_train_state(model, tx, init_key, input_shape, runner.state_shardings),

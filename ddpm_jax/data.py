@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import io
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -365,9 +366,10 @@ def batch_stream(source: Source, *, seed: int, global_batch: int, image_size: in
 
 
 def _leave_signals_to_the_main_process(worker_index: int, worker_count: int) -> None:
-  """Grain's worker_init_fn: runtime.leave_signals_to_the_main_process (for programs whose main module does not)."""
+  """Grain's worker_init_fn: SIGINT left to the main process (runtime.leave_signals_to_the_main_process), for any
+  program; SIGTERM too only where train.py or sample.py is the main program (they close their streams before exit)."""
   del worker_index, worker_count
-  runtime.leave_signals_to_the_main_process()
+  runtime.leave_signals_to_the_main_process((signal.SIGINT,))
 
 
 def _images_only(batch: tuple[np.ndarray, np.ndarray]) -> np.ndarray:

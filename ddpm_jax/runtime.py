@@ -1,7 +1,7 @@
-"""Process set-up shared by the entry points: ending on SIGINT / SIGTERM at once, XLA's persistent compilation cache,
-deterministic settings, finding the cluster job this process belongs to, JAX's backend discovery log, and which
-failures are out-of-memory errors. Imports no JAX at load time: the entry points set up signals first, before the heavy
-imports."""
+"""Process set-up shared by the entry points: ending on SIGINT / SIGTERM at once (and leaving them to the main process
+in input workers), XLA's persistent compilation cache, deterministic settings, finding the cluster job this process
+belongs to, JAX's backend discovery log, and which failures are out-of-memory errors. Imports no JAX at load time: the
+entry points set up signals first, before the heavy imports."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ DETERMINISTIC_OPS = "--xla_gpu_deterministic_ops=true"  # XLA's GPU kernels with
 FULL_PRECISION = ("float32", "highest")  # jax_default_matmul_precision values that keep float32 matmuls float32
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CLEANUP_WAIT_S = 10.0  # the longest a process ending on a signal spends on its cleanup before it exits regardless
+PARENT_POLL_S = 0.5  # how often a worker process checks that the main process is still there
+_PARENT_WATCHED: list[int] = []  # a worker process's main process, once its watch has started
 
 
 def stop_on_signals(program: str, cleanup: Callable[[], Optional[str]] = lambda: None,
@@ -73,20 +75,20 @@ def stop_on_signals(program: str, cleanup: Callable[[], Optional[str]] = lambda:
   threading.Thread(target=watch, name="ddpm_jax-signals", daemon=True).start()
 
 
-PARENT_POLL_S = 0.5  # how often a worker process checks that the main process is still there
-
-
-def leave_signals_to_the_main_process() -> None:
-  """In a worker process (the input pipeline's): SIGINT and SIGTERM ignored, and the process ended once the main
-  process is gone. A Ctrl-C reaches every process of the terminal's job, a scheduler's SIGTERM every process of the
-  task: the main process decides how the run ends, still reads the batches it needs to finish its step and save, and
-  may end through os._exit, which closes no worker."""
-  for sig in STOP_SIGNALS:
+def leave_signals_to_the_main_process(signals: tuple[int, ...] = STOP_SIGNALS) -> None:
+  """In a worker process (the input pipeline's): `signals` ignored, and the process ended once the main process is
+  gone. A Ctrl-C reaches every process of the terminal's job, a scheduler's SIGTERM every process of the task: the
+  main process decides how the run ends, still reads the batches it needs to finish its step and save, and may end
+  through os._exit, which closes no worker. Ignoring SIGTERM suits only a main process that closes its input stream
+  before it exits (multiprocessing's exit handler ends its children with SIGTERM and waits for them)."""
+  for sig in signals:
     signal.signal(sig, signal.SIG_IGN)
-  parent = os.getppid()
+  if _PARENT_WATCHED:
+    return
+  _PARENT_WATCHED.append(os.getppid())  # (if the main process has already gone, this is whoever adopted us: rare)
 
   def watch() -> None:
-    while os.getppid() == parent:
+    while os.getppid() == _PARENT_WATCHED[0]:
       time.sleep(PARENT_POLL_S)
     os._exit(0)  # pylint: disable=protected-access  (the main process is gone: nothing to hand batches to)
 

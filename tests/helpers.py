@@ -189,6 +189,7 @@ def run_two(workdir, *flags, fault=None, env_extra=None, env_of=({}, {})):
   assert None not in ended, f"a process did not end within {RUN_TWO_S} s: {errs[0][-1500:]} | {errs[1][-1500:]}"
   return [(p.returncode, err, seconds) for p, err, seconds in zip(procs, errs, ended)]
 
+
 def git(*args, cwd=ROOT) -> str:
   """The output of `git ARGS` in cwd."""
   return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, check=True).stdout.strip()

@@ -122,8 +122,8 @@ def test_matches_pytorch_fid_on_the_same_random_weights():
   variables = inception.from_torch_state_dict({k: v.numpy() for k, v in net.state_dict().items()})
   with jax.default_matmul_precision("float32"):  # the same float32 function in two libraries: no TF32 / bf16
     got, _ = inception.features(variables, np.transpose(images, (0, 2, 3, 1)) * 2 - 1)
-  # float32 through 94 convolutions in two libraries: docs/evaluation.md's bound, 1e-5 of the feature scale (measured 1.8e-7 at
-  # scale 0.54, 3.3e-7 of it, on one machine; 30 times that for other CPUs' and libraries' summation orders).
+  # float32 through 94 convolutions in two libraries: docs/evaluation.md's bound, 1e-5 of the feature scale (measured
+  # 1.8e-7 at scale 0.54, 3.3e-7 of it, on one machine; 30 times that for other CPUs' and libraries' summation orders).
   np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 

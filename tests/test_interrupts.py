@@ -1,8 +1,10 @@
 """SIGINT / SIGTERM during train.py's start-up and first compile: one line, exit 128 + N within seconds, no traceback,
-the workdir given back (no lock held, no empty folder). Training: test_training; sampling: test_sample_cli."""
+the workdir given back (no lock held, no empty folder); a Ctrl-C to the whole job (input workers included) during
+training: one line. More of training: test_training; sampling: test_sample_cli."""
 
 import glob
 import os
+import pathlib
 import signal
 import time
 
@@ -46,12 +48,12 @@ def test_sigint_during_the_first_compile_abandons_it_and_gives_the_workdir_back(
 
 
 def worker_pids(pid):
-  """The pids of process pid's children, started by any of its threads (Linux)."""
+  """The pids of process pid's spawned worker processes (children of any of its threads; Linux)."""
   pids = []
   for children in glob.glob(f"/proc/{pid}/task/*/children"):
     with open(children, encoding="ascii") as f:
       pids += [int(p) for p in f.read().split()]
-  return pids
+  return [p for p in pids if "spawn_main" in pathlib.Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
 
 
 def test_ctrl_c_to_the_whole_job_prints_one_line_not_one_per_input_worker(tmp_path):
@@ -63,9 +65,9 @@ def test_ctrl_c_to_the_whole_job_prints_one_line_not_one_per_input_worker(tmp_pa
   run = tmp_path / "run"
   proc = run_train(run, f"--config.dataset=folder:{images}", "--config.data.worker_count=2", background=True,
                    new_session=True)
-  # the workers have started and imported train.py's module (as __mp_main__) once the first batch is out of them
-  wait_for(lambda: len(worker_pids(proc.pid)) >= 2 and (run / "tensorboard").exists(), proc, 120)
-  time.sleep(3)
+  # both workers have started, and batches have come out of them (a logged row: steps ran)
+  wait_for(lambda: len(worker_pids(proc.pid)) >= 2 and (run / "metrics.jsonl").exists()
+           and (run / "metrics.jsonl").read_text(), proc, 120)
   os.killpg(proc.pid, signal.SIGINT)
   _, err = proc.communicate(timeout=60)  # no worker outlives it holding its output open
   stops = [line for line in err.splitlines() if line.startswith("train.py: stopped by")]

@@ -31,7 +31,8 @@ def test_a_failure_on_one_process_ends_both_within_seconds_with_its_line_and_exi
           "kept: 5")
   assert lines == [want, want], lines
   assert [code for code, _, _ in ends] == [1, 1]
-  assert min(seconds for _, _, seconds in ends) > SLOW_COMPILE_S
+  first = re.search(r"first step \(compile included\) took ([\d.]+) s", ends[0][1])
+  assert first and float(first.group(1)) > SLOW_COMPILE_S, ends[0][1][-2000:]  # the slow compile did happen
   assert abs(ends[0][2] - ends[1][2]) < 10, ends  # the heartbeat timeout (100 s) is not waited for
   assert sorted(os.listdir(run / "checkpoints")) == ["5"]
   # 2. The data files of checkpoint 5 that only process 1 reads are damaged (emptied: cut to half, the chunks process
@@ -46,7 +47,9 @@ def test_a_failure_on_one_process_ends_both_within_seconds_with_its_line_and_exi
       rf"train\.py: error: checkpoint 5 in {run}/checkpoints could not be read: .* \(on process 1\); move it aside "
       "to resume from an older one", lines[0]), lines
   assert [code for code, _, _ in ends] == [2, 2] and abs(ends[0][2] - ends[1][2]) < 10, ends
-  # (Process 1's hook failing while process 0 is busy: test_a_failure_lets_the_checkpoint_in_flight_finish...)
+  # (Dropped for the suite's time: process 1's hook failing while process 0's main thread does a minute of local work,
+  # so that only the announcement reaches it. The in-flight test below has process 1's hook fail while process 0
+  # draws its own grid with a slow background write.)
 
 
 SLOW_WRITE_S = 20  # process 0's background write of a checkpoint, slowed (a big state, a bucket)
