@@ -80,11 +80,18 @@ def small_run(workdir, steps=(2, 4)):
   return workdir, config, lambda: new_state(config)
 
 
+def python_path(*folders) -> str:
+  """PYTHONPATH with `folders` (default: the repository) ahead of what this process was given (a machine that
+  installs packages there, as the GPU image's `pip --target` does, keeps them)."""
+  given = os.environ.get("PYTHONPATH")
+  return os.pathsep.join([*(str(f) for f in folders or (ROOT,)), *([given] if given else [])])
+
+
 def environment(devices: Optional[int] = None, platform: Optional[str] = "cpu", env_extra=None) -> dict[str, str]:
   """This process's environment with the repository importable, JAX_PLATFORMS=platform (None: left unset, as a
   user's shell has it), `devices` CPU devices (None: as set), and env_extra on top."""
   # PYTHONFAULTHANDLER: a process killed by a fatal signal (SIGABRT, SIGSEGV) prints every thread's traceback
-  env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1")
+  env = dict(os.environ, PYTHONPATH=python_path(), PYTHONFAULTHANDLER="1")
   env.pop("JAX_PLATFORMS", None)
   if platform:
     env["JAX_PLATFORMS"] = platform
@@ -126,7 +133,7 @@ def run_sample(*flags, **kwargs):
 
 def fault_env(spec: str) -> dict[str, str]:
   """The environment that makes train.py's process inject the fault `spec` (tests/faults/sitecustomize.py)."""
-  return {"TEST_FAULT": spec, "PYTHONPATH": f"{FAULTS}{os.pathsep}{ROOT}"}
+  return {"TEST_FAULT": spec, "PYTHONPATH": python_path(FAULTS, ROOT)}
 
 
 def free_port() -> int:

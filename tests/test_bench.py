@@ -23,8 +23,10 @@ import flops  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def xla_flops(fn, *args) -> float:
-  """XLA:CPU's cost analysis of fn's lowered (not compiled) program: FLOPs."""
-  return float(jax.jit(fn).lower(*args).cost_analysis()["flops"])
+  """XLA:CPU's cost analysis of fn's lowered (not compiled) program: FLOPs (lowered for the CPU on any machine: a
+  GPU's lowered program has no cost analysis)."""
+  with jax.default_device(jax.devices("cpu")[0]):
+    return float(jax.jit(fn).lower(*args).cost_analysis()["flops"])
 
 
 @pytest.mark.parametrize("preset, size, batch", [("tiny", 32, 64), ("ddpm_cifar10", 32, 128), ("book64", 64, 64)])

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, python_path
 
 pytestmark = pytest.mark.gcs
 WORKDIR = "gs://bucket/run"
@@ -155,7 +155,7 @@ def hold(tmp_path, stop_s):
   for stop_s; returns once it holds the lock."""
   script = tmp_path / "hold.py"
   script.write_text(HOLD)
-  proc = subprocess.Popen([sys.executable, str(script), str(stop_s)], env=dict(os.environ, PYTHONPATH=ROOT),
+  proc = subprocess.Popen([sys.executable, str(script), str(stop_s)], env=dict(os.environ, PYTHONPATH=python_path()),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   assert proc.stdout.readline() == "held\n", proc.communicate(timeout=30)
   return proc

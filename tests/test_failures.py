@@ -20,7 +20,7 @@ import pytest
 import tensorstore
 
 from ddpm_jax import builders, checkpoint, consensus, loop, reporting, workdir_lock
-from helpers import ROOT, one_error_line, run_python, run_script, run_train, small_config, small_run
+from helpers import ROOT, one_error_line, python_path, run_python, run_script, run_train, small_config, small_run
 
 
 def truncate_a_data_file(step_dir):
@@ -123,7 +123,7 @@ def test_sample_checks_every_flag_before_reading_or_sampling(tmp_path):
   lines += [[f"--checkpoint={w}/checkpoints", out]]
   spec = json.dumps({"unwritable": [f"{w}/locked"], "cases": lines})
   res = subprocess.run([sys.executable, "-c", SAMPLE_DRIVER, spec], env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                                                           PYTHONPATH=ROOT),
+                                                                           PYTHONPATH=python_path()),
                        capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
   results = json.loads(res.stdout.splitlines()[-1])
@@ -248,7 +248,7 @@ def test_a_save_into_a_read_only_folder_ends_the_process_within_seconds(tmp_path
           "checkpoint.save(manager, create().replace(step=jax.numpy.asarray(4)), config.to_dict())")
   with read_only(workdir / "checkpoints"):
     start = time.time()
-    res = run_python("-c", code, workdir, env_extra={"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT}/tests"}, timeout=400)
+    res = run_python("-c", code, workdir, env_extra={"PYTHONPATH": python_path(ROOT, ROOT / "tests")}, timeout=400)
     seconds = time.time() - start
   # Orbax's threads waiting for a step folder that was never made kept the process alive for 300 s after the error.
   assert seconds < 30, seconds

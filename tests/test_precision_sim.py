@@ -9,6 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from helpers import python_path
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -40,7 +42,7 @@ def test_default_precision_dots_and_convolutions_round_their_operands_as_the_dev
       out["bf16_operands"] = jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
       json.dump({{k: np.asarray(v, np.float64).tolist() for k, v in out.items()}}, sys.stdout)
   """)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=HERE)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=python_path(HERE))
   res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
   assert res.returncode == 0, res.stderr[-2000:]
   got = {k: np.asarray(v) for k, v in json.loads(res.stdout).items()}

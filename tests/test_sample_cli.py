@@ -17,7 +17,7 @@ from PIL import Image
 import configs.default as default_config
 from ddpm_jax import builders, figures, images, run_record, sampling
 from ddpm_jax.data import load_digits
-from helpers import ROOT, SMALL_MODEL_FLAGS, run_sample, run_train, save_checkpoints, small_config, stop
+from helpers import ROOT, SMALL_MODEL_FLAGS, python_path, run_sample, run_train, save_checkpoints, small_config, stop
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ def test_progress_rate_and_eta_leave_the_first_call_out(monkeypatch, capsys):
 @pytest.mark.slow  # 21 s on a loaded 2-core machine (start-up, the sampler's compile, its first batch)
 def test_sigint_while_sampling_ends_within_seconds_with_one_line(workdir, tmp_path):
   out = tmp_path / "s.png"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=python_path())
   # 2048 batches of 2 samples, 50 model calls each: minutes of sampling.
   proc = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "sample.py"), f"--workdir={workdir}",
                            "--num_samples=4096", "--batch_size=2", "--method=ddim", "--steps=50", f"--out={out}"], env=env,
