@@ -57,6 +57,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
   p.add_argument("--parallelism", choices=("pmap", "jit", "fsdp"), default="pmap",
                  help="how the train step spreads over several devices (one device: plain jit whatever this says)")
+  p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
+                 help="the U-Net's attention kernel (ddpm_jax.unet.attend): auto takes cuDNN's on a GPU in bf16")
   p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is reported)")
   p.add_argument("--steps", type=int, default=5, help="train steps or forward passes per timed run (at least)")
   p.add_argument("--min_run_s", type=float, default=0.0, help="lengthen each timed train / forward run to at least "
@@ -184,12 +186,12 @@ def jax_bench(preset: str, batch: int, precision: str, args: argparse.Namespace,
   from ddpm_jax.unet import count_params, unet_preset  # pylint: disable=g-import-not-at-top
 
   size = args.image_size or PRESET_SIZES[preset]
-  model = unet_preset(preset, dtype=PRECISIONS[precision])
+  model = unet_preset(preset, dtype=PRECISIONS[precision], attention=args.attention)
   tx = training.make_optimizer(learning_rate=2e-4, total_steps=800_000, warmup_steps=5000, lr_schedule="constant",
                                optimizer="adamw", grad_clip_norm=1.0)
   schedule = make_schedule("linear", 1000)
   shape = (batch, size, size, 3)
-  out: dict[str, Any] = {}
+  out: dict[str, Any] = {"attention": args.attention}
 
   progress("init", f"creating the {preset} train state")
   start = time.perf_counter()
@@ -498,7 +500,7 @@ def child_argv(args: argparse.Namespace, preset: str, batch: int, precision: str
           f"--precision={precision}", f"--json={json_path}", f"--device={args.device}",
           f"--repeats={args.repeats}", f"--steps={args.steps}", f"--sample_repeats={args.sample_repeats}",
           f"--ddpm1000={args.ddpm1000}", f"--image_size={args.image_size}", f"--parallelism={args.parallelism}",
-          f"--min_run_s={args.min_run_s}"]
+          f"--min_run_s={args.min_run_s}", f"--attention={args.attention}"]
   return (argv + ["--no_torch"] * args.no_torch + ["--torch_channels_last"] * args.torch_channels_last +
           ["--torch_compile"] * args.torch_compile)
 

@@ -3,6 +3,7 @@
 # each step's output in RESULTS/NAME.log as it comes, a line "== NAME: exit CODE in S s" after it):
 #   bash benchmarks/gpu_session.sh table RESULTS   # gpu.sh's table (5 min cold), then start-up cold and warm (3 min)
 #   bash benchmarks/gpu_session.sh suite RESULTS   # the tests on the GPU, train.py end to end, determinism
+#   bash benchmarks/gpu_session.sh tests RESULTS   # the tests alone on the GPU, beside the attention memory table
 # Run from the repository root with JAX's GPU plugin installed.
 set -u
 part=${1:?table or suite} results=${2:?results folder}
@@ -10,12 +11,12 @@ mkdir -p "$results"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export JAX_COMPILATION_CACHE_DIR="$results/xla_cache"
 
-step() {  # NAME SECONDS command...: runs it under its limit
+step() {  # NAME SECONDS command...: runs it under its limit (SIGINT first: pytest then reports what it ran)
   name=$1 limit=$2
   shift 2
   echo "== $name (at most $limit s)"
   begin=$(date +%s)
-  timeout -k 5 "$limit" "$@" > "$results/$name.log" 2>&1
+  timeout -s INT -k 15 "$limit" "$@" > "$results/$name.log" 2>&1
   status=$?
   echo "== $name: exit $status in $(( $(date +%s) - begin )) s"
 }
@@ -32,7 +33,7 @@ case $part in
     export XLA_PYTHON_CLIENT_PREALLOCATE=false  # several processes share the GPU
     # The tests that run in this process (on the GPU); the training runs and multi-process ones start CPU processes.
     step pytest 150 python -m pytest -q -n 8 -p no:cacheprovider -m "not slow and not multiprocess and not gcs" \
-        --timeout 140 -o addopts="" -rfE &
+        --timeout 140 -o addopts="" -rfE --tb=short --junitxml="$results/pytest.xml" &
     python - "$results/folder" <<'EOF'
 import os, sys
 import numpy as np
@@ -56,5 +57,17 @@ EOF
     done
     tail -n 5 "$results/pytest.log" "$results/train_digits.log" "$results/train_cifar_folder.log"
     ;;
-  *) echo "gpu_session.sh: unknown part '$part': use table or suite" >&2; exit 2 ;;
+  tests)
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false  # the tests and the memory analysis share the GPU
+    step pytest 240 python -m pytest -q -n 6 -p no:cacheprovider -m "not slow and not multiprocess and not gcs" \
+        --timeout 200 -o addopts="" -rfE --tb=short --junitxml="$results/pytest.xml" &
+    for preset in book64 ddpm_cifar10; do
+      step "attention_$preset" 230 python benchmarks/attention_memory.py --preset $preset --batch 64 \
+          --json "$results/attention_$preset.json" --markdown "$results/attention_$preset.md" &
+    done
+    wait
+    cat "$results"/attention_*.md
+    tail -n 40 "$results/pytest.log"
+    ;;
+  *) echo "gpu_session.sh: unknown part '$part': use table, suite or tests" >&2; exit 2 ;;
 esac

@@ -37,6 +37,7 @@ def model(preset: str, **overrides) -> ml_collections.ConfigDict:
   m.learn_variance = placeholder(bool)  # True: twice the output channels, the second half a learned variance
   m.num_classes = placeholder(int)  # > 0: class-conditional on the dataset's labels (classifier-free guidance)
   m.dtype = placeholder(str)  # compute dtype: float32 | bfloat16
+  m.attention = placeholder(str)  # auto (cuDNN's fused kernel on a GPU in bf16, else XLA's) | xla | cudnn
   m.param_dtype = placeholder(str)  # parameter dtype: float32 | bfloat16
   for key, value in overrides.items():
     m[key] = value

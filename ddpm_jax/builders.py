@@ -77,8 +77,9 @@ def build_model(config: ml_collections.ConfigDict) -> UNet:
   return unet_preset(config.model.preset, **fields)
 
 
-# UNet fields that leave trained parameters meaning the same: compute precision, dropout rate, initialisation.
-_FREE_MODEL_FIELDS = ("dtype", "dropout", "init_scheme", "parent", "name")
+# UNet fields that leave trained parameters meaning the same: compute precision, dropout rate, initialisation, the
+# attention kernel.
+_FREE_MODEL_FIELDS = ("dtype", "dropout", "init_scheme", "attention", "parent", "name")
 
 
 def parameter_meaning(config: dict) -> dict[str, Any]:

@@ -19,6 +19,8 @@ BLOCK_ORDERS = ("pre", "post")
 ATTN_NORMS = ("group", "layer")
 DOWNSAMPLES = ("conv", "space_to_depth")
 INIT_SCHEMES = ("flax", "ddpm")
+ATTENTIONS = ("auto", "xla", "cudnn")  # how attention is computed: the same function and parameters either way
+FUSED_DTYPES = (jnp.bfloat16, jnp.float16)  # the compute dtypes cuDNN's fused attention takes
 NO_LABEL = -1  # a class label meaning "no label": a conditional U-Net's unconditional embedding row
 
 
@@ -92,6 +94,19 @@ class ResBlock(nn.Module):
     return x + h
 
 
+def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, attention: str) -> jnp.ndarray:
+  """softmax(q k^T / sqrt(d)) v over [B, L, heads, d]: `xla` materialises the B x heads x L x L scores, `cudnn` runs
+  cuDNN's fused kernel, `auto` the fused kernel on a GPU in bf16 or fp16 where cuDNN takes the shapes, else XLA's."""
+  if attention != "auto":
+    return jax.nn.dot_product_attention(q, k, v, implementation=attention)
+  if jax.default_backend() == "gpu" and q.dtype in FUSED_DTYPES:
+    try:
+      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    except (NotImplementedError, RuntimeError, ValueError):  # cuDNN absent, or a head size or GPU it cannot take
+      pass
+  return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
 class AttentionBlock(nn.Module):
   """Pre-norm multi-head self-attention over all pixels with a residual add."""
 
@@ -104,6 +119,7 @@ class AttentionBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   norm_eps: float = 1e-6
+  attention: str = "auto"  # see attend()
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -117,7 +133,7 @@ class AttentionBlock(nn.Module):
     qkv = nn.Dense(3 * self.num_heads * hd, use_bias=self.qkv_bias, kernel_init=kernel, dtype=self.dtype,
                    param_dtype=self.param_dtype)(h.reshape(b, hh * ww, c))
     q, k, v = jnp.split(qkv.reshape(b, hh * ww, 3, self.num_heads, hd), 3, axis=2)
-    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+    out = attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.attention)
     out = nn.Dense(c, kernel_init=last, dtype=self.dtype, param_dtype=self.param_dtype)(
         out.reshape(b, hh * ww, self.num_heads * hd))
     return x + out.reshape(b, hh, ww, c)
@@ -162,6 +178,7 @@ class UNet(nn.Module):
   out_channels: Optional[int] = None  # None: as many as the input
   learn_variance: bool = False  # True: twice the output channels, the prediction then v of a learned variance
   num_classes: int = 0  # > 0: class-conditional, an embedding of num_classes + 1 rows (the last: no label)
+  attention: str = "auto"  # auto | xla | cudnn: how attention is computed (see attend()); parameters the same
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -169,7 +186,8 @@ class UNet(nn.Module):
     """Raises ValueError for settings, or an NHWC input shape, this network cannot take."""
     for field, value, allowed in (("topology", self.topology, TOPOLOGIES), ("block_order", self.block_order, BLOCK_ORDERS),
                                   ("attn_norm", self.attn_norm, ATTN_NORMS), ("downsample", self.downsample, DOWNSAMPLES),
-                                  ("init_scheme", self.init_scheme, INIT_SCHEMES)):
+                                  ("init_scheme", self.init_scheme, INIT_SCHEMES),
+                                  ("attention", self.attention, ATTENTIONS)):
       if value not in allowed:
         raise ValueError(f"UNet {field}={value!r} is unknown: choose one of {', '.join(allowed)}")
     if not self.channel_mult or self.num_res_blocks < 1 or self.base_channels < 1:
@@ -226,7 +244,7 @@ class UNet(nn.Module):
                                           name=name, norm_eps=self.norm_eps, **kw)(h, temb, train)
     attn = lambda name, h: AttentionBlock(self.num_heads, self.head_dim, self.attn_norm, self.attn_qkv_bias,
                                           self.norm_groups, self.init_scheme, name=name, norm_eps=self.norm_eps,
-                                          **kw)(h)
+                                          attention=self.attention, **kw)(h)
     body = self._ddpm_body if self.topology == "ddpm" else self._book_body
     h = body(x.astype(self.dtype), res, attn, kw)
     return h.astype(x.dtype)

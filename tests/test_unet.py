@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax.unet import count_params, unet_preset
+from ddpm_jax.unet import attend, count_params, unet_preset
 
 TINY = unet_preset("tiny")
 # A book-topology model small enough for the CPU: every book-specific block kind, 4x4 .. 16x16.
@@ -151,6 +151,7 @@ def test_dropout_only_in_training_and_keyed():
         (lambda: unet_preset("tiny"), (1, 10, 10, 1), "image size 10x10 is not divisible by 4"),
         (lambda: unet_preset("tiny", norm_groups=5), (1, 8, 8, 1), "UNet widths [16, 32, 32] are not divisible"),
         (lambda: unet_preset("tiny", dropout=1.0), (1, 8, 8, 1), "UNet dropout=1.0 is out of range"),
+        (lambda: unet_preset("tiny", attention="flash"), (1, 8, 8, 1), "UNet attention='flash' is unknown"),
     ],
 )
 def test_bad_settings_and_inputs_raise_clear_errors(build, shape, fragment):
@@ -235,3 +236,18 @@ def test_labels_steer_the_output_and_no_label_is_the_last_row():
     unet_preset("tiny").init(jax.random.key(0), x, t, labels=jnp.zeros(4, jnp.int32))
   with pytest.raises(ValueError, match=r"num_classes=-1 is invalid"):
     unet_preset("tiny", num_classes=-1).validate((1, 8, 8, 1))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_auto_attention_takes_cudnn_only_on_a_gpu_in_bf16_and_computes_what_xla_computes(dtype):
+  # book64's deepest attention shape at batch 2: 8x8 pixels, 4 heads of 64 channels.
+  q, k, v = (jax.random.normal(key, (2, 64, 4, 64), dtype) for key in jax.random.split(jax.random.key(0), 3))
+  fused = jax.default_backend() == "gpu" and dtype == jnp.bfloat16
+  text = jax.jit(lambda q, k, v: attend(q, k, v, "auto")).lower(q, k, v).as_text()
+  assert ("cudnn$fmha" in text) == fused  # the custom call of cuDNN's fused attention, or XLA's dot products
+  with jax.default_matmul_precision("float32"):
+    got, xla = (np.asarray(attend(q, k, v, a), np.float32) for a in ("auto", "xla"))
+  if not fused:
+    np.testing.assert_array_equal(got, xla)  # the same program
+  else:  # one bf16 rounding of the output apart (2^-8 relative), plus the fused kernel's own bf16 probabilities
+    np.testing.assert_allclose(got, xla, atol=4 * 2.0**-8 * np.abs(xla).max())
