@@ -19,6 +19,8 @@ from ddpm_jax.unet import AttentionBlock, timestep_embedding, unet_preset
 
 from helpers import ROOT, SMALL_MODEL
 
+pytestmark = pytest.mark.numerics  # also run under --precision-sim=tf32 (README, tests)
+
 README = ROOT / "README.md"
 
 

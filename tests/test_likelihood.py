@@ -11,6 +11,8 @@ from scipy import stats
 from ddpm_jax import likelihood
 from ddpm_jax.schedule import make_betas, schedule_from_betas
 
+pytestmark = pytest.mark.numerics  # also run under --precision-sim=tf32 (README, tests)
+
 T = 40  # few timesteps keep the scans short; beta_end 0.3 still drives ᾱ_T to 0.005, so the prior is small
 BETAS = make_betas("linear", T, 1e-4, 0.3)  # float64
 SCHED = schedule_from_betas(BETAS)

@@ -21,6 +21,8 @@ from ddpm_jax.train_state import init_params
 from ddpm_jax.unet import UNet, count_params, unet_preset
 from helpers import ROOT, python_path
 
+pytestmark = pytest.mark.numerics  # also run under --precision-sim=tf32 (README, tests)
+
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "diffusers")
 # google/ddpm-cifar10-32's unet/config.json, the DDPM paper's CIFAR-10 model as published (its public values).
 CIFAR10_CONFIG = {

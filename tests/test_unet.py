@@ -35,6 +35,7 @@ def test_output_shape_equals_input_shape(model, shape, t):
   assert out.shape == shape and out.dtype == jnp.float32
 
 
+@pytest.mark.numerics
 def test_tiny_forward_is_finite_and_jit_matches_eager(tiny_params):
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   t = jnp.array([3, 700])
@@ -238,6 +239,7 @@ def test_labels_steer_the_output_and_no_label_is_the_last_row():
     unet_preset("tiny", num_classes=-1).validate((1, 8, 8, 1))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_auto_attention_takes_cudnn_only_on_a_gpu_in_bf16_and_computes_what_xla_computes(dtype):
   # book64's deepest attention shape at batch 2: 8x8 pixels, 4 heads of 64 channels.
