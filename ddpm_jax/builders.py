@@ -468,7 +468,12 @@ def build_generator(config: ml_collections.ConfigDict, model: UNet, schedule: Sc
 
 
 def build_source(config: ml_collections.ConfigDict) -> data.Source:
-  """The dataset the config names (every process reads it at random); raises ValueError when it cannot be read."""
+  """The dataset the config names (every process reads it at random; a folder as process 0 lists it); raises
+  ValueError when it cannot be read."""
+  kind, root = data.parse_dataset(config.dataset)
+  if kind == "folder":
+    return data.folder_source(root, data.unpack_listing(consensus.decide(
+        "folder listing", lambda: data.pack_listing(data.list_images(root)))))
   return data.make_source(config.dataset, data_dir=config.data.data_dir, split=config.data.split)
 
 

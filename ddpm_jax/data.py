@@ -13,24 +13,27 @@ No TensorFlow: TFDS datasets are read through `tfds.data_source`.
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import importlib.util
 import io
 import os
 import signal
+import stat
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import grain
 import numpy as np
 from absl import flags, logging
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ddpm_jax import runtime
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-SHOWN_BAD_FILES = 5  # undecodable files named in the warning; the rest are counted
+WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # PIL's modes of 16-bit (and 32-bit integer) gray images
 NO_LABEL = -1  # the label of a record in an unlabelled source
 PREPARE_COMMAND = "pip install -r requirements-prepare.txt && tfds build {name} --file_format=array_record --data_dir=DIR"
 MAX_AUTO_WORKERS = 16
@@ -105,65 +108,83 @@ def digits_source() -> Source:
 
 
 def decode_file(path: str) -> np.ndarray:
-  """A PNG/JPEG file -> uint8 [h, w, 1] (grayscale files) or [h, w, 3] (colour; alpha dropped)."""
+  """A PNG/JPEG file -> uint8 [h, w, 1] (grayscale files) or [h, w, 3] (colour; alpha dropped); 16-bit gray is
+  scaled to 8 bits (v / 257, rounded), not clipped."""
   with open(path, "rb") as f:
     with Image.open(io.BytesIO(f.read())) as im:
-      gray = im.mode in ("1", "L", "LA", "I", "I;16", "F")
+      if im.mode in WIDE_GRAY_MODES:
+        wide = np.asarray(im).astype(np.float64)
+        return np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8).reshape(im.size[1], im.size[0], 1)
+      gray = im.mode in ("1", "L", "LA", "F")
       return np.asarray(im.convert("L" if gray else "RGB")).reshape(im.size[1], im.size[0], -1)
 
 
-def _read_file(paths: np.ndarray, labels: np.ndarray, index: int) -> tuple[np.ndarray, int]:
-  """Record `index` of a folder: its file decoded, and its label."""
-  return decode_file(str(paths[index])), int(labels[index])
+def decode_regular_file(path: str) -> np.ndarray:
+  """decode_file for a regular file; anything else (a FIFO, a device, a folder) raises ValueError unopened."""
+  if not stat.S_ISREG(os.stat(path).st_mode):
+    raise ValueError("not a regular file")
+  return decode_file(path)
+
+
+def _read_file(root: str, files: np.ndarray, labels: np.ndarray, skipped: set[str], index: int) -> tuple[np.ndarray, int]:
+  """Record `index` of a folder: its file decoded, and its label. A file that cannot be read (vanished, damaged, not
+  a regular file) is skipped with a warning naming it (once per process), and the next readable file of the
+  listing stands in for it, so the batch keeps its shape and every process reads the same images."""
+  for k in range(len(files)):
+    j = (index + k) % len(files)
+    path = os.path.join(root, str(files[j]))
+    try:
+      return decode_regular_file(path), int(labels[j])
+    except Exception as e:  # pylint: disable=broad-except  # PIL raises many kinds for damaged files
+      if path not in skipped:
+        skipped.add(path)
+        why = "not an image PIL can decode" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+        logging.warning("skipped %s, which cannot be read (%s): the next file of the listing stands in for it; "
+                        "%d file(s) of %s skipped so far in this process", path, why, len(skipped), root)
+  raise ValueError(f"dataset folder {root!r} holds no readable images: all {len(files)} listed files failed")
 
 
 def list_images(root: str) -> list[str]:
-  """Image files under root (nested folders too), sorted."""
+  """Image files under root (nested folders too), as sorted paths relative to root; nothing is opened."""
   if not os.path.isdir(root):
     raise ValueError(f"dataset folder {root!r} does not exist or is not a folder")
-  paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+  paths = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files
                  if f.lower().endswith(IMAGE_EXTENSIONS))
   if not paths:
     raise ValueError(f"dataset folder {root!r} holds no images: expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
   return paths
 
 
-def folder_classes(root: str, paths: Sequence[str]) -> tuple[str, ...]:
-  """The sorted class subfolders when every image lies inside a subfolder of root, else () (unlabelled)."""
-  tops = [os.path.relpath(p, root).split(os.sep) for p in paths]
+def pack_listing(files: Sequence[str]) -> str:
+  """A listing as compressed text (for the coordination service's key-value store)."""
+  return base64.b64encode(zlib.compress("\0".join(files).encode("utf-8"), 6)).decode("ascii")
+
+
+def unpack_listing(packed: str) -> list[str]:
+  """The listing pack_listing packed."""
+  return zlib.decompress(base64.b64decode(packed)).decode("utf-8").split("\0")
+
+
+def folder_classes(files: Sequence[str]) -> tuple[str, ...]:
+  """The sorted class subfolders when every image (a path relative to the root) lies inside a subfolder, else ()
+  (unlabelled)."""
+  tops = [f.split(os.sep) for f in files]
   if any(len(parts) < 2 for parts in tops):
     return ()
   return tuple(sorted({parts[0] for parts in tops}))
 
 
-def _decodable(path: str) -> bool:
-  """Whether the pipeline's decoder reads the file."""
-  try:
-    decode_file(path)
-    return True
-  except Exception:  # pylint: disable=broad-except  # PIL raises many kinds for damaged files
-    return False
-
-
-def folder_source(root: str) -> Source:
-  """The decodable images under root, labelled by class subfolder when there are some; undecodable files are
-  skipped with one warning naming them."""
-  paths = list_images(root)
-  ok = [_decodable(p) for p in paths]
-  good = [p for p, k in zip(paths, ok) if k]
-  bad = [p for p, k in zip(paths, ok) if not k]
-  if bad:
-    shown = ", ".join(bad[:SHOWN_BAD_FILES]) + (f" and {len(bad) - SHOWN_BAD_FILES} more" if len(bad) > SHOWN_BAD_FILES else "")
-    logging.warning("skipped %d of %d files in %s that could not be decoded: %s", len(bad), len(paths), root, shown)
-  if not good:
-    raise ValueError(f"dataset folder {root!r} holds no decodable images ({len(paths)} files failed to decode)")
-  classes = folder_classes(root, good)
+def folder_source(root: str, listing: Optional[Sequence[str]] = None) -> Source:
+  """The images under root, or those of `listing` (paths relative to root, as process 0 listed them), labelled by
+  class subfolder when there are some. Nothing is opened here: files are vetted as they are read (_read_file)."""
+  files = list(listing) if listing is not None else list_images(root)
+  classes = folder_classes(files)
   index = {name: k for k, name in enumerate(classes)}
-  labels = np.array([index[os.path.relpath(p, root).split(os.sep)[0]] if classes else NO_LABEL for p in good],
-                    np.int32)
-  listing = "\n".join(os.path.relpath(p, root) for p in good).encode("utf-8")
-  identity = {"name": f"folder:{root}", "files": len(good), "listing_sha256": hashlib.sha256(listing).hexdigest()}
-  return Source(len(good), functools.partial(_read_file, np.array(good), labels), classes, identity=identity)
+  labels = np.array([index[f.split(os.sep)[0]] if classes else NO_LABEL for f in files], np.int32)
+  listing_hash = hashlib.sha256("\n".join(files).encode("utf-8")).hexdigest()
+  identity = {"name": f"folder:{root}", "files": len(files), "listing_sha256": listing_hash}
+  return Source(len(files), functools.partial(_read_file, root, np.array(files), labels, set()), classes,
+                identity=identity)
 
 
 def _read_tfds(records: Any, has_label: bool, index: int) -> tuple[np.ndarray, int]:

@@ -4,6 +4,7 @@ errors."""
 import logging
 import os
 import re
+import threading
 import time
 
 import numpy as np
@@ -71,18 +72,18 @@ def _write_folder(root):
     f.write("not an image")
 
 
-def test_image_folder_skips_corrupt_files_with_one_warning(tmp_path, caplog):
+def test_image_folder_skips_a_corrupt_file_when_read_with_one_warning(tmp_path, caplog):
   _write_folder(str(tmp_path))
+  source = data.make_source(f"folder:{tmp_path}")
+  assert source.size == 8  # every .png/.jpg listed; none opened yet
   with caplog.at_level(logging.WARNING):
-    source = data.make_source(f"folder:{tmp_path}")
-  assert source.size == 7
-  warnings = [r for r in caplog.records if "could not be decoded" in r.getMessage()]
-  assert len(warnings) == 1 and "skipped 1 of 8 files" in warnings[0].getMessage()
-  assert warnings[0].getMessage().endswith(os.path.join(str(tmp_path), "nested", "corrupt.png"))
-  # Three epochs' worth of batches, the grayscale file expanded to RGB.
-  for batch in take(data.batch_stream(source, seed=1, global_batch=7, image_size=16, worker_count=0), 3):
-    assert batch.shape == (7, 16, 16, 3) and -1 <= batch.min() and batch.max() <= 1
-    assert sum(np.allclose(im[..., 0], im[..., 1]) and np.allclose(im[..., 1], im[..., 2]) for im in batch) == 1
+    # Three epochs of one batch each, the grayscale file expanded to RGB; the corrupt file (listed between
+    # nested/a.jpg and nested/deeper/gray.png) read as the next file of the listing, the grayscale one.
+    for batch in take(data.batch_stream(source, seed=1, global_batch=8, image_size=16, worker_count=0), 3):
+      assert batch.shape == (8, 16, 16, 3) and -1 <= batch.min() and batch.max() <= 1
+      assert sum(np.allclose(im[..., 0], im[..., 1]) and np.allclose(im[..., 1], im[..., 2]) for im in batch) == 2
+  warnings = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+  assert len(warnings) == 1 and warnings[0].startswith(f"skipped {tmp_path / 'nested' / 'corrupt.png'}, "), warnings
   gray = take(data.batch_stream(source, seed=1, global_batch=7, image_size=16, channels=1, worker_count=0), 1)[0]
   assert gray.shape == (7, 16, 16, 1)
   assert source.num_classes == 0  # images at the top level: not one subfolder per class
@@ -129,15 +130,68 @@ def test_a_folder_of_class_subfolders_is_labelled_in_sorted_order(tmp_path):
   np.testing.assert_allclose((images[:, 0, 0, 0] + 1) * 127.5, [value_of_class[y] for y in labels], atol=1e-4)
 
 
-def test_many_undecodable_files_are_counted_and_the_first_five_named(tmp_path, caplog):
-  Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "good.png")
-  for k in range(7):
+def test_unreadable_files_are_vetted_only_when_read_each_named_once_and_counted(tmp_path, caplog, monkeypatch):
+  # One good image among files that cannot be read: damaged, a FIFO (opening it would block for ever), and a file
+  # deleted after the listing. The good one stands in for every other; a folder named like an image is not listed.
+  Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "good.png")
+  for k in range(3):
     (tmp_path / f"bad{k}.png").write_bytes(b"not a png")
+  os.mkfifo(tmp_path / "fifo.png")
+  (tmp_path / "folder.png").mkdir()
+  (tmp_path / "gone.png").write_bytes(b"deleted below")
+  opened = []
+  monkeypatch.setattr(data, "decode_file", lambda path, real=data.decode_file: opened.append(path) or real(path))
+  source = data.make_source(f"folder:{tmp_path}")
+  assert source.size == 6 and opened == []  # the start lists, and opens nothing
+  (tmp_path / "gone.png").unlink()
+  result = []
   with caplog.at_level(logging.WARNING):
-    assert data.make_source(f"folder:{tmp_path}").size == 1
-  (message,) = [r.getMessage() for r in caplog.records if "could not be decoded" in r.getMessage()]
-  assert "skipped 7 of 8 files" in message and message.endswith("bad4.png and 2 more")
-  assert all(f"bad{k}.png" in message for k in range(5)) and "bad5" not in message
+    reader = threading.Thread(target=lambda: result.append(take(data.batch_stream(
+        source, seed=0, global_batch=6, image_size=8, channels=1, worker_count=0), 2)), daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+  assert result, "reading the folder blocked (the FIFO opened?)"
+  for batch in result[0]:
+    np.testing.assert_allclose(batch, 200 / 127.5 - 1, atol=1e-6)  # every record: the good image
+  warnings = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+  named = sorted(re.match(r"skipped (\S+), ", w).group(1) for w in warnings)
+  assert named == [str(tmp_path / f) for f in ("bad0.png", "bad1.png", "bad2.png", "fifo.png", "gone.png")]
+  assert [int(re.search(r"; (\d+) file\(s\)", w).group(1)) for w in warnings] == [1, 2, 3, 4, 5]  # each once
+  assert "not a regular file" in next(w for w in warnings if "fifo.png" in w)
+
+
+def test_a_folder_of_nothing_readable_fails_when_read_with_one_line(tmp_path):
+  (tmp_path / "bad.png").write_bytes(b"not a png")
+  source = data.make_source(f"folder:{tmp_path}")
+  with pytest.raises(ValueError, match=f"^dataset folder '{tmp_path}' holds no readable images: all 1 listed files"):
+    next(data.batch_stream(source, seed=0, global_batch=1, image_size=8, worker_count=0))
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
+  wide = np.array([[0, 257, 32896, 65535], [1000, 20000, 40000, 60000]], np.uint16)
+  Image.fromarray(wide).save(tmp_path / "deep.png")
+  assert Image.open(tmp_path / "deep.png").mode in data.WIDE_GRAY_MODES  # PIL reads it as 16-bit gray
+  np.testing.assert_array_equal(data.decode_file(str(tmp_path / "deep.png"))[..., 0],
+                                np.round(wide.astype(np.float64) / 257).astype(np.uint8))
+
+
+def test_a_folder_source_reads_the_listing_it_is_given_and_training_takes_process_0s(tmp_path, monkeypatch):
+  for name in ("a.png", "b.png", "c.png"):
+    Image.fromarray(np.full((4, 4), 10 * len(name + name[0]), np.uint8)).save(tmp_path / name)
+  # Another process listed b.png and c.png only (a listing that differs between hosts): this one reads those.
+  source = data.folder_source(str(tmp_path), ["b.png", "c.png"])
+  assert source.size == 2 and source.identity["listing_sha256"] == data.folder_source(
+      str(tmp_path), ["b.png", "c.png"]).identity["listing_sha256"]
+  np.testing.assert_array_equal(source.read(0)[0], data.decode_file(str(tmp_path / "b.png")))
+  assert data.unpack_listing(data.pack_listing(["x/1.png", "y z/2.png"])) == ["x/1.png", "y z/2.png"]
+  # build_source asks the coordination service for process 0's listing (consensus.decide): it is used as answered.
+  from ddpm_jax import builders, consensus  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(consensus, "decide", lambda name, fn: data.pack_listing(["c.png"]))
+  config = default.get_config()
+  config.dataset = f"folder:{tmp_path}"
+  assert builders.build_source(config).size == 1
 
 
 def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
