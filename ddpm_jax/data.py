@@ -33,6 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from ddpm_jax import runtime
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+NAMED_SKIPS = 100  # unreadable files named one warning each per process; beyond, every 1,000th (a lost mount)
 WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # PIL's modes of 16-bit (and 32-bit integer) gray images
 NO_LABEL = -1  # the label of a record in an unlabelled source
 PREPARE_COMMAND = "pip install -r requirements-prepare.txt && tfds build {name} --file_format=array_record --data_dir=DIR"
@@ -128,8 +129,9 @@ def decode_regular_file(path: str) -> np.ndarray:
 
 def _read_file(root: str, files: np.ndarray, labels: np.ndarray, skipped: set[str], index: int) -> tuple[np.ndarray, int]:
   """Record `index` of a folder: its file decoded, and its label. A file that cannot be read (vanished, damaged, not
-  a regular file) is skipped with a warning naming it (once per process), and the next readable file of the
-  listing stands in for it, so the batch keeps its shape and every process reads the same images."""
+  a regular file) is skipped with a warning naming it (once per process; past NAMED_SKIPS, every 1,000th), and the
+  next readable file of the listing stands in for it, so the batch keeps its shape and every process reads the
+  same images."""
   for k in range(len(files)):
     j = (index + k) % len(files)
     path = os.path.join(root, str(files[j]))
@@ -138,6 +140,8 @@ def _read_file(root: str, files: np.ndarray, labels: np.ndarray, skipped: set[st
     except Exception as e:  # pylint: disable=broad-except  # PIL raises many kinds for damaged files
       if path not in skipped:
         skipped.add(path)
+        if len(skipped) > NAMED_SKIPS and len(skipped) % 1000:
+          continue
         why = "not an image PIL can decode" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
         logging.warning("skipped %s, which cannot be read (%s): the next file of the listing stands in for it; "
                         "%d file(s) of %s skipped so far in this process", path, why, len(skipped), root)

@@ -319,3 +319,16 @@ def test_in_memory_digits_are_gathered_per_batch_and_give_the_same_batches(monke
   monkeypatch.setattr(data, "in_memory", lambda *args: False)  # read and preprocessed per image, as files are
   for a, b in zip(fast, take(data.batch_stream(source, **kw), 3)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_past_a_hundred_unreadable_files_warnings_are_sampled(tmp_path, caplog):
+  # A folder that vanishes mid-run (a lost mount) must not flood the log with a line per file before it fails.
+  Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "z.png")  # listed last: it stands in for all the rest
+  for k in range(150):
+    (tmp_path / f"bad{k:03d}.png").write_bytes(b"not a png")
+  source = data.make_source(f"folder:{tmp_path}")
+  with caplog.at_level(logging.WARNING):
+    take(data.batch_stream(source, seed=0, global_batch=151, image_size=4, channels=1, worker_count=0), 1)
+  counts = [int(re.search(r"; (\d+) file\(s\)", r.getMessage()).group(1)) for r in caplog.records
+            if "cannot be read" in r.getMessage()]
+  assert counts == list(range(1, data.NAMED_SKIPS + 1))  # the first 100 named; the next at the 1,000th
