@@ -295,22 +295,43 @@ def _seeds(seed: int) -> tuple[int, int]:
   return int(shuffle), int(flip)
 
 
-def _coin(record: int, rng: np.random.Generator) -> tuple[int, bool]:
-  """A record with a fair flip coin."""
-  return record, bool(rng.integers(2))
+STREAM_LENGTH = 2**62  # stream positions: finitely many (Grain's lengths of an endless dataset overflow)
+_SPLITMIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
 
 
-def _no_flip(record: int) -> tuple[int, bool]:
-  """A record that is not flipped."""
-  return record, False
+@functools.lru_cache(maxsize=4)
+def _epoch_order(size: int, shuffle_seed: int, epoch: int) -> np.ndarray:
+  """The record order of one epoch: a permutation of range(size) seeded by (shuffle seed, epoch)."""
+  return np.random.default_rng([shuffle_seed, epoch]).permutation(size)
 
 
-def positions(size: int, seed: int, random_flip: bool) -> grain.MapDataset:
-  """Stream position -> (record index, flip): a fresh permutation every epoch, a coin per position."""
+def _coins(flip_seed: int, positions: np.ndarray) -> np.ndarray:
+  """A fair coin per stream position: the top bit of SplitMix64(flip_seed + position)."""
+  add, mul1, mul2 = _SPLITMIX
+  with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as SplitMix64 means it to
+    z = positions.astype(np.uint64) + np.uint64(flip_seed) + add
+    z = (z ^ (z >> np.uint64(30))) * mul1
+    z = (z ^ (z >> np.uint64(27))) * mul2
+  return ((z ^ (z >> np.uint64(31))) >> np.uint64(63)).astype(bool)
+
+
+def stream_records(positions: np.ndarray, size: int, seed: int, random_flip: bool) -> tuple[np.ndarray, np.ndarray]:
+  """Stream positions -> (record indices, flips): a fresh permutation every epoch, a coin per position."""
   shuffle_seed, flip_seed = _seeds(seed)
-  # Finitely many epochs (2**62 positions): Grain's lengths of an endless dataset overflow when batched by 1.
-  ds = grain.MapDataset.range(size).shuffle(seed=shuffle_seed).repeat(2**62 // size)
-  return ds.random_map(_coin, seed=flip_seed) if random_flip else ds.map(_no_flip)
+  positions = np.asarray(positions, np.int64)
+  epochs, within = np.divmod(positions, size)
+  records = np.empty_like(positions)
+  for epoch in np.unique(epochs):
+    here = epochs == epoch
+    records[here] = _epoch_order(size, shuffle_seed, int(epoch))[within[here]]
+  flips = _coins(flip_seed, positions) if random_flip else np.zeros(positions.shape, bool)
+  return records, flips
+
+
+def _record_at(size: int, seed: int, random_flip: bool, position: int) -> tuple[int, bool]:
+  """Stream position -> (record index, flip), one at a time (for sources read per record)."""
+  records, flips = stream_records(np.array([position]), size, seed, random_flip)
+  return int(records[0]), bool(flips[0])
 
 
 def _prepare(source: Source, size: int, channels: int, record_flip: tuple[int, bool]) -> tuple[np.ndarray, np.int32]:
@@ -319,12 +340,18 @@ def _prepare(source: Source, size: int, channels: int, record_flip: tuple[int, b
   return preprocess(image, size, channels, record_flip[1]), np.int32(label)
 
 
-def _gather(arrays: tuple[np.ndarray, np.ndarray], batch: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-  """A batch of (records, flips) of in-memory images at the target size -> (float32 images, int32 labels)."""
+_SCALE = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)  # uint8 -> [-1, 1], as preprocess
+
+
+def _gather(arrays: tuple[np.ndarray, np.ndarray], size: int, seed: int, random_flip: bool, local: int,
+            batch_index: int) -> tuple[np.ndarray, np.ndarray]:
+  """Local batch `batch_index` of in-memory images at the target size -> (float32 images, int32 labels): the
+  records and flips of its stream positions, gathered and flipped as uint8, then scaled by table."""
   images, labels = arrays
-  records, flips = batch
-  out = images[records].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-  return np.where(flips[:, None, None, None], out[:, :, ::-1], out), labels[records]
+  records, flips = stream_records(np.arange(batch_index * local, (batch_index + 1) * local), size, seed, random_flip)
+  out = images[records]
+  out[flips] = out[flips][:, :, ::-1]
+  return _SCALE[out], labels[records]
 
 
 def in_memory(source: Source, image_size: int, channels: int) -> bool:
@@ -356,10 +383,11 @@ def batch_dataset(source: Source, *, seed: int, global_batch: int, image_size: i
     raise ValueError(f"batch_size={global_batch} is not divisible by the {process_count} processes: "
                      f"use a multiple of {process_count}")
   local = global_batch // process_count
-  ds = positions(source.size, seed, random_flip)
   if in_memory(source, image_size, channels):
-    ds = ds.batch(local).map(functools.partial(_gather, source.arrays))
+    ds = grain.MapDataset.range(STREAM_LENGTH // local).map(
+        functools.partial(_gather, source.arrays, source.size, seed, random_flip, local))
   else:
+    ds = grain.MapDataset.range(STREAM_LENGTH).map(functools.partial(_record_at, source.size, seed, random_flip))
     ds = ds.map(functools.partial(_prepare, source, image_size, channels)).batch(local)
   return ds[process_index::process_count]
 
