@@ -410,6 +410,9 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, proces
     data.check_worker_count(config.data.worker_count)
   reporting.check_wandb(config.wandb.project)
   build_model(config).validate((1,) + image_shape(config))
+  if config.model.attention == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(f"model.attention='cudnn' needs a GPU with cuDNN, and this run's devices are "
+                     f"{jax.default_backend()}: use auto (cuDNN's kernel where it applies) or xla")
   schedule = build_schedule(config)
   build_optimizer(config)
   _choice("diffusion.loss", config.diffusion.loss, diffusion.LOSSES)

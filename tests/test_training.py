@@ -179,6 +179,17 @@ def test_bad_config_fails_before_compiling_with_one_line_and_exit_2(tmp_path, fl
   assert not (tmp_path / "checkpoints").exists() and time.time() - start < 60
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN's attention is asked for where it may exist")
+def test_cudnn_attention_off_a_gpu_is_refused_before_anything_is_built():
+  from ddpm_jax import builders  # pylint: disable=g-import-not-at-top
+
+  config = small_config(**{"model.attention": "cudnn"})
+  with pytest.raises(ValueError, match=f"^model.attention='cudnn' needs a GPU with cuDNN, and this run's devices are "
+                                       f"{jax.default_backend()}: use auto"):
+    builders.validate(config)
+  builders.validate(small_config(**{"model.attention": "xla"}))  # the others pass
+
+
 def fail_and_kill(procs, why):
   """Kills the processes and fails the test with `why` and their stderr."""
   for p in procs:
