@@ -182,6 +182,8 @@ def folder_source(root: str, listing: Optional[Sequence[str]] = None) -> Source:
   """The images under root, or those of `listing` (paths relative to root, as process 0 listed them), labelled by
   class subfolder when there are some. Nothing is opened here: files are vetted as they are read (_read_file)."""
   files = list(listing) if listing is not None else list_images(root)
+  if not files:
+    raise ValueError(f"dataset folder {root!r} holds no images: the listing given is empty")
   classes = folder_classes(files)
   index = {name: k for k, name in enumerate(classes)}
   labels = np.array([index[f.split(os.sep)[0]] if classes else NO_LABEL for f in files], np.int32)

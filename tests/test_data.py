@@ -184,6 +184,8 @@ def test_a_folder_source_reads_the_listing_it_is_given_and_training_takes_proces
       str(tmp_path), ["b.png", "c.png"]).identity["listing_sha256"]
   np.testing.assert_array_equal(source.read(0)[0], data.decode_file(str(tmp_path / "b.png")))
   assert data.unpack_listing(data.pack_listing(["x/1.png", "y z/2.png"])) == ["x/1.png", "y z/2.png"]
+  with pytest.raises(ValueError, match="holds no images: the listing given is empty$"):
+    data.folder_source(str(tmp_path), [])
   # build_source asks the coordination service for process 0's listing (consensus.decide): it is used as answered.
   from ddpm_jax import builders, consensus  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top

@@ -1,12 +1,14 @@
-"""Two processes x two devices agree: they start training together when one compiles much longer, and a failure on one
-process (a save, a damaged shard it reads, a hook) ends both within seconds with one line and one exit code
-(test_training's chain test: the resume step is process 0's)."""
+"""Two processes x two devices agree: they start training together when one compiles much longer, they read a folder
+as process 0 lists it, and a failure on one process (a save, a damaged shard it reads, a hook) ends both within
+seconds with one line and one exit code (test_training's chain test: the resume step is process 0's)."""
 
 import glob
 import os
 import re
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from helpers import MODEL, last_line, run_two
 
@@ -69,11 +71,17 @@ def test_a_failure_lets_the_checkpoint_in_flight_finish_and_says_what_is_kept(tm
   assert [last_line(err) for _, err, _ in ends] == [want, want], ends
   assert [code for code, _, _ in ends] == [1, 1] and abs(ends[0][2] - ends[1][2]) < 10, ends
   assert sorted(os.listdir(run / "checkpoints")) == ["5"]
-  # 2. Process 0 fails first (its hook), while process 1 is busy with work of its own: both end with its line; process
-  #    0, which hosts the coordination service, leaves last.
+  # 2. On a folder dataset that process 1 would list as empty (a mount that differs between hosts): process 1 reads
+  #    process 0's listing and trains. Then process 0 fails first (its hook), while process 1 is busy with work of
+  #    its own: both end with its line; process 0, which hosts the coordination service, leaves last.
+  folder = tmp_path / "images"
+  folder.mkdir()
+  for k in range(32):
+    Image.fromarray(np.full((8, 8), 8 * k, np.uint8)).save(folder / f"{k:02d}.png")
   sampler = "ddpm_jax.sampling:SamplerOptions.sample"
   ends = run_two(tmp_path / "first", "--stop_at_step=2", "--config.parallelism=jit", *MODEL,
-                 fault=f"{sampler}:0:0,{sampler}:1:0:sleep")
+                 f"--config.dataset=folder:{folder}", "--config.data.worker_count=0",
+                 fault=f"{sampler}:0:0,{sampler}:1:0:sleep,ddpm_jax.data:list_images:1:0:empty")
   want = "train.py: error: [Errno 5] Input/output error (injected into SamplerOptions.sample on process 0); kept: 2"
   assert [last_line(err) for _, err, _ in ends] == [want, want], ends
   assert [code for code, _, _ in ends] == [1, 1] and abs(ends[0][2] - ends[1][2]) < 10, ends
