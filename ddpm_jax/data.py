@@ -14,6 +14,7 @@ No TensorFlow: TFDS datasets are read through `tfds.data_source`.
 from __future__ import annotations
 
 import base64
+import errno
 import functools
 import hashlib
 import importlib.util
@@ -21,6 +22,7 @@ import io
 import os
 import signal
 import stat
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -33,7 +35,10 @@ from PIL import Image, UnidentifiedImageError
 from ddpm_jax import runtime
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-NAMED_SKIPS = 100  # unreadable files named one warning each per process; beyond, every 1,000th (a lost mount)
+NAMED_SKIPS = 100  # unreadable files named one warning each per decoding process; beyond, every 1,000th
+# A file's read errors that last (skipped), as opposed to EIO, ESTALE, EMFILE... (raised); None: PIL's decode errors
+LASTING_ERRNOS = (None, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM)
+_SKIP_LOCK = threading.Lock()
 WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # PIL's modes of 16-bit (and 32-bit integer) gray images
 NO_LABEL = -1  # the label of a record in an unlabelled source
 PREPARE_COMMAND = "pip install -r requirements-prepare.txt && tfds build {name} --file_format=array_record --data_dir=DIR"
@@ -127,24 +132,38 @@ def decode_regular_file(path: str) -> np.ndarray:
   return decode_file(path)
 
 
-def _read_file(root: str, files: np.ndarray, labels: np.ndarray, skipped: set[str], index: int) -> tuple[np.ndarray, int]:
-  """Record `index` of a folder: its file decoded, and its label. A file that cannot be read (vanished, damaged, not
-  a regular file) is skipped with a warning naming it (once per process; past NAMED_SKIPS, every 1,000th), and the
-  next readable file of the listing stands in for it, so the batch keeps its shape and every process reads the
-  same images."""
+def _skippable(error: Exception) -> bool:
+  """Whether a file's read failed for good (damaged, vanished, not a regular file, not permitted), not for a
+  moment (EIO, ESTALE, too many open files...: raised, so that no run silently reads other images)."""
+  return not isinstance(error, OSError) or error.errno in LASTING_ERRNOS
+
+
+def _warn_skip(path: str, error: Exception, root: str, skipped: set[str]) -> None:
+  """Counts `path` as skipped in this decoding process and names it (the first NAMED_SKIPS, then every 1,000th)."""
+  with _SKIP_LOCK:  # Grain's reading threads share `skipped`; the counts are logged in order
+    if path in skipped:
+      return
+    skipped.add(path)
+    if len(skipped) <= NAMED_SKIPS or len(skipped) % 1000 == 0:
+      why = ("not an image PIL can decode" if isinstance(error, UnidentifiedImageError)
+             else f"{type(error).__name__}: {error}")
+      logging.warning("skipped %s, which cannot be read (%s): the next file of the listing stands in for it; %d "
+                      "file(s) of %s skipped so far in this decoding process", path, why, len(skipped), root)
+
+
+def _read_file(root: str, files: np.ndarray, labels: np.ndarray, skipped: set[str],
+               index: int) -> tuple[np.ndarray, int]:
+  """Record `index` of a folder: its file decoded and its label, or, where that file cannot be read for good, the
+  next readable file of the listing and its label (the batch keeps its shape; every process reads alike)."""
   for k in range(len(files)):
     j = (index + k) % len(files)
     path = os.path.join(root, str(files[j]))
     try:
       return decode_regular_file(path), int(labels[j])
     except Exception as e:  # pylint: disable=broad-except  # PIL raises many kinds for damaged files
-      if path not in skipped:
-        skipped.add(path)
-        if len(skipped) > NAMED_SKIPS and len(skipped) % 1000:
-          continue
-        why = "not an image PIL can decode" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
-        logging.warning("skipped %s, which cannot be read (%s): the next file of the listing stands in for it; "
-                        "%d file(s) of %s skipped so far in this process", path, why, len(skipped), root)
+      if not _skippable(e):
+        raise
+      _warn_skip(path, e, root, skipped)
   raise ValueError(f"dataset folder {root!r} holds no readable images: all {len(files)} listed files failed")
 
 
@@ -166,7 +185,8 @@ def pack_listing(files: Sequence[str]) -> str:
 
 def unpack_listing(packed: str) -> list[str]:
   """The listing pack_listing packed."""
-  return zlib.decompress(base64.b64decode(packed)).decode("utf-8").split("\0")
+  text = zlib.decompress(base64.b64decode(packed)).decode("utf-8")
+  return text.split("\0") if text else []
 
 
 def folder_classes(files: Sequence[str]) -> tuple[str, ...]:
@@ -181,6 +201,8 @@ def folder_classes(files: Sequence[str]) -> tuple[str, ...]:
 def folder_source(root: str, listing: Optional[Sequence[str]] = None) -> Source:
   """The images under root, or those of `listing` (paths relative to root, as process 0 listed them), labelled by
   class subfolder when there are some. Nothing is opened here: files are vetted as they are read (_read_file)."""
+  if listing is not None and not os.path.isdir(root):
+    raise ValueError(f"dataset folder {root!r} does not exist or is not a folder")
   files = list(listing) if listing is not None else list_images(root)
   if not files:
     raise ValueError(f"dataset folder {root!r} holds no images: the listing given is empty")
@@ -291,6 +313,7 @@ def preprocess(image: np.ndarray, size: int, channels: int, flip: bool) -> np.nd
   return out / np.float32(127.5) - np.float32(1.0)
 
 
+@functools.lru_cache(maxsize=8)
 def _seeds(seed: int) -> tuple[int, int]:
   """(shuffle seed, flip seed): 32-bit seeds drawn from the run's seed, so that no two runs share epochs."""
   shuffle, flip = np.random.SeedSequence(seed).generate_state(2)
@@ -308,7 +331,8 @@ def _epoch_order(size: int, shuffle_seed: int, epoch: int) -> np.ndarray:
 
 
 def _coins(flip_seed: int, positions: np.ndarray) -> np.ndarray:
-  """A fair coin per stream position: the top bit of SplitMix64(flip_seed + position)."""
+  """A fair coin per stream position: the top bit of SplitMix64's output mix of (flip_seed + position + its
+  increment)."""
   add, mul1, mul2 = _SPLITMIX
   with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as SplitMix64 means it to
     z = positions.astype(np.uint64) + np.uint64(flip_seed) + add
