@@ -3,9 +3,9 @@
   python benchmarks/attention_memory.py --preset book64,ddpm_cifar10 --batch 64 --precision bf16,fp32
 
 Each configuration is compiled once per attention implementation (nothing runs) and XLA's compiled memory analysis
-is read: `xla` materialises the B x heads x L x L scores (what the U-Net's `jax.nn.dot_product_attention` lowers to
-on the CPU and wherever no fused kernel applies), `cudnn` asks for the fused kernel (GPU only; bf16 or fp16 only, so
-a float32 row says why it does not apply). A row is written to --json the moment it is measured.
+is read, with the U-Net's `attention` field set to each kernel: `xla` materialises the B x heads x L x L scores,
+`cudnn` is cuDNN's fused kernel (GPU only; bf16 or fp16 only, so a float32 row says why it does not apply). A row is
+written to --json the moment it is measured.
 """
 
 from __future__ import annotations
@@ -26,18 +26,17 @@ import report  # pylint: disable=g-import-not-at-top  (benchmarks/report.py, bes
 from ddpm_jax import training  # pylint: disable=g-import-not-at-top
 from ddpm_jax.schedule import make_schedule  # pylint: disable=g-import-not-at-top
 from ddpm_jax.train_state import create_train_state  # pylint: disable=g-import-not-at-top
-from ddpm_jax.unet import unet_preset  # pylint: disable=g-import-not-at-top
+from ddpm_jax.unet import ATTENTIONS, unet_preset  # pylint: disable=g-import-not-at-top
 
 SIZES = {"tiny": 32, "ddpm_cifar10": 32, "book64": 64}
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
-IMPLEMENTATIONS = ("xla", "cudnn")
-FUSED_ATTENTION = jax.nn.dot_product_attention
+IMPLEMENTATIONS = tuple(a for a in ATTENTIONS if a != "auto")  # the kernels themselves
 
 
 def step_memory(preset: str, batch: int, precision: str, implementation: str) -> dict[str, Any]:
   """XLA's memory analysis of one compiled train step with attention forced to `implementation`."""
   size = SIZES[preset]
-  model = unet_preset(preset, dtype=DTYPES[precision])
+  model = unet_preset(preset, dtype=DTYPES[precision], attention=implementation)
   tx = training.make_optimizer(learning_rate=2e-4, total_steps=800_000, warmup_steps=5000, lr_schedule="constant",
                                optimizer="adamw", grad_clip_norm=1.0)
   step = functools.partial(training.train_step, schedule=make_schedule("linear", 1000), ema_decay=0.9999)
@@ -46,15 +45,12 @@ def step_memory(preset: str, batch: int, precision: str, implementation: str) ->
   key = jax.eval_shape(lambda: jax.random.key(0))
   row = {"preset": preset, "batch": batch, "precision": precision, "attention": implementation,
          "backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
-  jax.nn.dot_product_attention = functools.partial(FUSED_ATTENTION, implementation=implementation)
   start = time.perf_counter()
   try:
     m = jax.jit(step, donate_argnums=0).lower(state, x, key).compile().memory_analysis()
   except Exception as e:  # pylint: disable=broad-except  # cuDNN refuses some shapes and dtypes: say why
     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     return row
-  finally:
-    jax.nn.dot_product_attention = FUSED_ATTENTION
   row.update(compile_s=round(time.perf_counter() - start, 1), temp_bytes=m.temp_size_in_bytes,
              argument_bytes=m.argument_size_in_bytes, output_bytes=m.output_size_in_bytes)
   return row

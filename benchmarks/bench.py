@@ -57,6 +57,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
   p.add_argument("--parallelism", choices=("pmap", "jit", "fsdp"), default="pmap",
                  help="how the train step spreads over several devices (one device: plain jit whatever this says)")
+  # ddpm_jax.unet.ATTENTIONS, spelled out: this script imports JAX only where it measures
   p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                  help="the U-Net's attention kernel (ddpm_jax.unet.attend): auto takes cuDNN's on a GPU in bf16")
   p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is reported)")

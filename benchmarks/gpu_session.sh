@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_session.sh tests RESULTS   # the tests alone on the GPU, beside the attention memory table
 # Run from the repository root with JAX's GPU plugin installed.
 set -u
-part=${1:?table or suite} results=${2:?results folder}
+part=${1:?table, suite or tests} results=${2:?results folder}
 mkdir -p "$results"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export JAX_COMPILATION_CACHE_DIR="$results/xla_cache"

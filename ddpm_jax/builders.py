@@ -409,10 +409,13 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, proces
   with _section("data"):
     data.check_worker_count(config.data.worker_count)
   reporting.check_wandb(config.wandb.project)
-  build_model(config).validate((1,) + image_shape(config))
-  if config.model.attention == "cudnn" and jax.default_backend() != "gpu":
-    raise ValueError(f"model.attention='cudnn' needs a GPU with cuDNN, and this run's devices are "
-                     f"{jax.default_backend()}: use auto (cuDNN's kernel where it applies) or xla")
+  model = build_model(config)
+  model.validate((1,) + image_shape(config))
+  dtype = np.dtype(model.dtype).name
+  if model.attention == "cudnn" and (jax.default_backend() != "gpu" or dtype not in ("bfloat16", "float16")):
+    raise ValueError(f"model.attention='cudnn' needs a GPU with cuDNN and model.dtype bfloat16 or float16, and this "
+                     f"run has {jax.default_backend()} devices and model.dtype={dtype}: use auto (cuDNN's kernel "
+                     "where it applies) or xla")
   schedule = build_schedule(config)
   build_optimizer(config)
   _choice("diffusion.loss", config.diffusion.loss, diffusion.LOSSES)

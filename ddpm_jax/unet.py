@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 Dtype = Any
 
@@ -102,8 +103,9 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, attention: str) -> jn
   if jax.default_backend() == "gpu" and q.dtype in FUSED_DTYPES:
     try:
       return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    except (NotImplementedError, RuntimeError, ValueError):  # cuDNN absent, or a head size or GPU it cannot take
-      pass
+    except (NotImplementedError, RuntimeError, ValueError) as e:  # cuDNN absent, or a head size or GPU it cannot take
+      logging.warning("attention over %s in %s takes XLA's kernel (the scores in memory), not cuDNN's: %s", q.shape,
+                      q.dtype, e)
   return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
 

@@ -179,13 +179,14 @@ def test_bad_config_fails_before_compiling_with_one_line_and_exit_2(tmp_path, fl
   assert not (tmp_path / "checkpoints").exists() and time.time() - start < 60
 
 
-@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN's attention is asked for where it may exist")
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN's attention in bf16 is allowed on a GPU")
 def test_cudnn_attention_off_a_gpu_is_refused_before_anything_is_built():
   from ddpm_jax import builders  # pylint: disable=g-import-not-at-top
 
-  config = small_config(**{"model.attention": "cudnn"})
-  with pytest.raises(ValueError, match=f"^model.attention='cudnn' needs a GPU with cuDNN, and this run's devices are "
-                                       f"{jax.default_backend()}: use auto"):
+  config = small_config(**{"model.attention": "cudnn", "model.dtype": "bfloat16"})
+  with pytest.raises(ValueError, match=f"^model.attention='cudnn' needs a GPU with cuDNN and model.dtype bfloat16 or "
+                                       f"float16, and this run has {jax.default_backend()} devices and "
+                                       "model.dtype=bfloat16: use auto"):
     builders.validate(config)
   builders.validate(small_config(**{"model.attention": "xla"}))  # the others pass
 
