@@ -21,8 +21,6 @@ from ddpm_jax.train_state import init_params
 from ddpm_jax.unet import UNet, count_params, unet_preset
 from helpers import ROOT, python_path
 
-pytestmark = pytest.mark.numerics  # also run under --precision-sim=tf32 (README, tests)
-
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "diffusers")
 # google/ddpm-cifar10-32's unet/config.json, the DDPM paper's CIFAR-10 model as published (its public values).
 CIFAR10_CONFIG = {
@@ -52,6 +50,7 @@ def copy_fixture(name, tmp_path):
   return shutil.copytree(fixture(name), tmp_path / name)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("folder, name, heads", [("pipeline", "ddpm", 1), ("heads", "heads", 2)])
 def test_import_reproduces_diffusers_outputs(folder, name, heads):
   model, params = pretrained.from_diffusers(fixture(folder))
