@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, python_path
+from helpers import python_path
 
 pytestmark = pytest.mark.gcs
 WORKDIR = "gs://bucket/run"
