@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ddpm_jax.train_state import INIT_COMPILER_OPTIONS, init_params
 from ddpm_jax.unet import attend, count_params, unet_preset
 
 TINY = unet_preset("tiny")
@@ -16,8 +17,17 @@ TINY_BOOK = unet_preset("book64", base_channels=16, attn_resolutions=(4,), up_at
                         num_heads=2, head_dim=8)
 
 
+def _shapes(model, shape):
+  """The shapes and dtypes of the model's variables for NHWC inputs of `shape`, computed without running anything."""
+  return {"params": jax.eval_shape(lambda key: init_params(model, key, shape), jax.random.key(0))}
+
+
 def _init(model, shape, seed=0):
-  return jax.jit(model.init)(jax.random.key(seed), jnp.zeros(shape), jnp.zeros(shape[:1], jnp.int32))
+  """The model's variables for NHWC inputs of `shape` from key `seed`: the initialisers alone, compiled as
+  create_train_state compiles them."""
+  key = jax.random.key(seed)
+  program = jax.jit(init_params, static_argnums=(0, 2)).lower(model, key, shape).compile(INIT_COMPILER_OPTIONS)
+  return {"params": program(key)}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +39,7 @@ def tiny_params():
 @pytest.mark.parametrize("shape, t", [((1, 8, 8, 1), 3), ((3, 16, 16, 3), [0.5, 10.0, 999.0]),
                                       ((2, 16, 8, 4), [7, 900])])
 def test_output_shape_equals_input_shape(model, shape, t):
-  params = jax.eval_shape(lambda: _init(model, shape))
+  params = _shapes(model, shape)
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
   out = jax.eval_shape(lambda p, x: model.apply(p, x, jnp.asarray(t)), params, x)
   assert out.shape == shape and out.dtype == jnp.float32
@@ -52,15 +62,15 @@ def test_tiny_forward_is_finite_and_jit_matches_eager(tiny_params):
 @pytest.mark.parametrize("name, size, expected", [("book64", 64, 133_417_219), ("ddpm_cifar10", 32, 35_746_307)])
 def test_reference_parameter_counts(name, size, expected):
   model = unet_preset(name)
-  params = jax.eval_shape(lambda: _init(model, (1, size, size, 3)))
+  params = _shapes(model, (1, size, size, 3))
   assert count_params(params) == expected
   out = jax.eval_shape(lambda p: model.apply(p, jnp.zeros((2, size, size, 3)), jnp.zeros(2, jnp.int32)), params)
   assert out.shape == (2, size, size, 3)
 
 
 def test_attention_placement_matches_the_references():
-  book = jax.eval_shape(lambda: _init(unet_preset("book64"), (1, 64, 64, 3)))["params"]
-  cifar = jax.eval_shape(lambda: _init(unet_preset("ddpm_cifar10"), (1, 32, 32, 3)))["params"]
+  book = _shapes(unet_preset("book64"), (1, 64, 64, 3))["params"]
+  cifar = _shapes(unet_preset("ddpm_cifar10"), (1, 32, 32, 3))["params"]
   # The book: after the 2nd block at 16x16 going down, in the middle, after the 2nd block at 64x64 going up.
   assert sorted(k for k in book if "attn" in k) == ["down_2_attn_1", "mid_attn", "up_0_attn_1"]
   # The paper: after every block at 16x16 (level 1), both ways, and in the middle.
@@ -84,14 +94,14 @@ def test_skip_connections_carry_gradient_with_the_bottleneck_zeroed(model):
     out = next_fun(*args, **kwargs)
     return jnp.zeros_like(out) if context.module.name == "mid_res_1" else out
 
-  def objective(x, cut):
+  def objective(x, params, cut):
     if cut:
       with nn.intercept_methods(zero_bottleneck):
         return jnp.sum(w * model.apply(params, x, jnp.array([100])))
     return jnp.sum(w * model.apply(params, x, jnp.array([100])))
 
-  full = jax.jit(jax.grad(objective), static_argnums=1)(x, False)
-  cut = jax.jit(jax.grad(objective), static_argnums=1)(x, True)
+  full = jax.jit(jax.grad(objective), static_argnums=2)(x, params, False)
+  cut = jax.jit(jax.grad(objective), static_argnums=2)(x, params, True)
   # The cut really removes the bottleneck's contribution ...
   assert float(jnp.linalg.norm(cut - full)) > 1e-3 * float(jnp.linalg.norm(full))
   # ... and what reaches the input through the skips alone is of the same order as the full gradient.
@@ -158,7 +168,7 @@ def test_dropout_only_in_training_and_keyed():
 def test_bad_settings_and_inputs_raise_clear_errors(build, shape, fragment):
   with pytest.raises(ValueError, match="^" + re.escape(fragment)):
     model = build()
-    jax.eval_shape(lambda: _init(model, shape))
+    _shapes(model, shape)
 
 
 def test_ddpm_cifar10_uses_the_reference_initialisation():
@@ -201,12 +211,13 @@ def _fingerprint(params):
 @pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="parameter bits are pinned on the CPU backend")
 def test_unconditional_parameters_are_unchanged_bit_for_bit_and_conditioning_only_adds_the_label_table():
-  x, t = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), jnp.int32)
-  plain = unet_preset("tiny", num_classes=0).init(jax.random.key(0), x, t)["params"]
+  # Both models' initialisers in one program at XLA's default settings, as model.init computes them (the pinned
+  # bits; create_train_state's compile without LLVM optimisation rounds a few initialisers' last bits otherwise).
+  models = [unet_preset("tiny", num_classes=n) for n in (0, 10)]
+  plain, cond = jax.jit(lambda key: [init_params(m, key, (1, 16, 16, 3)) for m in models])(jax.random.key(0))
   # Fingerprint of the tiny preset's parameters from key 0, computed with the code before class conditioning
   # existed (commit 1f5efab): num_classes=0 must reproduce them exactly.
   assert _fingerprint(plain) == "2d1761a871008e8f5550969c0bf24341febd4ca9a41a52bb661a8193f46bf5a0"
-  cond = unet_preset("tiny", num_classes=10).init(jax.random.key(0), x, t)["params"]
   table = cond.pop("label_embed")["embedding"]
   assert table.shape == (11, 64)  # N + 1 rows (the last: no label) of the time embedding's width 4 x 16
   assert _fingerprint(cond) == _fingerprint(plain)  # every other parameter as the unconditional model's
