@@ -87,6 +87,11 @@ def python_path(*folders) -> str:
   return os.pathsep.join([*(str(f) for f in folders or (ROOT,)), *([given] if given else [])])
 
 
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS of a child process on `devices` CPU devices: this session's (conftest's) with the device count."""
+  return " ".join([*os.environ.get("XLA_FLAGS", "").split(), f"--xla_force_host_platform_device_count={devices}"])
+
+
 def environment(devices: Optional[int] = None, platform: Optional[str] = "cpu", env_extra=None) -> dict[str, str]:
   """This process's environment with the repository importable, JAX_PLATFORMS=platform (None: left unset, as a
   user's shell has it), `devices` CPU devices (None: as set), and env_extra on top."""
@@ -96,7 +101,7 @@ def environment(devices: Optional[int] = None, platform: Optional[str] = "cpu", 
   if platform:
     env["JAX_PLATFORMS"] = platform
   if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
   env.update(env_extra or {})
   return env
 
@@ -220,7 +225,7 @@ def assert_row_describes_this_machine(row, *, command_has, resumed_from, paralle
   assert (row["backend"], row["device_kind"], row["device_count"], row["process_count"]) == (
       "cpu", jax.devices("cpu")[0].device_kind, devices, 1)
   assert row["parallelism"] == parallelism and row["deterministic"] is False
-  assert row["xla_flags"] == f"--xla_force_host_platform_device_count={devices}"
+  assert row["xla_flags"] == xla_flags(devices)
   assert row["jax_settings"]["jax_platforms"] == "cpu" and row["jax_settings"]["environment"]["JAX_PLATFORMS"] == "cpu"
   assert row["jax_settings"]["jax_default_matmul_precision"] is None and row["jax_settings"]["jax_enable_x64"] is False
   assert os.path.basename(row["command"][0]) == "train.py" and command_has in row["command"]

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from helpers import ROOT, python_path
+from helpers import ROOT, python_path, xla_flags
 PLATFORMS = ("cuda", "tpu")
 # Custom calls a program may hold on every platform: none so far (sharding is expressed by Shardy's own ops).
 ALLOWED_CUSTOM_CALLS = set()
@@ -70,7 +70,7 @@ EXPORT_ALL = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_every_program_lowers_for_gpu_and_tpu_without_float64_or_custom_calls():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=python_path(), XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=python_path(), XLA_FLAGS=xla_flags(4))
   res = subprocess.run([sys.executable, "-c", EXPORT_ALL, ",".join(PLATFORMS)], env=env, capture_output=True,
                        text=True, timeout=600, cwd=ROOT)
   assert res.returncode == 0, res.stderr[-3000:]

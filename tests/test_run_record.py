@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import data, run_record, runtime
-from helpers import git, run_python
+from helpers import git, run_python, xla_flags
 
 
 def test_deterministic_sets_xla_flags_and_float32_precision_before_the_backend_and_the_row_says_so():
@@ -25,7 +25,7 @@ def test_deterministic_sets_xla_flags_and_float32_precision_before_the_backend_a
   """)
   out = run_python("-c", code, devices=2, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
-  flags = "--xla_force_host_platform_device_count=2 --xla_gpu_deterministic_ops=true"  # the user's flags kept
+  flags = f"{xla_flags(2)} --xla_gpu_deterministic_ops=true"  # the user's flags kept
   assert out.stdout.strip() == f'["{flags}", true, "{flags}", "float32"]'
 
 
