@@ -10,7 +10,6 @@ import pytest
 from ddpm_jax import diffusion as d
 from ddpm_jax.schedule import make_schedule
 
-pytestmark = pytest.mark.numerics  # also run under --precision-sim=tf32 (README, tests)
 
 SCHED = make_schedule("linear", 1000)
 

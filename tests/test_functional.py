@@ -19,7 +19,6 @@ from ddpm_jax.unet import AttentionBlock, timestep_embedding, unet_preset
 
 from helpers import ROOT, SMALL_MODEL
 
-pytestmark = pytest.mark.numerics  # also run under --precision-sim=tf32 (README, tests)
 
 README = ROOT / "README.md"
 
@@ -63,6 +62,7 @@ def test_learning_rate_schedule_by_value(lr_schedule):
     assert float(sched(s)) == pytest.approx(want, rel=1e-6, abs=peak * 1e-7), s
 
 
+@pytest.mark.numerics
 def test_gradient_accumulation_equals_one_step_on_the_concatenated_batch_and_moves_the_ema_once():
   k = 4
   rng = np.random.default_rng(0)
@@ -88,6 +88,7 @@ def test_gradient_accumulation_equals_one_step_on_the_concatenated_batch_and_mov
   assert float(jnp.abs(plain.params["w"]).sum()) > 0.1  # the updates did move the parameters
 
 
+@pytest.mark.numerics
 def test_attention_block_matches_a_float64_hand_computation():
   block = AttentionBlock(num_heads=2, head_dim=3, norm="layer", qkv_bias=False)
   x = jax.random.normal(jax.random.key(0), (2, 2, 3, 4))  # 6 pixels, 4 channels

@@ -13,8 +13,6 @@ from ddpm_jax.schedule import make_schedule
 from ddpm_jax.train_state import TrainState, init_params
 from ddpm_jax.unet import count_params, unet_preset
 
-pytestmark = pytest.mark.numerics  # also run under --precision-sim=tf32 (README, tests)
-
 
 def test_learn_variance_doubles_the_output_channels_and_adds_only_the_head_weights():
   x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)

@@ -11,7 +11,6 @@ from scipy import stats
 from ddpm_jax import likelihood
 from ddpm_jax.schedule import make_betas, schedule_from_betas
 
-pytestmark = pytest.mark.numerics  # also run under --precision-sim=tf32 (README, tests)
 
 T = 40  # few timesteps keep the scans short; beta_end 0.3 still drives ᾱ_T to 0.005, so the prior is small
 BETAS = make_betas("linear", T, 1e-4, 0.3)  # float64
@@ -265,6 +264,7 @@ def test_the_evaluator_pads_the_last_batch_without_changing_an_image_and_reports
                                                                                       rel=1e-6)
 
 
+@pytest.mark.numerics
 def test_the_training_run_logs_the_bound_at_its_eval_steps(tmp_path, capsys):
   from configs import default  # pylint: disable=g-import-not-at-top
   from ddpm_jax import builders  # pylint: disable=g-import-not-at-top

@@ -16,7 +16,6 @@ from ddpm_jax.sampling import SPACINGS, SamplerOptions, make_generator, sample, 
 from ddpm_jax.schedule import make_betas, make_schedule
 from helpers import run_python
 
-pytestmark = pytest.mark.numerics  # also run under --precision-sim=tf32 (README, tests)
 
 T = 1000
 SCHED = make_schedule("linear", T)

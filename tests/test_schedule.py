@@ -8,7 +8,6 @@ import pytest
 
 from ddpm_jax.schedule import SCHEDULES, make_schedule
 
-pytestmark = pytest.mark.numerics  # also run under --precision-sim=tf32 (README, tests)
 
 T = 1000
 B0, B1 = 1e-4, 0.02
