@@ -4,6 +4,7 @@ every process takes the same branch and a failure on one ends all of them within
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import json
@@ -23,6 +24,7 @@ LEAVING = PREFIX + "leaving/"  # + process index (but 0): that process is about 
 # long compile, a big restore); a dead process ends the run sooner, through the service's heartbeat.
 WAIT_MS = 2**31 - 1
 POLL_S = 0.2  # how often the failure watch looks for a failure
+STOP_WAIT_S = 5.0  # how long an ending process waits for the failure watch's call in flight to return
 LEAVE_WAIT_S = 10.0  # how long process 0, ending on a failure, waits for the others to be leaving (it hosts the
 # key-value store: leaving earlier would take the failure with it, and the others end on a lost connection)
 
@@ -189,15 +191,27 @@ def watch_failures(report: Callable[[BaseException], int]) -> None:
     return
   _report[:] = [report]
 
+  stop = threading.Event()
+
   def watch() -> None:
-    while True:
+    while not stop.is_set():
       try:
         record = json.loads(client.key_value_try_get(FAILURE))
       except Exception:  # pylint: disable=broad-except  (NOT_FOUND until a failure is announced)
-        time.sleep(POLL_S)
+        stop.wait(POLL_S)
         continue
       if record["process"] != str(jax.process_index()):  # the announcing process ends itself
         _end(client, record)
       return
 
-  threading.Thread(target=watch, name="ddpm_jax-failure-watch", daemon=True).start()
+  thread = threading.Thread(target=watch, name="ddpm_jax-failure-watch", daemon=True)
+  thread.start()
+  atexit.register(_stop_watching, stop, thread)
+
+
+def _stop_watching(stop: threading.Event, thread: threading.Thread) -> None:
+  """Ends the failure watch before the interpreter finalises. A daemon thread that comes back from the service's
+  C++ client once finalising has begun is ended inside that C++ call, and the process aborts ("FATAL: exception not
+  rethrown") instead of exiting with its code."""
+  stop.set()
+  thread.join(STOP_WAIT_S)

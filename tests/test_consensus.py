@@ -4,12 +4,14 @@
 import errno
 import signal
 import socket
+import textwrap
 import threading
 
 import pytest
 from jax._src.lib import _jax  # JAX's coordination service, as jax.distributed starts it
 
 from ddpm_jax import checkpoint, consensus, loop
+from helpers import run_python
 
 
 @pytest.mark.parametrize("error", [ValueError("bad value"), OSError(errno.EIO, "Input/output error"),
@@ -74,3 +76,26 @@ def test_each_decision_of_a_name_gets_its_own_answer_on_every_process(monkeypatc
     t.join(60)
   assert answers == [[[1], [2]], [[1], [2]]]  # (a failed process leaves the service up: shutting it down aborts)
   service.shutdown()
+
+
+def test_the_failure_watch_returns_from_its_call_in_flight_before_the_process_exits():
+  # A call to the coordination service that takes a while (a loaded or departed coordinator): the process ends
+  # normally meanwhile. The watch must be back from the call and stopped before the interpreter finalises; a thread
+  # still inside the service's C++ client then is ended there and aborts the process (exit -6).
+  code = textwrap.dedent("""
+      import time
+      from ddpm_jax import consensus
+
+      class SlowClient:
+        def key_value_try_get(self, key):
+          print("call", flush=True)
+          time.sleep(0.5)
+          print("returned", flush=True)
+          raise KeyError(key)  # NOT_FOUND: no failure announced
+
+      consensus._client = SlowClient
+      consensus.watch_failures(lambda error: 1)
+      time.sleep(0.1)  # the watch is inside its first call
+  """)
+  out = run_python("-c", code, timeout=120)
+  assert out.returncode == 0 and out.stdout.split() == ["call", "returned"], (out.stdout, out.stderr[-2000:])
