@@ -1,4 +1,4 @@
-"""Draws samples from a trained workdir: `python sample.py --workdir runs/default --num_samples 64 --out samples.png`."""
+"""Draws samples from a trained workdir: `python sample.py --workdir runs/default --num_samples 64 --out s.png`."""
 
 import dataclasses
 import functools

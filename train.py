@@ -32,7 +32,8 @@ from ddpm_jax import builders, checkpoint, consensus, loop  # pylint: disable=g-
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "default.py")
-builders.define_config_flag("train.py", DEFAULT_CONFIG, "Experiment config file; fields override as --config.key=value.")
+builders.define_config_flag("train.py", DEFAULT_CONFIG,
+                            "Experiment config file; fields override as --config.key=value.")
 flags.DEFINE_string("workdir", "runs/default", "Checkpoints, metrics, samples and the config go here.")
 flags.DEFINE_integer("stop_at_step", None, "Stop (with a checkpoint) at this step; schedules still span "
                      "config.num_train_steps.")

@@ -1,4 +1,5 @@
-"""Peak temporary memory of the single-device train step with attention as XLA's dot products or as cuDNN's fused kernel.
+"""Peak temporary memory of the single-device train step with attention as XLA's dot products or as cuDNN's fused
+kernel.
 
   python benchmarks/attention_memory.py --preset book64,ddpm_cifar10 --batch 64 --precision bf16,fp32
 

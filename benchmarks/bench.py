@@ -83,7 +83,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
          [f"--precision {x}" for x in args.precisions if x not in PRECISIONS] +
          [f"--batch {b}" for b in args.batches if b < 1])
   if bad or min(args.repeats, args.steps, args.sample_repeats) < 1:
-    p.error(f"invalid {', '.join(bad) or '--repeats/--steps/--sample_repeats (must be >= 1)'}: presets are {', '.join(PRESET_SIZES)}, "
+    what = ", ".join(bad) or "--repeats/--steps/--sample_repeats (must be >= 1)"
+    p.error(f"invalid {what}: presets are {', '.join(PRESET_SIZES)}, "
             f"precisions {', '.join(PRECISIONS)}, batches positive integers")
   return args
 
@@ -429,7 +430,8 @@ def run_one(preset: str, batch: int, precision: str, peak: float, args: argparse
   res.update(torch_res or {"torch_train_images_per_s": None, "torch_forward_images_per_s": None,
                            "torch_version": None})
   keep({})
-  compiled_res = torch_bench(preset, batch, precision, args, compiled=True) if torch_res and args.torch_compile else None
+  compiled_res = (torch_bench(preset, batch, precision, args, compiled=True)
+                  if torch_res and args.torch_compile else None)
   res.update(compiled_res or {"torch_compiled_train_images_per_s": None, "torch_compiled_forward_images_per_s": None})
   ratio = lambda a, b: res[a] / res[b] if res.get(b) else None
   res["train_ratio"] = ratio("jax_train_images_per_s", "torch_train_images_per_s")
@@ -463,13 +465,15 @@ def markdown(results: list[dict[str, Any]]) -> str:
     pair = lambda a, b, spec: f"{fmt(r.get(a), spec)} / {fmt(r.get(b), spec)}"  # pylint: disable=cell-var-from-loop
     lines.append(
         f"| {r['preset']} | {r['batch']} | {r['precision']} | {fmt(r['jax_train_images_per_s'], '.3g')} "
-        f"({r['jax_train_spread']:.1%}) | {pair('torch_train_images_per_s', 'torch_compiled_train_images_per_s', '.3g')} | "
+        f"({r['jax_train_spread']:.1%}) | "
+        f"{pair('torch_train_images_per_s', 'torch_compiled_train_images_per_s', '.3g')} | "
         f"{pair('train_ratio', 'compiled_train_ratio', '.2f')} | {fmt(r['jax_forward_images_per_s'], '.3g')} | "
         f"{pair('torch_forward_images_per_s', 'torch_compiled_forward_images_per_s', '.3g')} | "
         f"{pair('forward_ratio', 'compiled_forward_ratio', '.2f')} | {r['train_flops_per_image'] / 1e9:.2f} | "
         f"{r['train_flops_per_s'] / 1e12:.3f} | {r['train_fraction_of_peak']:.3f} | "
         f"{fmt(r['sample_ddim50_images_per_s'], '.3g')} | {fmt(r['sample_ddpm1000_images_per_s'], '.3g')} | "
-        f"{fmt(r['sample_ddim50_overhead'], '.2f')} | {fmt(r['peak_memory_bytes'] and r['peak_memory_bytes'] / 2**20, '.0f')} | "
+        f"{fmt(r['sample_ddim50_overhead'], '.2f')} | "
+        f"{fmt(r['peak_memory_bytes'] and r['peak_memory_bytes'] / 2**20, '.0f')} | "
         f"{r['train_compile_s']:.1f} |")
   return "\n".join(lines) + "\n"
 
@@ -491,7 +495,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
   peak = jax_matmul_peak(PRECISIONS[precision], n, args.repeats)
   print(f"matmul peak ({n}x{n}, {precision}): {peak / 1e12:.3f} TFLOP/s", flush=True)
   env = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax_version": jax.__version__,
-         "flax_version": flax.__version__, "optax_version": optax.__version__, "python": platform.python_version(), "matmul_n": n}
+         "flax_version": flax.__version__, "optax_version": optax.__version__, "python": platform.python_version(),
+         "matmul_n": n}
   return run_one(preset, batch, precision, peak, args, env)
 
 
@@ -564,7 +569,8 @@ def memory_markdown(rows: list[dict[str, Any]]) -> str:
   for r in rows:
     same = next(q for q in rows if (q["preset"], q["devices"], q["mode"]) == (r["preset"], r["devices"], "jit"))
     total = lambda q: q["argument_bytes"] + q["temp_bytes"]
-    lines.append(f"| {r['preset']} | {r['batch']} | {r['devices']} | {r['mode']} | {mib(r['state_bytes_per_device'])} | "
+    lines.append(f"| {r['preset']} | {r['batch']} | {r['devices']} | {r['mode']} | "
+                 f"{mib(r['state_bytes_per_device'])} | "
                  f"{mib(r['argument_bytes'])} | {mib(r['temp_bytes'])} | {mib(total(r))} | "
                  f"{total(r) / total(same):.2f} |")
   return "\n".join(lines) + "\n"
@@ -576,8 +582,8 @@ def memory_main(args: argparse.Namespace) -> int:
     os.environ["JAX_PLATFORMS"] = "cpu"
     print(json.dumps(memory_rows()), flush=True)
     return 0
-  env = dict(os.environ, DDPM_JAX_MEMORY_CHILD="1",
-             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={max(MEMORY_DEVICES)}")
+  devices = f"--xla_force_host_platform_device_count={max(MEMORY_DEVICES)}"
+  env = dict(os.environ, DDPM_JAX_MEMORY_CHILD="1", XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {devices}")
   done = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory"], env=env, capture_output=True,
                         text=True, check=False)
   if done.returncode:

@@ -74,7 +74,8 @@ def variants(x_shape: tuple[int, ...]) -> dict[str, dict[str, Callable]]:
       "im2col + matmul": {
           "forward": lambda x, w, g: jnp.dot(patches(x), w.reshape(9 * c, c), **F32).reshape(x.shape).astype(x.dtype),
           "input grad": col2im_dx,
-          "weight grad": lambda x, w, g: jnp.dot(patches(x).T, g.reshape(-1, c), **F32).reshape(w.shape).astype(w.dtype)},
+          "weight grad": lambda x, w, g: jnp.dot(patches(x).T, g.reshape(-1, c), **F32).reshape(w.shape).astype(
+              w.dtype)},
       "9 shifted matmuls": {"weight grad": shifted_dw},
       "dW as a forward conv": {"weight grad": forward_conv_dw},
   }

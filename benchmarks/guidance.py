@@ -1,4 +1,5 @@
-"""Classifier-free guidance's trade-off on a trained conditional workdir: the guidance table and picture of docs/results.md.
+"""Classifier-free guidance's trade-off on a trained conditional workdir: the guidance table and picture of
+docs/results.md.
 
   python benchmarks/guidance.py --workdir runs/guided --num_samples 1000 --scales 1,2,3,5 --picture docs/guided.png
 

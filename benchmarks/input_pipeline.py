@@ -3,13 +3,12 @@
   python benchmarks/input_pipeline.py --num_images 2000 --image_size 64 --batch 128 --steps 60 --workers 0,1,2 \
       --start_files 100000
 
-Sources: a folder of JPEGs it writes (decoded in 0, 1, 2... Grain worker processes), CIFAR-sized 32x32x3 images
-held in memory (gathered per batch with flips, in the training process's reading threads), and the digits. Each stream is read for
-`--steps` batches after `--warmup` batches (worker start-up and the first decode excluded); the median of
-`--repeats` timed runs is reported, with images/s per worker process where workers decode. With `--start_files N`,
-N small PNGs are written and the time from `make_source` to the first batch is measured (cold: a fresh listing).
-Only `make_source`, `array_source` and `batch_stream` are used.
-"""
+Sources: a folder of JPEGs it writes (decoded in 0, 1, 2... Grain worker processes), CIFAR-sized 32x32x3 images held
+in memory (gathered per batch with flips, in the training process's reading threads), and the digits. Each stream is
+read for `--steps` batches after `--warmup` batches (worker start-up and the first decode excluded); the median of
+`--repeats` timed runs is reported, with images/s per worker process where workers decode. With `--start_files N`, N
+small PNGs are written and the time from `make_source` to the first batch is measured (cold: a fresh listing). Only
+`make_source`, `array_source` and `batch_stream` are used."""
 
 from __future__ import annotations
 

@@ -42,7 +42,8 @@ def random_state(config: Any) -> TrainState:
   """The config's train state on the device, its floats random normal (its shapes from jax.eval_shape: no model
   is run)."""
   model, tx = builders.build_model(config), builders.build_optimizer(config)
-  abstract = jax.eval_shape(lambda: create_train_state(model, tx, jax.random.key(0), (1,) + builders.image_shape(config)))
+  shape = (1,) + builders.image_shape(config)
+  abstract = jax.eval_shape(lambda: create_train_state(model, tx, jax.random.key(0), shape))
   rng = np.random.default_rng(0)
   fill = lambda x: (rng.standard_normal(x.shape, np.float32).astype(x.dtype) if np.issubdtype(x.dtype, np.floating)
                     else np.zeros(x.shape, x.dtype))

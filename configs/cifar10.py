@@ -1,4 +1,4 @@
-"""The DDPM paper's CIFAR-10 setup (Ho et al. 2020), with this project's L1 loss (set diffusion.loss=l2 for the paper's)."""
+"""The DDPM paper's CIFAR-10 setup (Ho et al. 2020), with this project's L1 loss (diffusion.loss=l2: the paper's)."""
 
 import ml_collections
 from ml_collections.config_dict import placeholder

@@ -41,7 +41,8 @@ LASTING_ERRNOS = (None, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES,
 _SKIP_LOCK = threading.Lock()
 WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # PIL's modes of 16-bit (and 32-bit integer) gray images
 NO_LABEL = -1  # the label of a record in an unlabelled source
-PREPARE_COMMAND = "pip install -r requirements-prepare.txt && tfds build {name} --file_format=array_record --data_dir=DIR"
+PREPARE_COMMAND = ("pip install -r requirements-prepare.txt && "
+                   "tfds build {name} --file_format=array_record --data_dir=DIR")
 MAX_AUTO_WORKERS = 16
 
 
@@ -278,7 +279,8 @@ def evaluation_source(dataset: str, *, data_dir: Optional[str] = None, split: st
     if "test" in splits:
       return tfds_source(arg, "test", data_dir), f"the test split of {arg}"
     return make_source(dataset, data_dir=data_dir, split=split), f"the {split} split of {arg}, which has no test split"
-  return make_source(dataset, data_dir=data_dir, split=split), f"the training images of {dataset}, which has no test split"
+  source = make_source(dataset, data_dir=data_dir, split=split)
+  return source, f"the training images of {dataset}, which has no test split"
 
 
 def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
@@ -387,7 +389,8 @@ def in_memory(source: Source, image_size: int, channels: int) -> bool:
 
 def auto_workers() -> int:
   """Decoding worker processes when none are configured: one per core this process may use."""
-  return min(MAX_AUTO_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  return min(MAX_AUTO_WORKERS, cores)
 
 
 def check_worker_count(worker_count: Optional[int]) -> None:

@@ -148,7 +148,7 @@ def report(result: dict[str, Any]) -> str:
     worst = min((f, k) for k, f in enumerate(result["requested_fraction_by_class"]) if f is not None)
     asked = (f"{100 * result['requested_fraction']:.1f}% confidently the requested class (worst class {worst[1]}: "
              f"{100 * worst[0]:.1f}%; held-out real digits: {100 * result['real_requested_fraction']:.1f}%); ")
-  return (f"{result['num_samples']} samples: {asked}{100 * result['confident_fraction']:.1f}% classified with confidence "
-          f">= {CONFIDENCE}; classes {fractions} (total variation from uniform "
+  return (f"{result['num_samples']} samples: {asked}{100 * result['confident_fraction']:.1f}% classified with "
+          f"confidence >= {CONFIDENCE}; classes {fractions} (total variation from uniform "
           f"{result['class_tv_from_uniform']:.3f}); feature Fréchet distance {result['frechet_distance']:.2f} "
           f"vs real-vs-real floor {result['frechet_floor_real_vs_real']:.2f}")

@@ -1,4 +1,4 @@
-"""Training curves from metrics.jsonl with matplotlib (Agg): loss (raw and centred mean), learning rate, eval metrics."""
+"""Training curves from metrics.jsonl with matplotlib (Agg): loss (raw and centred mean), learning rate, evaluation."""
 
 from __future__ import annotations
 

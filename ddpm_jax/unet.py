@@ -186,8 +186,10 @@ class UNet(nn.Module):
 
   def validate(self, input_shape: Sequence[int]) -> None:
     """Raises ValueError for settings, or an NHWC input shape, this network cannot take."""
-    for field, value, allowed in (("topology", self.topology, TOPOLOGIES), ("block_order", self.block_order, BLOCK_ORDERS),
-                                  ("attn_norm", self.attn_norm, ATTN_NORMS), ("downsample", self.downsample, DOWNSAMPLES),
+    for field, value, allowed in (("topology", self.topology, TOPOLOGIES),
+                                  ("block_order", self.block_order, BLOCK_ORDERS),
+                                  ("attn_norm", self.attn_norm, ATTN_NORMS),
+                                  ("downsample", self.downsample, DOWNSAMPLES),
                                   ("init_scheme", self.init_scheme, INIT_SCHEMES),
                                   ("attention", self.attention, ATTENTIONS)):
       if value not in allowed:

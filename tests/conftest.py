@@ -35,7 +35,8 @@ def pytest_runtest_setup(item):
   program need not give the same bits (a GPU's atomics and autotuning vary between runs)."""
   if item.get_closest_marker("bitwise") and jax.default_backend() != "cpu" and \
       runtime.DETERMINISTIC_OPS not in os.environ.get("XLA_FLAGS", "").split():
-    pytest.skip(f"compares runs bit for bit: on {jax.default_backend()} only with XLA_FLAGS={runtime.DETERMINISTIC_OPS}")
+    pytest.skip(f"compares runs bit for bit: on {jax.default_backend()} only with "
+                f"XLA_FLAGS={runtime.DETERMINISTIC_OPS}")
 
 
 def pytest_collection_modifyitems(items):

@@ -252,7 +252,8 @@ def test_order_is_seeded_and_resume_continues_the_straight_run():
     for a, b in zip(resumed, straight[n:]):
       np.testing.assert_array_equal(a, b)
   # Each epoch visits every record once, the second in another order than the first (labels name the records).
-  source = data.array_source(np.zeros((128, 8, 8, 1), np.uint8), np.arange(128), class_names=[str(k) for k in range(128)])
+  source = data.array_source(np.zeros((128, 8, 8, 1), np.uint8), np.arange(128),
+                             class_names=[str(k) for k in range(128)])
   order = np.concatenate([y for _, y in take(data.batch_stream(source, seed=0, global_batch=64, image_size=8,
                                                                channels=1, labels=True), 4)])
   first, second = order[:128], order[128:]

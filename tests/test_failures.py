@@ -492,7 +492,8 @@ def test_config_file_errors_name_the_file(tmp_path):
   assert line("raises.py") == f"config file '{tmp_path}/raises.py' raised RuntimeError: boom"
   assert line("bare.py") == (f"config file '{tmp_path}/bare.py' has no get_config(): a config file defines "
                              "get_config() returning an ml_collections.ConfigDict (see configs/default.py)")
-  assert line("fails.py") == f"config file '{tmp_path}/fails.py': get_config() raised ZeroDivisionError: division by zero"
+  assert line("fails.py") == (f"config file '{tmp_path}/fails.py': get_config() raised ZeroDivisionError: "
+                              "division by zero")
 
 
 def test_help_exits_0_and_shows_the_config_flags():

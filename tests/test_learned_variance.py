@@ -52,7 +52,8 @@ def steps():
   out = {}
   for w in (0.0, 0.01):
     new, metrics = step(jnp.float32(w))
-    out[w] = ({k: float(params[k] - new.params[k]) for k in params}, {k: float(v) for k, v in metrics.items() if v is not None})
+    out[w] = ({k: float(params[k] - new.params[k]) for k in params},
+              {k: float(v) for k, v in metrics.items() if v is not None})
   return out
 
 

@@ -72,8 +72,9 @@ def test_a_failure_lets_the_checkpoint_in_flight_finish_and_says_what_is_kept(tm
   assert [code for code, _, _ in ends] == [1, 1] and abs(ends[0][2] - ends[1][2]) < 10, ends
   assert sorted(os.listdir(run / "checkpoints")) == ["5"]
   # 2. On a folder dataset that process 1 would list as empty (its own listing differs: a listing that lags on a
-  #    network file system): process 1 reads process 0's listing and trains. Then process 0 fails first (its hook), while process 1 is busy with work of
-  #    its own: both end with its line; process 0, which hosts the coordination service, leaves last.
+  #    network file system): process 1 reads process 0's listing and trains. Then process 0 fails first (its hook),
+  #    while process 1 is busy with work of its own: both end with its line; process 0, which hosts the coordination
+  #    service, leaves last.
   folder = tmp_path / "images"
   folder.mkdir()
   for k in range(32):

@@ -196,8 +196,8 @@ def test_sigint_while_sampling_ends_within_seconds_with_one_line(workdir, tmp_pa
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=python_path())
   # 2048 batches of 2 samples, 50 model calls each: minutes of sampling.
   proc = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "sample.py"), f"--workdir={workdir}",
-                           "--num_samples=4096", "--batch_size=2", "--method=ddim", "--steps=50", f"--out={out}"], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           "--num_samples=4096", "--batch_size=2", "--method=ddim", "--steps=50", f"--out={out}"],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   for line in proc.stdout:
     if line.startswith("sampled "):  # the first batch is done: it is sampling the next ones
       break
@@ -207,8 +207,9 @@ def test_sigint_while_sampling_ends_within_seconds_with_one_line(workdir, tmp_pa
   assert not out.exists() and not (tmp_path / "s.npz").exists()
 
 
-NLL_LINE = re.compile(r"^bits/dim: (\d+\.\d{4}) ± (\d+\.\d{4}) over 6 images \(prior (\S+) \+ decoder (\S+) \+ KL terms "
-                      r"(\S+); the training images of digits, which has no test split; variance fixed_large\)$", re.M)
+NLL_LINE = re.compile(r"^bits/dim: (\d+\.\d{4}) ± (\d+\.\d{4}) over 6 images "
+                      r"\(prior (\S+) \+ decoder (\S+) \+ KL terms (\S+); "
+                      r"the training images of digits, which has no test split; variance fixed_large\)$", re.M)
 
 
 def test_nll_prints_the_bound_with_its_parts_and_writes_it_beside_out(workdir, tmp_path):

@@ -409,8 +409,8 @@ def test_ddpm_with_clipping_matches_a_hand_computed_chain():
     (dict(method="ddim", num_steps=10, eta=1.5), "eta=1.5 is out of range"),
     (dict(variance="learned"), "variance='learned' is unknown: choose one of fixed_small, fixed_large"),
     (dict(x_T=jnp.zeros((1, 2, 2, 1))), "x_T has shape (1, 2, 2, 1), expected (2, 2, 2, 1)"),
-    (dict(method="ddim", num_steps=10, timestep_spacing="karras"), "timestep_spacing='karras' is unknown: choose one of "
-     "leading, trailing, linspace"),
+    (dict(method="ddim", num_steps=10, timestep_spacing="karras"),
+     "timestep_spacing='karras' is unknown: choose one of leading, trailing, linspace"),
     (dict(prediction="score"), "prediction='score' is unknown: choose one of eps, v, x0"),
     (dict(method="dpmpp_2m", num_steps=1000), "num_steps=1000 is invalid: it must be an integer in [1, 999] "
      "(method='dpmpp_2m' with timestep_spacing='leading' needs num_steps + 1 <= T)"),
