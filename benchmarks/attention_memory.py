@@ -24,20 +24,19 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
 import report  # pylint: disable=g-import-not-at-top  (benchmarks/report.py, beside this script)
+from bench import PRECISIONS, PRESET_SIZES  # pylint: disable=g-import-not-at-top  (bench.py loads JAX lazily)
 from ddpm_jax import training  # pylint: disable=g-import-not-at-top
 from ddpm_jax.schedule import make_schedule  # pylint: disable=g-import-not-at-top
 from ddpm_jax.train_state import create_train_state  # pylint: disable=g-import-not-at-top
-from ddpm_jax.unet import ATTENTIONS, unet_preset  # pylint: disable=g-import-not-at-top
+from ddpm_jax.unet import ATTENTIONS, cudnn_attention_runs, unet_preset  # pylint: disable=g-import-not-at-top
 
-SIZES = {"tiny": 32, "ddpm_cifar10": 32, "book64": 64}
-DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 IMPLEMENTATIONS = tuple(a for a in ATTENTIONS if a != "auto")  # the kernels themselves
 
 
 def step_memory(preset: str, batch: int, precision: str, implementation: str) -> dict[str, Any]:
   """XLA's memory analysis of one compiled train step with attention forced to `implementation`."""
-  size = SIZES[preset]
-  model = unet_preset(preset, dtype=DTYPES[precision], attention=implementation)
+  size = PRESET_SIZES[preset]
+  model = unet_preset(preset, dtype=PRECISIONS[precision], attention=implementation)
   tx = training.make_optimizer(learning_rate=2e-4, total_steps=800_000, warmup_steps=5000, lr_schedule="constant",
                                optimizer="adamw", grad_clip_norm=1.0)
   step = functools.partial(training.train_step, schedule=make_schedule("linear", 1000), ema_decay=0.9999)
@@ -78,7 +77,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
   """Measures every (preset, precision, implementation) and prints the table."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="book64,ddpm_cifar10", help=f"comma-separated: {', '.join(SIZES)}")
+  parser.add_argument("--preset", default="book64,ddpm_cifar10", help=f"comma-separated: {', '.join(PRESET_SIZES)}")
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--precision", default="bf16,fp32", help="comma-separated: fp32, bf16")
   parser.add_argument("--attention", default=",".join(IMPLEMENTATIONS), help="comma-separated: xla, cudnn")
@@ -86,15 +85,19 @@ def main() -> None:
   parser.add_argument("--markdown", default="")
   args = parser.parse_args()
   presets, precisions, impls = args.preset.split(","), args.precision.split(","), args.attention.split(",")
-  bad = ([p for p in presets if p not in SIZES] + [p for p in precisions if p not in DTYPES] +
+  bad = ([p for p in presets if p not in PRESET_SIZES] + [p for p in precisions if p not in PRECISIONS] +
          [i for i in impls if i not in IMPLEMENTATIONS])
   if bad or args.batch < 1:
-    parser.error(f"invalid {', '.join(bad) or f'--batch {args.batch}'}: presets {', '.join(SIZES)}; precisions "
-                 f"{', '.join(DTYPES)}; attention {', '.join(IMPLEMENTATIONS)}; batch a positive integer")
+    parser.error(f"invalid {', '.join(bad) or f'--batch {args.batch}'}: presets {', '.join(PRESET_SIZES)}; precisions "
+                 f"{', '.join(PRECISIONS)}; attention {', '.join(IMPLEMENTATIONS)}; batch a positive integer")
   rows = []
   for preset in presets:
     for precision in precisions:
       for impl in impls:
+        if impl == "cudnn" and not cudnn_attention_runs(PRECISIONS[precision]):
+          print(f"[attention_memory] {preset} {precision} cudnn: skipped, cuDNN's fused attention needs a GPU and bf16 "
+                f"(this machine: {jax.default_backend()})", flush=True)
+          continue
         rows.append(step_memory(preset, args.batch, precision, impl))
         print(f"[attention_memory] {rows[-1]}", flush=True)
         if args.json:

@@ -36,7 +36,7 @@ from ddpm_jax.evaluation import Evaluator
 from ddpm_jax.reporting import MetricWriter
 from ddpm_jax.schedule import Schedule, make_schedule
 from ddpm_jax.train_state import create_train_state, init_params
-from ddpm_jax.unet import UNet, unet_preset
+from ddpm_jax.unet import UNet, cudnn_attention_runs, unet_preset
 
 REQUIRED = ("seed", "batch_size", "num_train_steps", "checkpoint_every_steps", "log_every_steps", "image_size",
             "dataset")
@@ -411,11 +411,10 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, proces
   reporting.check_wandb(config.wandb.project)
   model = build_model(config)
   model.validate((1,) + image_shape(config))
-  dtype = np.dtype(model.dtype).name
-  if model.attention == "cudnn" and (jax.default_backend() != "gpu" or dtype not in ("bfloat16", "float16")):
+  if model.attention == "cudnn" and not cudnn_attention_runs(model.dtype):
     raise ValueError(f"model.attention='cudnn' needs a GPU with cuDNN and model.dtype bfloat16 or float16, and this "
-                     f"run has {jax.default_backend()} devices and model.dtype={dtype}: use auto (cuDNN's kernel "
-                     "where it applies) or xla")
+                     f"run has {jax.default_backend()} devices and model.dtype={np.dtype(model.dtype).name}: use auto "
+                     "(cuDNN's kernel where it applies) or xla")
   schedule = build_schedule(config)
   build_optimizer(config)
   _choice("diffusion.loss", config.diffusion.loss, diffusion.LOSSES)

@@ -95,12 +95,17 @@ class ResBlock(nn.Module):
     return x + h
 
 
+def cudnn_attention_runs(dtype: Any) -> bool:
+  """Whether cuDNN's fused attention can run here in compute `dtype`: on a GPU, in bfloat16 or float16."""
+  return jax.default_backend() == "gpu" and jnp.dtype(dtype) in FUSED_DTYPES
+
+
 def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, attention: str) -> jnp.ndarray:
   """softmax(q k^T / sqrt(d)) v over [B, L, heads, d]: `xla` materialises the B x heads x L x L scores, `cudnn` runs
   cuDNN's fused kernel, `auto` the fused kernel on a GPU in bf16 or fp16 where cuDNN takes the shapes, else XLA's."""
   if attention != "auto":
     return jax.nn.dot_product_attention(q, k, v, implementation=attention)
-  if jax.default_backend() == "gpu" and q.dtype in FUSED_DTYPES:
+  if cudnn_attention_runs(q.dtype):
     try:
       return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     except (NotImplementedError, RuntimeError, ValueError) as e:  # cuDNN absent, or a head size or GPU it cannot take
