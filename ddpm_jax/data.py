@@ -33,6 +33,7 @@ from absl import flags, logging
 from PIL import Image, UnidentifiedImageError
 
 from ddpm_jax import runtime
+from ddpm_jax.labels import NO_LABEL
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 NAMED_SKIPS = 100  # unreadable files named one warning each per decoding process; beyond, every 1,000th
@@ -40,7 +41,6 @@ NAMED_SKIPS = 100  # unreadable files named one warning each per decoding proces
 LASTING_ERRNOS = (None, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM)
 _SKIP_LOCK = threading.Lock()
 WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # PIL's modes of 16-bit (and 32-bit integer) gray images
-NO_LABEL = -1  # the label of a record in an unlabelled source
 PREPARE_COMMAND = ("pip install -r requirements-prepare.txt && "
                    "tfds build {name} --file_format=array_record --data_dir=DIR")
 MAX_AUTO_WORKERS = 16

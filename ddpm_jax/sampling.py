@@ -22,7 +22,7 @@ import numpy as np
 
 from ddpm_jax import diffusion, parallel
 from ddpm_jax.schedule import Schedule, schedule_from_betas
-from ddpm_jax.unet import NO_LABEL
+from ddpm_jax.labels import NO_LABEL
 
 EpsFn = Callable[..., jnp.ndarray]  # (x_t, t) -> model output; with labels, (x_t, t, labels) -> model output
 METHODS = ("ddpm", "ddim", "dpmpp_2m")

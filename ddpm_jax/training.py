@@ -9,7 +9,7 @@ import optax
 from ddpm_jax import diffusion, likelihood
 from ddpm_jax.schedule import Schedule
 from ddpm_jax.train_state import TrainState
-from ddpm_jax.unet import NO_LABEL
+from ddpm_jax.labels import NO_LABEL
 
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from ddpm_jax.labels import NO_LABEL
+
 Dtype = Any
 
 TOPOLOGIES = ("ddpm", "book")
@@ -22,7 +24,6 @@ DOWNSAMPLES = ("conv", "space_to_depth")
 INIT_SCHEMES = ("flax", "ddpm")
 ATTENTIONS = ("auto", "xla", "cudnn")  # how attention is computed: the same function and parameters either way
 FUSED_DTYPES = (jnp.bfloat16, jnp.float16)  # the compute dtypes cuDNN's fused attention takes
-NO_LABEL = -1  # a class label meaning "no label": a conditional U-Net's unconditional embedding row
 
 
 def initializers(scheme: str) -> tuple[Any, Any]:
