@@ -7,10 +7,11 @@ import socket
 import textwrap
 import threading
 
+import numpy as np
 import pytest
 from jax._src.lib import _jax  # JAX's coordination service, as jax.distributed starts it
 
-from ddpm_jax import checkpoint, consensus, loop
+from ddpm_jax import checkpoint, consensus, data, loop
 from helpers import run_python
 
 
@@ -44,15 +45,16 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_each_decision_of_a_name_gets_its_own_answer_on_every_process(monkeypatch):
-  # Two processes as two threads, each with its own client of one coordination service (JAX's, as in a real job).
+def on_two_processes(monkeypatch, work):
+  """[work(0), work(1)] run by two processes as two threads, each with its own client of one coordination service
+  (JAX's, as in a real job) and its own count of decisions."""
   address = f"127.0.0.1:{_free_port()}"
   service = _jax.get_distributed_runtime_service(address, 2)
   clients = [_jax.get_distributed_runtime_client(address, i) for i in range(2)]
   me = threading.local()
   monkeypatch.setattr(consensus, "_client", lambda: clients[me.index])
   monkeypatch.setattr(consensus.jax, "process_index", lambda: me.index)
-  counters = [{}, {}]  # each process counts its own decisions
+  counters = [{}, {}]
 
   class PerProcess:
     get = lambda self, key, default: counters[me.index].get(key, default)
@@ -64,8 +66,7 @@ def test_each_decision_of_a_name_gets_its_own_answer_on_every_process(monkeypatc
   def process(index):
     me.index = index
     clients[index].connect()
-    # process 0 decides "resume" twice (say, two runs in one job); process 1 would decide otherwise
-    answers[index] = [consensus.decide("resume", (lambda k=k: [index * 10 + k])) for k in (1, 2)]
+    answers[index] = work(index)
     consensus.wait_for_all("done")
     clients[index].shutdown()  # a barrier of every client
 
@@ -74,8 +75,27 @@ def test_each_decision_of_a_name_gets_its_own_answer_on_every_process(monkeypatc
     t.start()
   for t in threads:
     t.join(60)
-  assert answers == [[[1], [2]], [[1], [2]]]  # (a failed process leaves the service up: shutting it down aborts)
+  assert None not in answers, answers  # (a failed process leaves the service up: shutting it down aborts)
   service.shutdown()
+  return answers
+
+
+def test_each_decision_of_a_name_gets_its_own_answer_on_every_process(monkeypatch):
+  # process 0 decides "resume" twice (say, two runs in one job); process 1 would decide otherwise
+  answers = on_two_processes(monkeypatch, lambda index: [consensus.decide("resume", (lambda k=k: [index * 10 + k]))
+                                                         for k in (1, 2)])
+  assert answers == [[[1], [2]], [[1], [2]]]
+
+
+def test_an_imagenet_sized_folder_listing_reaches_every_process_intact(monkeypatch):
+  # 1,281,000 paths shaped as ImageNet's training files (class/class_number.JPEG, 39 MB of text; about 6.4 MB
+  # packed): as builders shares process 0's listing. Process 1 lists nothing of its own.
+  rng = np.random.default_rng(0)
+  classes = [f"n{c:08d}" for c in rng.choice(10**8, 1000, replace=False)]
+  files = sorted(f"{c}/{c}_{k}.JPEG" for c in classes for k in rng.choice(10**6, 1281, replace=False))
+  answers = on_two_processes(monkeypatch, lambda index: data.unpack_listing(consensus.decide(
+      "folder listing", lambda: data.pack_listing(files if index == 0 else []))))
+  assert answers[0] == answers[1] == files
 
 
 def test_the_failure_watch_returns_from_its_call_in_flight_before_the_process_exits():
