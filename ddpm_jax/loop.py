@@ -263,7 +263,6 @@ def train(training: Training, workdir: str) -> TrainState:
   checkpoints kept. Every cleanup runs whatever another one raises: the
   writer is closed, the signal handlers restored, the workdir lock released.
   """
-  t = training
   lead = jax.process_index() == 0
   made = not epath.Path(workdir).exists()  # by this run: removed again if it ends having written nothing
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -289,7 +288,7 @@ def train(training: Training, workdir: str) -> TrainState:
 
     with consensus.cleanup(abandon):  # (the failing process's own ending included)
       try:
-        return _run(t, workdir, parts, cleanups)
+        return _run(training, workdir, parts, cleanups)
       except Exception as e:  # pylint: disable=broad-except
         if not isinstance(e, Interrupted):  # an agreed stop: every process raises it together
           consensus.fail_together(e)  # several processes: ends this one (abandon first)

@@ -238,9 +238,24 @@ def sample(
   is guided with scale `guidance_scale` (see `guided`): 0 is unconditional, 1
   conditional, above 1 guided beyond it; without labels the scale has no effect.
   Sample b's noise comes from fold_in(key, index_offset + b) alone, so a sample
-  depends only on that and its label, not on the batch it is drawn in. With
-  `return_trajectory` also returns x after every `trajectory_stride`-th step,
-  stacked on axis 0.
+  depends only on that and its label, not on the batch it is drawn in.
+
+  Args:
+    eps_fn: the model function (ε, v or x0 out, as `prediction` says).
+    schedule: the noise schedule the model was trained with.
+    key: the samples' noise (with `index_offset`, see above).
+    shape: [B, H, W, C] of the samples.
+    method, num_steps, eta, clip_x0, variance, timestep_spacing, prediction,
+      guidance_scale: the settings SamplerOptions holds (above).
+    x_T: the starting noise instead of the key's (shape `shape`).
+    return_trajectory, trajectory_stride: also return x along the chain.
+    index_offset: sample b's noise index is index_offset + b.
+    labels: int class labels [B] of a conditional model.
+
+  Returns:
+    x_0 [*shape] in [-1, 1] (clipped when clip_x0), or (x_0, trajectory) with
+    `return_trajectory`: x after every `trajectory_stride`-th step, stacked on
+    axis 0. A bad setting or shape raises ValueError naming it.
   """
   shape = tuple(int(s) for s in shape)
   options = SamplerOptions(method, num_steps, eta, clip_x0, variance, timestep_spacing, prediction, guidance_scale)
@@ -310,6 +325,19 @@ def make_generator(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, ima
                    ) -> Callable[..., np.ndarray]:
   """A function (params, key, num_samples, progress=None, labels=None) -> float samples [N, *image_shape] in
   [-1, 1].
+
+  Args:
+    model_fn: the network as model_fn(params, x_t, t) (+ labels when given).
+    schedule: the noise schedule the model was trained with.
+    image_shape: (H, W, C) of one sample.
+    options: the sampler's settings.
+    batch_size: samples per compiled call, split over `devices`.
+    devices: the devices to sample on (default: every device of every process).
+
+  Returns:
+    generate(params, key, num_samples, progress=None, labels=None): a NumPy
+    array [num_samples, *image_shape]; its `program` attribute is the jitted
+    sampler, for lowering and export.
 
   `model_fn(params, x_t, t)` is the network (`model_fn(params, x_t, t, labels)`
   when `labels`, one int class per sample, are given: guided by

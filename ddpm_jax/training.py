@@ -36,8 +36,20 @@ def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int 
                    grad_accum_steps: int = 1) -> optax.GradientTransformation:
   """Adam or AdamW with the learning-rate schedule, optional global-norm clipping and gradient accumulation.
 
-  `total_steps` counts train steps (micro-steps under accumulation); the
-  schedule spans the total_steps // grad_accum_steps updates they apply.
+  Args:
+    learning_rate: the peak learning rate.
+    total_steps: train steps (micro-steps under accumulation); the schedule
+      spans the total_steps // grad_accum_steps updates they apply.
+    warmup_steps: updates of linear warmup from 0 to the peak.
+    lr_schedule: the decay after the warmup (LR_SCHEDULES).
+    optimizer: "adam" or "adamw" (OPTIMIZERS), with b1, b2, eps and, for
+      adamw, weight_decay.
+    grad_clip_norm: the global gradient norm clipped to; 0 turns clipping off.
+    grad_accum_steps: micro-steps whose mean gradient makes one update
+      (optax.MultiSteps) when above 1.
+
+  Returns:
+    The optax transformation; a bad name or value raises ValueError naming it.
   """
   if optimizer not in OPTIMIZERS:
     raise ValueError(f"optimizer={optimizer!r} is unknown: choose one of {', '.join(OPTIMIZERS)}")
@@ -72,7 +84,22 @@ def train_step(state: TrainState, batch: jnp.ndarray, key: jax.Array, *, schedul
                loss_weighting: str = "none", min_snr_gamma: float = 5.0, labels: jnp.ndarray | None = None,
                cond_drop_prob: float = 0.0, vlb_weight: float = 0.0, axis_name: str | None = None
                ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
-  """One optimisation step on a batch [b, H, W, C] of images in [-1, 1]; returns the new state and metrics.
+  """One optimisation step on a batch of images; returns the new state and its metrics.
+
+  Args:
+    state: the TrainState before the step (its apply_fn is the network).
+    batch: images [b, H, W, C] in [-1, 1].
+    key: this run's key; the step folds in state.step, so one key serves a run.
+    schedule: the noise schedule (T = schedule.num_timesteps).
+    loss, prediction, loss_weighting, min_snr_gamma: the objective (below).
+    ema_decay, ema_warmup: the EMA update (TrainState.apply_gradients).
+    labels, cond_drop_prob: class conditioning (below); None: unconditional.
+    vlb_weight: λ of the hybrid loss of a learned-variance network (below).
+    axis_name: the device axis to average over under pmap / shard_map.
+
+  Returns:
+    (the state after the update, metrics): `loss` (the weighted objective),
+    `grad_norm`, `lr`, and `vlb` for a learned-variance network.
 
   The network learns `prediction` (ε, v or x0) under the `loss` (l1 or l2)
   of each example, weighted by `loss_weighting` ("none" or "min_snr" with
