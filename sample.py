@@ -149,7 +149,7 @@ def main(argv):
   runtime.quiet_storage_retries()
   if FLAGS.deterministic:
     runtime.make_deterministic()  # before anything starts JAX's backends
-  checkpoint.quiet_orbax()
+  runtime.quiet_orbax()
   runtime.enable_compilation_cache(FLAGS.compilation_cache)
   try:
     if not (FLAGS.workdir or FLAGS.checkpoint):

@@ -92,7 +92,7 @@ def main(argv):
       jax.distributed.initialize(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
       logging.info("%s job detected: process %d of %d", cluster, jax.process_index(), jax.process_count())
     consensus.watch_failures(report)  # a failure on any process ends every process with its line and exit code
-  checkpoint.quiet_orbax()
+  runtime.quiet_orbax()
   runtime.enable_compilation_cache(FLAGS.compilation_cache)
   try:
     loop.train(builders.build_training(FLAGS.config, FLAGS.workdir, FLAGS.stop_at_step, sys.argv), FLAGS.workdir)

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
-import sys
 import threading
 import time
-import warnings
 from typing import Any, Callable, Optional
 
 import flax.serialization
@@ -24,52 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging as absl_logging
 from etils import epath
 
 from ddpm_jax import runtime, storage
 from ddpm_jax.train_state import TrainState
-
-
-class _OrbaxFilter(logging.Filter):
-  """Passes everything but orbax's INFO chatter and its errors: a failed save or restore reaches the user as one
-  CheckpointError line instead of orbax's tracebacks from each of its threads, or from asyncio's report of an
-  orbax task or future whose failure was already raised ("... exception was never retrieved")."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if record.name == "asyncio" and "exception was never retrieved" in record.getMessage():
-      return False  # only orbax (and tensorstore under it) runs asyncio tasks in these programs
-    return not _in_orbax(record.pathname) or record.levelno == logging.WARNING
-
-
-def _in_orbax(path: str) -> bool:
-  """Whether a source file belongs to orbax."""
-  return f"{os.sep}orbax{os.sep}" in path
-
-
-def _closed_loop_echo(error: BaseException) -> bool:
-  """Whether an error is asyncio's "Event loop is closed", raised when tensorstore completes a read or write for an
-  orbax call that already failed and closed its loop: an echo of an error already reported."""
-  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-
-
-def _orbax_coroutine(thing: object) -> bool:
-  """Whether an object is one of orbax's coroutines: its exceptions that nobody awaited after an orbax call failed
-  (e.g. reading the other slices of a damaged array) echo an error already reported."""
-  code = getattr(thing, "cr_code", None)
-  return code is not None and _in_orbax(code.co_filename)
-
-
-def quiet_orbax() -> None:
-  """Keeps orbax's per-save INFO chatter out of the absl log, and the echoes of a failed orbax call off stderr
-  (entry points call this)."""
-  absl_logging.get_absl_handler().addFilter(_OrbaxFilter())
-  # orbax's coroutines left behind by a failed save or read, collected at exit (only orbax runs coroutines in the
-  # entry points)
-  warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
-  unraisable, thread_hook = sys.unraisablehook, threading.excepthook
-  sys.unraisablehook = lambda u: None if _closed_loop_echo(u.exc_value) or _orbax_coroutine(u.object) else unraisable(u)
-  threading.excepthook = lambda a: None if _closed_loop_echo(a.exc_value) else thread_hook(a)
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -1,7 +1,7 @@
 """Process set-up shared by the entry points: ending on SIGINT / SIGTERM at once (and leaving them to the main process
 in input workers), XLA's persistent compilation cache, deterministic settings, finding the cluster job this process
-belongs to, JAX's backend discovery log, and which failures are out-of-memory errors. Imports no JAX at load time: the
-entry points set up signals first, before the heavy imports."""
+belongs to, JAX's backend discovery log, orbax's log and echoes, and which failures are out-of-memory errors.
+Imports no JAX at load time: the entry points set up signals first, before the heavy imports."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Callable, Optional
 
 # JAX's cluster detectors that train.py follows with no flags: Cloud TPU VMs (a pod slice's workers, on GCE or GKE),
@@ -161,6 +162,49 @@ def quiet_storage_retries() -> None:
   """Keeps gcsfs's traceback of each request that failed after its retries off stderr: the exception reaches the
   caller, which reports it in one line (a bucket that cannot be reached printed two 25-line tracebacks first)."""
   logging.getLogger("gcsfs").addFilter(lambda record: not (record.exc_info and record.levelno >= logging.ERROR))
+
+
+class _OrbaxFilter(logging.Filter):
+  """Passes everything but orbax's INFO chatter and its errors: a failed save or restore reaches the user as one
+  CheckpointError line instead of orbax's tracebacks from each of its threads, or from asyncio's report of an
+  orbax task or future whose failure was already raised ("... exception was never retrieved")."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.name == "asyncio" and "exception was never retrieved" in record.getMessage():
+      return False  # only orbax (and tensorstore under it) runs asyncio tasks in these programs
+    return not _in_orbax(record.pathname) or record.levelno == logging.WARNING
+
+
+def _in_orbax(path: str) -> bool:
+  """Whether a source file belongs to orbax."""
+  return f"{os.sep}orbax{os.sep}" in path
+
+
+def _closed_loop_echo(error: BaseException) -> bool:
+  """Whether an error is asyncio's "Event loop is closed", raised when tensorstore completes a read or write for an
+  orbax call that already failed and closed its loop: an echo of an error already reported."""
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _orbax_coroutine(thing: object) -> bool:
+  """Whether an object is one of orbax's coroutines: its exceptions that nobody awaited after an orbax call failed
+  (e.g. reading the other slices of a damaged array) echo an error already reported."""
+  code = getattr(thing, "cr_code", None)
+  return code is not None and _in_orbax(code.co_filename)
+
+
+def quiet_orbax() -> None:
+  """Keeps orbax's per-save INFO chatter out of the absl log, and the echoes of a failed orbax call off stderr
+  (entry points call this)."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top  (see the module docstring)
+
+  absl_logging.get_absl_handler().addFilter(_OrbaxFilter())
+  # orbax's coroutines left behind by a failed save or read, collected at exit (only orbax runs coroutines in the
+  # entry points)
+  warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
+  unraisable, thread_hook = sys.unraisablehook, threading.excepthook
+  sys.unraisablehook = lambda u: None if _closed_loop_echo(u.exc_value) or _orbax_coroutine(u.object) else unraisable(u)
+  threading.excepthook = lambda a: None if _closed_loop_echo(a.exc_value) else thread_hook(a)
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorstore
 
-from ddpm_jax import builders, checkpoint, consensus, loop, reporting, workdir_lock
+from ddpm_jax import builders, checkpoint, consensus, loop, reporting, runtime, workdir_lock
 from helpers import ROOT, one_error_line, python_path, run_python, run_script, run_train, small_config, small_run
 
 
@@ -205,7 +205,7 @@ def test_an_async_save_writes_its_steps_values_while_the_next_steps_reuse_their_
 def test_asyncio_reports_of_failed_orbax_tasks_are_dropped_and_other_asyncio_errors_kept():
   # A failed save raises CheckpointError; asyncio may later log the same failure of one of orbax's tasks or futures,
   # with a traceback, from its base_events module (seen on a loaded machine: 40 more lines in the full-disk test).
-  quiet = checkpoint._OrbaxFilter()  # pylint: disable=protected-access
+  quiet = runtime._OrbaxFilter()  # pylint: disable=protected-access
   record = lambda message: logging.LogRecord("asyncio", logging.ERROR, "/usr/lib/python3.11/asyncio/base_events.py",
                                              1771, message, None, None)
   for kind in ("Task", "_GatheringFuture", "Future"):
@@ -242,8 +242,9 @@ def read_only(path):
 def test_a_save_into_a_read_only_folder_ends_the_process_within_seconds(tmp_path):
   workdir, _, _ = small_run(tmp_path, steps=(2,))
   # A process saving step 4 into the read-only folder; the error propagates (exit 1, its last line).
-  code = ("import pathlib, sys, tempfile, jax; from ddpm_jax import checkpoint; from helpers import small_run; "
-          "checkpoint.quiet_orbax(); _, config, create = small_run(pathlib.Path(tempfile.mkdtemp()), steps=()); "
+  code = ("import pathlib, sys, tempfile, jax; from ddpm_jax import checkpoint, runtime; "
+          "from helpers import small_run; runtime.quiet_orbax(); "
+          "_, config, create = small_run(pathlib.Path(tempfile.mkdtemp()), steps=()); "
           "manager = checkpoint.make_manager(sys.argv[1]); "
           "checkpoint.save(manager, create().replace(step=jax.numpy.asarray(4)), config.to_dict())")
   with read_only(workdir / "checkpoints"):

@@ -29,7 +29,7 @@ flags.DEFINE_bool("unet_only", False, "Write a UNet2DModel folder alone, without
 def main(argv):
   del argv
   runtime.quiet_backend_discovery()
-  checkpoint.quiet_orbax()
+  runtime.quiet_orbax()
   with builders.one_line_errors("export_diffusers.py"):
     if not (FLAGS.workdir or FLAGS.checkpoint) or not FLAGS.out:
       raise ValueError("give --workdir (latest checkpoint) or --checkpoint WORKDIR/checkpoints/STEP, and --out")

@@ -66,7 +66,7 @@ def imported_config(base: ml_collections.ConfigDict, path: str, spec: pretrained
 
 def main(argv):
   runtime.quiet_backend_discovery()
-  checkpoint.quiet_orbax()
+  runtime.quiet_orbax()
   with builders.one_line_errors("import_diffusers.py"):
     if len(argv) != 2:
       raise ValueError("give one diffusers folder: python tools/import_diffusers.py PATH --workdir W")
