@@ -14,7 +14,7 @@ import errno
 import os
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax.serialization
 import jax
@@ -25,6 +25,20 @@ from etils import epath
 
 from ddpm_jax import runtime, storage
 from ddpm_jax.train_state import TrainState
+
+
+def move_aside(manager: ocp.CheckpointManager, steps: Sequence[int]) -> list[str]:
+  """Renames the damaged checkpoints `steps` to STEP.damaged (STEP.damaged.K when an older copy is there): no longer
+  listed, not deleted, and the run writes those steps again. Returns the new names."""
+  root, names = epath.Path(manager.directory), []
+  for step in steps:
+    target, k = root / f"{step}.damaged", 1
+    while target.exists():
+      target, k = root / f"{step}.damaged.{k}", k + 1
+    (root / str(step)).rename(target)
+    names.append(target.name)
+  manager.reload()
+  return names
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -153,17 +153,10 @@ def _restore_or_create(manager, create_state: Callable[[], TrainState], layout: 
       damaged.append(step)
       continue
     logging.info("resumed from the checkpoint of step %d in %s", step, manager.directory)
-    if damaged:  # moved aside, not deleted: the run will write these steps again
-      for bad in damaged:
-        target = epath.Path(manager.directory) / f"{bad}.damaged"
-        k = 1
-        while target.exists():  # damaged before: keep every copy
-          target = epath.Path(manager.directory) / f"{bad}.damaged.{k}"
-          k += 1
-        (epath.Path(manager.directory) / str(bad)).rename(target)
-      manager.reload()
-      print(f"resuming from checkpoint {step}, the newest intact one; the damaged "
-            f"{', '.join(f'{b}.damaged' for b in damaged)} stay in {manager.directory}", file=sys.stderr, flush=True)
+    if damaged:
+      names = checkpoint.move_aside(manager, damaged)
+      print(f"resuming from checkpoint {step}, the newest intact one; the damaged {', '.join(names)} stay in "
+            f"{manager.directory}", file=sys.stderr, flush=True)
     return state
   raise checkpoint.CheckpointReadError(f"no checkpoint in {manager.directory} can be read (steps "
                                        f"{', '.join(map(str, steps))}): move the folder away to start afresh")

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -42,6 +43,13 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys):
   assert f"warning: checkpoint 4 in {workdir}/checkpoints could not be read: " in err
   assert "resuming from checkpoint 2, the newest intact one; the damaged 4.damaged stay in" in err
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4.damaged"]  # kept for inspection, out of the way
+  # Step 4 damaged again: the earlier copy stays, the new one is named (and reported) beside it.
+  shutil.copytree(workdir / "checkpoints" / "4.damaged", workdir / "checkpoints" / "4")
+  manager = checkpoint.make_manager(str(workdir))
+  state = loop._restore_or_create(manager, create, lambda abstract: abstract)  # pylint: disable=protected-access
+  manager.close()
+  assert int(state.step) == 2 and "the damaged 4.damaged.1 stay in" in capsys.readouterr().err
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4.damaged", "4.damaged.1"]
 
 
 def test_sample_names_the_intact_checkpoints_when_the_latest_is_damaged(tmp_path):
