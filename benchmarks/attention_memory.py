@@ -5,8 +5,8 @@ kernel.
 
 Each configuration is compiled once per attention implementation (nothing runs) and XLA's compiled memory analysis
 is read, with the U-Net's `attention` field set to each kernel: `xla` materialises the B x heads x L x L scores,
-`cudnn` is cuDNN's fused kernel (GPU only; bf16 or fp16 only, so a float32 row says why it does not apply). A row is
-written to --json the moment it is measured.
+`cudnn` is cuDNN's fused kernel (on a GPU in bf16 or fp16 only: elsewhere its rows are skipped with a line saying
+so). A row is written to --json the moment it is measured.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def main() -> None:
     for precision in precisions:
       for impl in impls:
         if impl == "cudnn" and not cudnn_attention_runs(PRECISIONS[precision]):
-          print(f"[attention_memory] {preset} {precision} cudnn: skipped, cuDNN's fused attention needs a GPU and bf16 "
-                f"(this machine: {jax.default_backend()})", flush=True)
+          print(f"[attention_memory] {preset} {precision} cudnn: skipped, cuDNN's fused attention needs a GPU and "
+                f"bf16 or fp16 (this machine: {jax.default_backend()})", flush=True)
           continue
         rows.append(step_memory(preset, args.batch, precision, impl))
         print(f"[attention_memory] {rows[-1]}", flush=True)

@@ -29,7 +29,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import configs.flowers64 as book64_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddpm_jax import builders, checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax import builders, checkpoint, runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax.train_state import TrainState, create_train_state  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 def cpu_model() -> str:
@@ -83,7 +83,7 @@ def main() -> None:
   parser.add_argument("--saves", type=int, default=3, help="saves each way (medians over them)")
   parser.add_argument("--dir", default=None, help="where to write (a temporary folder, removed afterwards)")
   args = parser.parse_args()
-  checkpoint.quiet_orbax()
+  runtime.quiet_orbax()
   config = book64_config.get_config()
   state = random_state(config)
   nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))

@@ -185,7 +185,8 @@ def fail_together(error: BaseException, cleanups: bool = True) -> None:
 def watch_failures(report: Callable[[BaseException], int]) -> None:
   """With several processes, ends this process as soon as any process announces a failure (fail_together), whatever
   it is waiting for (a collective, a barrier): report(error) prints the failure's one line and returns the exit
-  code. A daemon thread; call once, after jax.distributed.initialize."""
+  code. A daemon thread, stopped at exit before the interpreter finalises; call once, after
+  jax.distributed.initialize."""
   client = _client()
   if client is None:
     return
@@ -200,6 +201,8 @@ def watch_failures(report: Callable[[BaseException], int]) -> None:
       except Exception:  # pylint: disable=broad-except  (NOT_FOUND until a failure is announced)
         stop.wait(POLL_S)
         continue
+      if stop.is_set():  # the process is exiting: it no longer ends on another's failure
+        return
       if record["process"] != str(jax.process_index()):  # the announcing process ends itself
         _end(client, record)
       return

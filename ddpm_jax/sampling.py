@@ -253,7 +253,7 @@ def sample(
     labels: int class labels [B] of a conditional model.
 
   Returns:
-    x_0 [*shape] in [-1, 1] (clipped when clip_x0), or (x_0, trajectory) with
+    x_0 [*shape] (in [-1, 1] when clip_x0), or (x_0, trajectory) with
     `return_trajectory`: x after every `trajectory_stride`-th step, stacked on
     axis 0. A bad setting or shape raises ValueError naming it.
   """
@@ -336,8 +336,8 @@ def make_generator(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, ima
 
   Returns:
     generate(params, key, num_samples, progress=None, labels=None): a NumPy
-    array [num_samples, *image_shape]; its `program` attribute is the jitted
-    sampler, for lowering and export.
+    array [num_samples, *image_shape]. Its `program` attribute maps (key
+    impl, labelled) to the jitted sampler it calls, for lowering and export.
 
   `model_fn(params, x_t, t)` is the network (`model_fn(params, x_t, t, labels)`
   when `labels`, one int class per sample, are given: guided by

@@ -88,8 +88,10 @@ def python_path(*folders) -> str:
 
 
 def xla_flags(devices: int) -> str:
-  """XLA_FLAGS of a child process on `devices` CPU devices: this session's (conftest's) with the device count."""
-  return " ".join([*os.environ.get("XLA_FLAGS", "").split(), f"--xla_force_host_platform_device_count={devices}"])
+  """XLA_FLAGS of a child process on `devices` CPU devices: this process's XLA_FLAGS with that device count."""
+  count = "--xla_force_host_platform_device_count"
+  given = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count + "=")]
+  return " ".join([*given, f"{count}={devices}"])
 
 
 def environment(devices: Optional[int] = None, platform: Optional[str] = "cpu", env_extra=None) -> dict[str, str]:

@@ -103,19 +103,22 @@ def test_the_failure_watch_returns_from_its_call_in_flight_before_the_process_ex
   # normally meanwhile. The watch must be back from the call and stopped before the interpreter finalises; a thread
   # still inside the service's C++ client then is ended there and aborts the process (exit -6).
   code = textwrap.dedent("""
-      import time
+      import threading, time
       from ddpm_jax import consensus
+
+      calling = threading.Event()
 
       class SlowClient:
         def key_value_try_get(self, key):
           print("call", flush=True)
+          calling.set()
           time.sleep(0.5)
           print("returned", flush=True)
           raise KeyError(key)  # NOT_FOUND: no failure announced
 
       consensus._client = SlowClient
       consensus.watch_failures(lambda error: 1)
-      time.sleep(0.1)  # the watch is inside its first call
+      calling.wait(60)  # the watch is inside its first call
   """)
   out = run_python("-c", code, timeout=120)
   assert out.returncode == 0 and out.stdout.split() == ["call", "returned"], (out.stdout, out.stderr[-2000:])
