@@ -210,25 +210,21 @@ def sample(
     schedule: Schedule,
     key: jax.Array,
     shape: tuple[int, ...],
+    options: Optional[SamplerOptions] = None,
     *,
-    method: str = "ddpm",
-    num_steps: Optional[int] = None,
-    eta: float = 1.0,
-    clip_x0: bool = True,
     x_T: Optional[jnp.ndarray] = None,
     return_trajectory: bool = False,
-    variance: str = "fixed_small",
-    timestep_spacing: str = "leading",
-    prediction: str = "eps",
     trajectory_stride: int = 1,
     index_offset: int | jnp.ndarray = 0,
     labels: Optional[jnp.ndarray] = None,
-    guidance_scale: float = 1.0,
+    **settings: Any,
 ):
   """Draws x_0 by running the reverse chain from x_T ~ N(0, I) (or the given x_T).
 
-  `eps_fn(x_t, t)` returns the model output for a batch at int32 timesteps t of
-  shape [B]: ε, v or x0 as `prediction` says. `method` is "ddpm" (`variance`;
+  The settings are `options` (a SamplerOptions; default: its defaults), with
+  any of its fields given as keywords (method="ddim", eta=0.0, ...) in place of
+  its values. `eps_fn(x_t, t)` returns the model output for a batch at int32
+  timesteps t of shape [B]: ε, v or x0 as `prediction` says. `method` is "ddpm" (`variance`;
   on fewer than T steps, the chain of `respaced_schedule`), "ddim" (`eta`) or
   "dpmpp_2m" (deterministic); `num_steps` (None: `max_num_steps`) and
   `timestep_spacing` pick the timesteps (see `timesteps`). An output of twice
@@ -245,12 +241,14 @@ def sample(
     schedule: the noise schedule the model was trained with.
     key: the samples' noise (with `index_offset`, see above).
     shape: [B, H, W, C] of the samples.
-    method, num_steps, eta, clip_x0, variance, timestep_spacing, prediction,
-      guidance_scale: the settings SamplerOptions holds (above).
+    options: the sampler's settings (SamplerOptions).
     x_T: the starting noise instead of the key's (shape `shape`).
     return_trajectory, trajectory_stride: also return x along the chain.
     index_offset: sample b's noise index is index_offset + b.
     labels: int class labels [B] of a conditional model.
+    **settings: SamplerOptions fields replacing those of `options` (method,
+      num_steps, eta, clip_x0, variance, timestep_spacing, prediction,
+      guidance_scale); any other name is a TypeError.
 
   Returns:
     x_0 [*shape] (in [-1, 1] when clip_x0), or (x_0, trajectory) with
@@ -258,7 +256,7 @@ def sample(
     axis 0. A bad setting or shape raises ValueError naming it.
   """
   shape = tuple(int(s) for s in shape)
-  options = SamplerOptions(method, num_steps, eta, clip_x0, variance, timestep_spacing, prediction, guidance_scale)
+  options = dataclasses.replace(options or SamplerOptions(), **settings)
   chain = check_options(options, schedule.num_timesteps)
   num_steps = len(chain)
   if x_T is not None and tuple(x_T.shape) != shape:
@@ -267,22 +265,22 @@ def sample(
     raise ValueError(f"labels have shape {tuple(np.shape(labels))}, expected ({shape[0]},): one per sample")
   if return_trajectory and (trajectory_stride < 1 or num_steps % trajectory_stride):
     raise ValueError(f"trajectory_stride={trajectory_stride!r} must be a positive divisor of num_steps={num_steps}")
-  model_ts = chain
-  if method == "ddpm" and num_steps < schedule.num_timesteps:
+  model_ts, w = chain, options.guidance_scale
+  if options.method == "ddpm" and num_steps < schedule.num_timesteps:
     schedule, chain = respaced_schedule(schedule, chain), np.arange(num_steps - 1, -1, -1, dtype=np.int32)
   x0, traj = _chain(eps_fn, schedule, key, x_T, jnp.asarray(chain), jnp.asarray(model_ts),
-                    jnp.asarray(eta, jnp.float32), jnp.asarray(index_offset, jnp.int32),
+                    jnp.asarray(options.eta, jnp.float32), jnp.asarray(index_offset, jnp.int32),
                     None if labels is None else jnp.asarray(labels, jnp.int32),
-                    jnp.asarray(guidance_scale, jnp.float32), shape=shape, method=method, variance=variance,
-                    clip_x0=clip_x0, prediction=prediction,
+                    jnp.asarray(w, jnp.float32), shape=shape, method=options.method, variance=options.variance,
+                    clip_x0=options.clip_x0, prediction=options.prediction,
                     stride=trajectory_stride if return_trajectory else None,
-                    one_call=not isinstance(guidance_scale, jax.Array) and float(guidance_scale) == 1.0)
+                    one_call=not isinstance(w, jax.Array) and float(w) == 1.0)
   return (x0, traj) if return_trajectory else x0
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerOptions:
-  """The sampler's settings apart from the model, the schedule and the noise: `sample`'s keyword arguments."""
+  """The sampler's settings apart from the model, the schedule and the noise (`sample`'s `options`)."""
 
   method: str = "ddpm"
   num_steps: Optional[int] = None
@@ -297,11 +295,8 @@ class SamplerOptions:
              x_T: Optional[jnp.ndarray] = None, return_trajectory: bool = False, trajectory_stride: int = 1,
              index_offset: int | jnp.ndarray = 0, labels: Optional[jnp.ndarray] = None):
     """`sample` with these settings."""
-    return sample(eps_fn, schedule, key, shape, method=self.method, num_steps=self.num_steps, eta=self.eta,
-                  clip_x0=self.clip_x0, x_T=x_T, return_trajectory=return_trajectory, variance=self.variance,
-                  timestep_spacing=self.timestep_spacing, prediction=self.prediction,
-                  trajectory_stride=trajectory_stride, index_offset=index_offset, labels=labels,
-                  guidance_scale=self.guidance_scale)
+    return sample(eps_fn, schedule, key, shape, self, x_T=x_T, return_trajectory=return_trajectory,
+                  trajectory_stride=trajectory_stride, index_offset=index_offset, labels=labels)
 
 
 def check_options(options: SamplerOptions, num_timesteps: int) -> np.ndarray:

@@ -423,6 +423,23 @@ def test_bad_arguments_raise_clear_errors(kwargs, fragment):
     sample(lambda x, t: x, SCHED, jax.random.key(0), (2, 2, 2, 1), **kwargs)
 
 
+def test_options_and_keyword_settings_draw_the_same_samples_and_keywords_override_options():
+  # A toy model whose output depends on x and t, so that a setting lost on the way changes the samples.
+  model = lambda x, t: 0.5 * x + 1e-3 * t[:, None, None, None]
+  key, shape = jax.random.key(3), (3, 2, 2, 1)
+  options = SamplerOptions(method="ddim", num_steps=7, eta=0.3, timestep_spacing="trailing", clip_x0=False)
+  by_options = np.asarray(sample(model, SCHED, key, shape, options))
+  by_keywords = np.asarray(sample(model, SCHED, key, shape, method="ddim", num_steps=7, eta=0.3,
+                                  timestep_spacing="trailing", clip_x0=False))
+  np.testing.assert_array_equal(by_options, by_keywords)
+  eta0 = np.asarray(sample(model, SCHED, key, shape, options, eta=0.0))
+  np.testing.assert_array_equal(eta0, np.asarray(sample(model, SCHED, key, shape, method="ddim", num_steps=7,
+                                                        eta=0.0, timestep_spacing="trailing", clip_x0=False)))
+  assert np.abs(eta0 - by_options).max() > 1e-3  # the keyword replaced the option's eta
+  with pytest.raises(TypeError, match="steps"):
+    sample(model, SCHED, key, shape, options, steps=10)
+
+
 # A labelled toy model: output = a_label * x + 0.01 cos(x); a_{NO_LABEL} is the unconditional slope.
 SLOPES = jnp.array([0.1, 0.4, -0.3, 0.2])  # labels 0, 1, 2, then NO_LABEL (-1) reads the last entry
 
