@@ -22,15 +22,15 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from ddpm_jax import (builders, checkpoint, data, evaluation, figures, images, likelihood, loop, plots, run_record,
-                      sampling)
+from ddpm_jax import (builders, checkpoint, cli, data, evaluation, figures, images, likelihood, loop, plots,
+                      preflight, run_record, sampling)
 from ddpm_jax.reporting import progress_printer
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of a training run: its latest checkpoint is used.")
 flags.DEFINE_string("checkpoint", None, "A checkpoint step folder (WORKDIR/checkpoints/STEP) instead of --workdir.")
-builders.define_config_flag("sample.py", None, "Optional config; by default the one saved with the checkpoint.")
+cli.define_config_flag("sample.py", None, "Optional config; by default the one saved with the checkpoint.")
 flags.DEFINE_integer("num_samples", 64, "How many samples to draw.")
 flags.DEFINE_integer("batch_size", None, "Samples per batch (split over local devices); default config.sample.")
 flags.DEFINE_enum("method", None, list(sampling.METHODS), "Sampler; default config.sample.method.")
@@ -101,7 +101,7 @@ def check_out(path: str) -> None:
     if os.path.isdir(target):
       raise ValueError(f"--out={path!r} cannot be written: {target!r} is a folder; give a file path")
   folder = os.path.dirname(os.path.abspath(path))
-  builders.check_folder(folder, f"--out={path!r} cannot be written: {folder!r}")
+  preflight.check_folder(folder, f"--out={path!r} cannot be written: {folder!r}")
 
 
 def check_options() -> None:
@@ -143,6 +143,92 @@ def likelihood_bound(config: ml_collections.ConfigDict, workdir: str, step: int)
     print(f"wrote {path}")
 
 
+def plot_curves(workdir: str) -> None:
+  """--plot: the training curves of the workdir's metrics.jsonl, drawn into WORKDIR/curves.png."""
+  preflight.check_readable(workdir)
+  out = os.path.join(workdir, loop.CURVES)
+  plots.plot_training_curves(os.path.join(workdir, "metrics.jsonl"), out)
+  print(f"wrote {out}")
+
+
+def sampling_config(workdir: str, step: int) -> tuple[ml_collections.ConfigDict, int]:
+  """The config to sample with (the checkpoint's, or --config with the checkpoint's prediction target and any
+  --inception_weights) and the checkpoint step."""
+  saved, step = builders.load_run_config(workdir, step, FLAGS.use_ema)
+  config = FLAGS.config or saved
+  trained = saved.diffusion.get("prediction", "eps")
+  if config.diffusion.prediction != trained:  # the checkpoint knows what its network predicts
+    print(f"sample.py: the checkpoint's network predicts {trained!r}; using that, not the --config's "
+          f"{config.diffusion.prediction!r}", file=sys.stderr)
+    with config.unlocked():
+      config.diffusion.prediction = trained
+  if FLAGS.inception_weights:
+    with config.unlocked():  # a --config file's dict is locked
+      config.inception_weights = FLAGS.inception_weights
+  return config, step
+
+
+def write_record(workdir: str, step: int, options: sampling.SamplerOptions) -> str:
+  """Writes how the samples were made (checkpoint, seed, sampler, command, the training run) as JSON beside --out;
+  returns its path."""
+  record = os.path.splitext(FLAGS.out)[0] + ".json"
+  made = {"workdir": workdir, "checkpoint_step": step, "ema": FLAGS.use_ema, "seed": FLAGS.seed,
+          "num_samples": FLAGS.num_samples, "sampler": dataclasses.asdict(options), "labels": FLAGS.labels,
+          "deterministic": runtime.is_deterministic(), "command": sys.argv,
+          "run": run_record.run_of_step(run_record.read(workdir), step)}
+  epath.Path(record).write_text(json.dumps(made, indent=2, default=str), encoding="utf-8")
+  return record
+
+
+def write_scores(result: dict, workdir: str, step: int, options: sampling.SamplerOptions,
+                 labels: np.ndarray | None) -> None:
+  """--eval: prints the samples' scores and writes them, with how the samples were made, to the workdir."""
+  result.update(step=step, ema=FLAGS.use_ema, seed=FLAGS.seed, method=options.method, num_steps=options.num_steps,
+                eta=options.eta, timestep_spacing=options.timestep_spacing, labels=FLAGS.labels,
+                guidance_scale=None if labels is None else options.guidance_scale)
+  path = os.path.join(workdir, f"eval_step_{step}.json")
+  epath.Path(path).write_text(json.dumps(result, indent=2), encoding="utf-8")
+  print(f"eval: {evaluation.report(result)}\nwrote {path}")
+
+
+def write_figures(config: ml_collections.ConfigDict, x: np.ndarray, model_fn, schedule, key: jax.Array,
+                  options: sampling.SamplerOptions, labels: np.ndarray | None) -> None:
+  """--figures: the book's forward-diffusion, ten-sample and trajectory figures beside --out."""
+  source = builders.build_source(config)
+  real = next(data.batch_stream(source, seed=FLAGS.seed, global_batch=4, image_size=config.image_size,
+                                channels=config.data.channels, random_flip=False))
+  stem = os.path.splitext(FLAGS.out)[0]
+  shown = figures.write_book_figures(stem, real, x, model_fn, schedule, key, options, FLAGS.scale, labels)
+  print(f"wrote {stem}_forward.png (t = 0, 199, ..., 999), {stem}_ten.png and {stem}_trajectory.png "
+        f"(t = {', '.join(map(str, shown))})")
+
+
+def draw(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+  """Draws --num_samples images with checkpoint `step` and writes the grid, the samples and their record; then
+  --eval's scores and --figures."""
+  labels, cols = requested_labels(FLAGS.labels, FLAGS.guidance, config, FLAGS.num_samples)
+  options = builders.sampler_options(config, method=FLAGS.method, num_steps=FLAGS.steps, eta=FLAGS.eta,
+                                     timestep_spacing=FLAGS.timestep_spacing, guidance_scale=FLAGS.guidance,
+                                     variance=FLAGS.variance)
+  schedule = builders.build_schedule(config)
+  builders.validate_sampler(options, schedule.num_timesteps)
+  evaluate = builders.build_evaluator(config, workdir) if FLAGS.eval else None
+  params = builders.restore_sampling_params(config, workdir, step, ema=FLAGS.use_ema)
+  model = builders.build_model(config)
+  generate = builders.build_generator(config, model, schedule, options, FLAGS.batch_size)
+  key = jax.random.key(FLAGS.seed)
+  guidance = "" if labels is None else f", classes {FLAGS.labels}, guidance {options.guidance_scale:g}"
+  print(f"sampling {FLAGS.num_samples} images at step {step} ({'EMA' if FLAGS.use_ema else 'raw'} params) with "
+        f"{options.method}{guidance}", flush=True)
+  x = generate(params, key, FLAGS.num_samples, progress_printer("sampled"), labels=labels)
+  png, npz = images.save_samples(FLAGS.out, x, cols, scale=FLAGS.scale, labels=labels)
+  print(f"wrote {png}, {npz} and {write_record(workdir, step, options)}")
+  if evaluate:
+    write_scores(evaluate(x, labels), workdir, step, options, labels)
+  if FLAGS.figures:
+    write_figures(config, x, functools.partial(builders.model_fn(model), params), schedule, key, options, labels)
+
+
 def main(argv):
   del argv
   runtime.quiet_backend_discovery()
@@ -151,85 +237,23 @@ def main(argv):
     runtime.make_deterministic()  # before anything starts JAX's backends
   runtime.quiet_orbax()
   runtime.enable_compilation_cache(FLAGS.compilation_cache)
-  try:
+  with cli.one_line_errors("sample.py"):
     if not (FLAGS.workdir or FLAGS.checkpoint):
       raise ValueError("give --workdir (latest checkpoint) or --checkpoint WORKDIR/checkpoints/STEP")
     if FLAGS.plot:
-      workdir = checkpoint.locate(FLAGS.checkpoint or FLAGS.workdir)[0]
-      builders.check_readable(workdir)
-      out = os.path.join(workdir, loop.CURVES)
-      plots.plot_training_curves(os.path.join(workdir, "metrics.jsonl"), out)
-      print(f"wrote {out}")
+      plot_curves(checkpoint.locate(FLAGS.checkpoint or FLAGS.workdir)[0])
       return
-    check_options()
+    check_options()  # before anything is read
     workdir, step = checkpoint.locate(FLAGS.checkpoint or FLAGS.workdir)
-    builders.check_readable(workdir)
+    preflight.check_readable(workdir)
     if FLAGS.eval:  # eval_step_STEP.json goes into the workdir
-      builders.check_workdir(workdir)
-    try:
-      saved, step = checkpoint.load_config(workdir, step)
-    except checkpoint.CheckpointReadError as e:
-      raise checkpoint.CheckpointReadError(f"{e}; {builders.intact_hint(workdir, FLAGS.use_ema)}") from None
-    config = FLAGS.config or ml_collections.ConfigDict(saved)
-    trained = saved.get("diffusion", {}).get("prediction", "eps")
-    if config.diffusion.prediction != trained:  # the checkpoint knows what its network predicts
-      print(f"sample.py: the checkpoint's network predicts {trained!r}; using that, not the --config's "
-            f"{config.diffusion.prediction!r}", file=sys.stderr)
-      with config.unlocked():
-        config.diffusion.prediction = trained
-    if FLAGS.inception_weights:
-      with config.unlocked():  # a --config file's dict is locked
-        config.inception_weights = FLAGS.inception_weights
+      preflight.check_workdir(workdir)
+    config, step = sampling_config(workdir, step)
     if FLAGS.nll:
       likelihood_bound(config, workdir, step)
-      return
-    labels, cols = requested_labels(FLAGS.labels, FLAGS.guidance, config, FLAGS.num_samples)
-    options = builders.sampler_options(config, method=FLAGS.method, num_steps=FLAGS.steps, eta=FLAGS.eta,
-                                       timestep_spacing=FLAGS.timestep_spacing, guidance_scale=FLAGS.guidance,
-                                       variance=FLAGS.variance)
-    schedule = builders.build_schedule(config)
-    builders.validate_sampler(options, schedule.num_timesteps)
-    evaluate = builders.build_evaluator(config, workdir) if FLAGS.eval else None
-    params = builders.restore_sampling_params(config, workdir, step, ema=FLAGS.use_ema)
-    model = builders.build_model(config)
-    generate = builders.build_generator(config, model, schedule, options, FLAGS.batch_size)
-    key = jax.random.key(FLAGS.seed)
-    guidance = "" if labels is None else f", classes {FLAGS.labels}, guidance {options.guidance_scale:g}"
-    print(f"sampling {FLAGS.num_samples} images at step {step} ({'EMA' if FLAGS.use_ema else 'raw'} params) with "
-          f"{options.method}{guidance}", flush=True)
-    x = generate(params, key, FLAGS.num_samples, progress_printer("sampled"), labels=labels)
-    png, npz = images.save_samples(FLAGS.out, x, cols, scale=FLAGS.scale, labels=labels)
-    record = os.path.splitext(FLAGS.out)[0] + ".json"
-    made = {"workdir": workdir, "checkpoint_step": step, "ema": FLAGS.use_ema, "seed": FLAGS.seed,
-            "num_samples": FLAGS.num_samples, "sampler": dataclasses.asdict(options), "labels": FLAGS.labels,
-            "deterministic": runtime.is_deterministic(), "command": sys.argv,
-            "run": run_record.run_of_step(run_record.read(workdir), step)}
-    epath.Path(record).write_text(json.dumps(made, indent=2, default=str), encoding="utf-8")
-    print(f"wrote {png}, {npz} and {record}")
-    if evaluate:
-      result = evaluate(x, labels)
-      result.update(step=step, ema=FLAGS.use_ema, seed=FLAGS.seed, method=options.method,
-                    num_steps=options.num_steps, eta=options.eta, timestep_spacing=options.timestep_spacing,
-                    labels=FLAGS.labels, guidance_scale=None if labels is None else options.guidance_scale)
-      path = os.path.join(workdir, f"eval_step_{step}.json")
-      epath.Path(path).write_text(json.dumps(result, indent=2), encoding="utf-8")
-      print(f"eval: {evaluation.report(result)}\nwrote {path}")
-    if FLAGS.figures:
-      source = builders.build_source(config)
-      real = next(data.batch_stream(source, seed=FLAGS.seed, global_batch=4, image_size=config.image_size,
-                                    channels=config.data.channels, random_flip=False))
-      stem = os.path.splitext(FLAGS.out)[0]
-      eps_fn = functools.partial(builders.model_fn(model), params)
-      shown = figures.write_book_figures(stem, real, x, eps_fn, schedule, key, options, FLAGS.scale, labels)
-      print(f"wrote {stem}_forward.png (t = 0, 199, ..., 999), {stem}_ten.png and {stem}_trajectory.png "
-            f"(t = {', '.join(map(str, shown))})")
-  except ValueError as e:
-    print(f"sample.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except (OSError, checkpoint.CheckpointError) as e:  # run-time failures: writing the outputs, reading a checkpoint
-    print(f"sample.py: error: {e}", file=sys.stderr)
-    sys.exit(1)
+    else:
+      draw(config, workdir, step)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=builders.flags_parser("sample.py", None))
+  app.run(main, flags_parser=cli.flags_parser("sample.py", None))

@@ -27,12 +27,12 @@ elif __name__ == "__mp_main__":  # a worker process, importing this file first o
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from ddpm_jax import builders, checkpoint, consensus, loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax import builders, checkpoint, cli, consensus, loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "default.py")
-builders.define_config_flag("train.py", DEFAULT_CONFIG,
+cli.define_config_flag("train.py", DEFAULT_CONFIG,
                             "Experiment config file; fields override as --config.key=value.")
 flags.DEFINE_string("workdir", "runs/default", "Checkpoints, metrics, samples and the config go here.")
 flags.DEFINE_integer("stop_at_step", None, "Stop (with a checkpoint) at this step; schedules still span "
@@ -103,4 +103,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=builders.flags_parser("train.py", DEFAULT_CONFIG))
+  app.run(main, flags_parser=cli.flags_parser("train.py", DEFAULT_CONFIG))

@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import report  # pylint: disable=g-import-not-at-top  (benchmarks/report.py, beside this script)
 import jax  # pylint: disable=g-import-not-at-top
-import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from ddpm_jax import builders, checkpoint, images  # pylint: disable=g-import-not-at-top
@@ -54,8 +53,7 @@ def main(argv: list[str]) -> int:
   """Scores every guidance scale and writes the table (and the picture)."""
   args = parse_args(argv)
   workdir, step = checkpoint.locate(args.workdir)
-  saved, step = checkpoint.load_config(workdir, step)
-  config = ml_collections.ConfigDict(saved)
+  config, step = builders.load_run_config(workdir, step)
   num_classes = config.model.get("num_classes") or 0
   if not num_classes:
     raise SystemExit(f"guidance.py: error: {workdir} holds an unconditional model (model.num_classes=0)")

@@ -21,7 +21,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import report  # pylint: disable=g-import-not-at-top  (benchmarks/report.py, beside this script)
 import jax  # pylint: disable=g-import-not-at-top
-import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from configs import default  # pylint: disable=g-import-not-at-top
@@ -52,8 +51,7 @@ def main(argv: list[str]) -> int:
   args = parse_args(argv)
   if args.workdir:
     workdir, step = checkpoint.locate(args.workdir)
-    saved, step = checkpoint.load_config(workdir, step)
-    config = ml_collections.ConfigDict(saved)
+    config, step = builders.load_run_config(workdir, step)
     params = builders.restore_sampling_params(config, workdir, step)
     where = f"{workdir} step {step}"
   else:

@@ -91,8 +91,7 @@ def main(argv: list[str]) -> int:
   """Scores every requested sampler and writes the table."""
   args = parse_args(argv)
   workdir, step = checkpoint.locate(args.workdir)
-  saved, step = checkpoint.load_config(workdir, step)
-  config = ml_collections.ConfigDict(saved)
+  config, step = builders.load_run_config(workdir, step)
   evaluate = builders.build_evaluator(config, workdir)
   rows = [measure(config, workdir, step, m, n, args, evaluate) for m, n in args.samplers]
   table = markdown(rows, step, f"{jax.local_devices()[0].device_kind}, {os.cpu_count()} cores")

@@ -10,30 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import functools
-import importlib.util
-import os
-import socket
-import sys
-import tempfile
-import threading
-import urllib.parse
-import uuid
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 import optax
-from absl import flags
-from etils import epath
-from ml_collections import config_flags
 
-from ddpm_jax import (checkpoint, consensus, data, diffusion, evaluation, images, inception, likelihood, loop, parallel,
-                      reporting, run_record, sampling, storage, training)
+from ddpm_jax import (checkpoint, consensus, data, diffusion, evaluation, hooks, inception, likelihood, loop,
+                      parallel, preflight, reporting, run_record, sampling, training)
 from ddpm_jax.evaluation import Evaluator
-from ddpm_jax.reporting import MetricWriter
 from ddpm_jax.schedule import Schedule, make_schedule
 from ddpm_jax.train_state import create_train_state, init_params
 from ddpm_jax.unet import UNet, cudnn_attention_runs, unet_preset
@@ -151,239 +138,6 @@ def sampler_options(config: ml_collections.ConfigDict, **overrides: Any) -> samp
                                  variance=s["variance"], timestep_spacing=s.get("timestep_spacing", "leading"),
                                  prediction=config.diffusion.get("prediction", "eps"),
                                  guidance_scale=s.get("guidance_scale", 1.0))
-
-
-def _config_path(argv: list[str], default: Optional[str]) -> Optional[str]:
-  """The --config file named on the command line (without a ':argument' suffix), else `default`."""
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      return arg.split("=", 1)[1].split(":")[0]
-    if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1].split(":")[0]
-  return default
-
-
-def _config_items(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
-  """(dotted key, value) of every leaf of a config."""
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      yield from _config_items(value, f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}", value
-
-
-def _config_keys(path: str) -> list[str]:
-  """Every dotted key of the config a file's get_config() returns; ValueError naming the file when it cannot be
-  loaded (it raises, or has no get_config)."""
-  spec = importlib.util.spec_from_file_location("ddpm_jax_config_file", path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  except Exception as e:  # pylint: disable=broad-except  # config files can raise anything while they load
-    raise ValueError(f"config file {path!r} raised {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
-  if not callable(getattr(module, "get_config", None)):
-    raise ValueError(f"config file {path!r} has no get_config(): a config file defines get_config() returning an "
-                     "ml_collections.ConfigDict (see configs/default.py)")
-  try:
-    config = module.get_config()
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"config file {path!r}: get_config() raised {type(e).__name__}: "
-                     f"{' '.join(str(e).split())[:300]}") from None
-  return [key for key, _ in _config_items(config)]
-
-
-def flag_error(argv: list[str], error: Exception, default_config: Optional[str]) -> str:
-  """One line saying what is wrong with a command line whose parsing raised `error`."""
-  if isinstance(error, SyntaxError):
-    return f"config file {error.filename} has a syntax error at line {error.lineno}: {error.msg}"
-  path = _config_path(argv, default_config)
-  if path and not os.path.isfile(path):
-    return f"config file {path!r} does not exist"
-  try:
-    keys = _config_keys(path) if path else []
-  except ValueError as e:  # the file itself is at fault
-    return str(e)
-  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-  if overrides and path and isinstance(error, (AttributeError, KeyError)):
-    for key in overrides:
-      if key not in keys:
-        near = difflib.get_close_matches(key, keys, n=3, cutoff=0.0)
-        return f"unknown config key {key!r} (--config.{key}): {os.path.basename(path)} has no such key; nearest: " \
-               f"{', '.join(near)}"
-  text = str(error).strip().splitlines()
-  return text[0] if isinstance(error, flags.Error) and text else f"{type(error).__name__}: {' '.join(text)[:300]}"
-
-
-def _exit_on_flag_error(program: str, argv: list[str], error: Exception, default_config: Optional[str]) -> None:
-  """Prints the one-line explanation of a command-line problem and exits with code 2."""
-  print(f"{program}: error: {flag_error(argv, error, default_config)}", file=sys.stderr)
-  sys.exit(2)
-
-
-def define_config_flag(program: str, default: Optional[str], help_text: str) -> None:
-  """--config (a config file, fields overridable as --config.key=value), one of the program's own flags in --help;
-  a problem with the default file or an override (ml_collections applies them while defining the flag) ends the
-  program with one line and exit 2."""
-  try:
-    config_flags.DEFINE_config_file("config", default, help_text)
-  except Exception as e:  # config files can raise anything while they load
-    _exit_on_flag_error(program, sys.argv, e, default)
-  flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["config"])
-
-
-HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
-
-
-def _print_help(doc: str, full: bool) -> None:
-  """The program's description, its flags (`full`: every module's) and, when a config is loaded, every --config.KEY
-  with its value."""
-  print(f"{doc.strip()}\n\n{(flags.FLAGS.get_help() if full else flags.FLAGS.main_module_help()).strip()}")
-  config = flags.FLAGS["config"].value
-  if config is not None:
-    print("\n--config fields (override any as --config.KEY=VALUE):")
-    for key, value in _config_items(config):
-      print(f"  --config.{key}={value!r}")
-
-
-def flags_parser(program: str, default_config: Optional[str]) -> Callable[[list[str]], list[str]]:
-  """absl's flag parser, with any problem in the flags or the config file reported in one line and exit code 2;
-  -h / --help print the program's flags and its config's fields and exit 0."""
-
-  def parse(argv: list[str]) -> list[str]:
-    asked_help = any(arg in HELP_FLAGS for arg in argv[1:])
-    try:
-      rest = flags.FLAGS([arg for arg in argv if arg not in HELP_FLAGS])
-      config = flags.FLAGS["config"].value
-      if config is not None:
-        list(config.keys())  # a config file that failed to load reports it on first access
-    except Exception as e:  # config files can raise anything while they load
-      _exit_on_flag_error(program, argv, e, default_config)
-    if asked_help:
-      _print_help(sys.modules["__main__"].__doc__ or program, "--helpfull" in argv)
-      sys.exit(0)
-    return rest
-  return parse
-
-
-@contextlib.contextmanager
-def one_line_errors(program: str):
-  """Ends the program on an error with one line on stderr: exit code 2 for bad input (ValueError), 1 for a run-time
-  failure (OSError, CheckpointError)."""
-  try:
-    yield
-  except ValueError as e:
-    print(f"{program}: error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except (OSError, checkpoint.CheckpointError) as e:
-    print(f"{program}: error: {e}", file=sys.stderr)
-    sys.exit(1)
-
-
-def check_folder(path: str, name: str) -> None:
-  """Raises ValueError starting with `name` unless `path` is a folder this process can write in, or can be made one
-  (it is not made here: a start that fails later leaves nothing behind)."""
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f"{name} is a file, not a folder: give a folder path")
-  existing = os.path.abspath(path)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise ValueError(f"{name} cannot be made: {existing!r} is a file")
-  try:
-    with tempfile.TemporaryFile(dir=existing):
-      pass
-  except OSError as e:
-    raise ValueError(f"{name} is not writable: {e.strerror or e}") from None
-
-
-def check_workdir(workdir: str) -> None:
-  """Raises ValueError unless workdir names a folder this process can write in, or can be made one, and its
-  checkpoints folder, when there is one, can be written too."""
-  if not workdir.strip() or (storage.is_remote(workdir) and not workdir.split("://", 1)[1].strip("/")):
-    raise ValueError(f"workdir {workdir!r} names no folder: give a path (e.g. runs/default or gs://bucket/run)")
-  if storage.is_remote(workdir):  # probed by process 0 alone, for every process
-    consensus.decide("workdir/writable", lambda: check_remote_workdir(workdir))
-    return
-  check_folder(workdir, f"workdir {workdir!r}")
-  if os.path.isdir(checkpoint.checkpoint_dir(workdir)):
-    check_folder(checkpoint.checkpoint_dir(workdir), f"workdir {workdir!r}: its checkpoints folder")
-
-
-STORAGE_WAIT_S = 15.0  # the longest a start waits for a bucket's first answer (gcsfs retries for half a minute)
-CONNECT_WAIT_S = 5.0  # the longest a start waits to open a connection to Cloud Storage
-
-
-def check_reachable(path: str) -> None:
-  """Raises ValueError naming a gs:// path when no connection to Cloud Storage (STORAGE_EMULATOR_HOST when set) opens
-  within CONNECT_WAIT_S: at once, where the storage library would retry for half a minute. Not checked through a
-  proxy (HTTPS_PROXY), which this test cannot see past."""
-  if not str(path).startswith("gs://") or any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy")):
-    return
-  url = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
-  parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
-  try:
-    socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
-                             timeout=CONNECT_WAIT_S).close()
-  except OSError as e:
-    raise ValueError(f"workdir {path!r} cannot be reached: no connection to {url} ({type(e).__name__}: "
-                     f"{e.strerror or e or 'timed out'}); check the network") from None
-
-
-def answer_within(seconds: float, fn: Callable[[], Any]) -> Any:
-  """fn() run in a daemon thread: its result or its exception, or TimeoutError when it has not ended in `seconds`."""
-  outcome: list = []
-
-  def run() -> None:
-    try:
-      outcome.append((True, fn()))
-    except Exception as e:  # pylint: disable=broad-except  # re-raised in the caller
-      outcome.append((False, e))
-
-  worker = threading.Thread(target=run, name="ddpm_jax-storage-probe", daemon=True)
-  worker.start()
-  worker.join(seconds)
-  if not outcome:
-    raise TimeoutError(f"no answer in {seconds:g} s")
-  ok, value = outcome[0]
-  if not ok:
-    raise value
-  return value
-
-
-def _storage_cause(error: BaseException) -> str:
-  """'Type: first line of the message' of a storage library's exception."""
-  return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}".rstrip(": ")
-
-
-def check_remote_workdir(workdir: str) -> None:
-  """Raises ValueError naming workdir unless this process can write an object there (the bucket exists, the
-  credentials allow it) within STORAGE_WAIT_S: writes one of its own and deletes it."""
-  check_reachable(workdir)
-  probe = epath.Path(storage.absolute(workdir), f".write_check.{uuid.uuid4().hex}")  # two starts probe apart
-
-  def write() -> None:
-    probe.write_text("", encoding="utf-8")
-    probe.unlink()
-  try:
-    answer_within(STORAGE_WAIT_S, write)
-  except Exception as e:  # pylint: disable=broad-except  # gcsfs, google-auth and aiohttp raise many types
-    raise ValueError(f"workdir {workdir!r} cannot be written ({_storage_cause(e)}): check that the bucket exists, "
-                     "that it can be reached from here and that the credentials allow writing there") from None
-
-
-def check_readable(path: str) -> None:
-  """Raises ValueError naming path when its storage cannot be read from here within STORAGE_WAIT_S (a bucket that
-  cannot be reached or read; a missing path is no error here)."""
-  if not storage.is_remote(path):
-    return
-  check_reachable(path)
-  try:
-    answer_within(STORAGE_WAIT_S, epath.Path(storage.absolute(path)).stat)
-  except FileNotFoundError:
-    pass
-  except Exception as e:  # pylint: disable=broad-except  # gcsfs, google-auth and aiohttp raise many types
-    raise ValueError(f"workdir {path!r} cannot be read ({_storage_cause(e)}): check that the bucket exists and "
-                     "that the credentials allow reading it") from None
 
 
 def validate(config: ml_collections.ConfigDict, *, device_count: int = 1, process_count: int = 1,
@@ -533,54 +287,6 @@ def build_bound_evaluator(config: ml_collections.ConfigDict, model: UNet, schedu
                                          batch_size=batch_size or config.sample.batch_size)
 
 
-def _nll_hook(bound: Callable, images_: Optional[np.ndarray], labels: Optional[np.ndarray], key: jax.Array,
-              which: str) -> Callable:
-  """A loop hook computing the likelihood bound of the EMA params (process 0 alone) and logging it as
-  eval/bits_per_dim with its standard error and parts."""
-
-  def run(step: int, ema_params: Any, writer: Optional[MetricWriter]) -> None:
-    if writer is None:
-      return
-    s = likelihood.summarize(bound(ema_params, images_, key, labels))
-    writer.write(step, {"eval/bits_per_dim": s["bits_per_dim"], "eval/bits_per_dim_se": s["standard_error"],
-                        "eval/bits_per_dim_prior": s["prior"], "eval/bits_per_dim_decoder": s["decoder"],
-                        "eval/bits_per_dim_kl": s["kl_terms"]})
-    print(f"nll at step {step}: {likelihood.report(s, which)}", flush=True)
-  return run
-
-
-def _sample_grid_hook(workdir: str, generate: Callable, key: jax.Array, num_samples: int,
-                      num_classes: int) -> Callable:
-  """A loop hook writing a grid of EMA samples (of a conditional model: one class per row) to
-  workdir/samples/step_N.png and TensorBoard."""
-  labels, cols = images.class_rows(range(num_classes), num_samples) if num_classes else (None, None)
-
-  def run(step: int, ema_params: Any, writer: Optional[MetricWriter]) -> None:
-    samples = generate(ema_params, key, num_samples, labels=labels)  # every process takes part
-    if writer is None:
-      return
-    grid = images.make_grid(images.to_uint8(samples), cols, scale=None)
-    images.save_png(os.path.join(workdir, "samples", f"step_{step:08d}.png"), grid)
-    writer.write_image(step, "samples", grid)
-  return run
-
-
-def _eval_hook(generate: Callable, evaluate: Optional[Evaluator], key: jax.Array, num_samples: int,
-               num_classes: int) -> Callable:
-  """A loop hook scoring EMA samples (of a conditional model: every class in turn) and logging the numbers as
-  eval/*."""
-  labels = np.arange(num_samples, dtype=np.int32) % num_classes if num_classes else None
-
-  def run(step: int, ema_params: Any, writer: Optional[MetricWriter]) -> None:
-    samples = generate(ema_params, key, num_samples, labels=labels)  # every process takes part; process 0 scores
-    if evaluate is None or writer is None:
-      return
-    result = evaluate(samples, labels)
-    writer.write(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
-    print(f"eval at step {step}: {evaluation.report(result)}", flush=True)
-  return run
-
-
 def check_classes(config: ml_collections.ConfigDict, source: data.Source) -> None:
   """Raises ValueError unless a conditional model's class count is the dataset's."""
   n = config.model.get("num_classes") or 0
@@ -598,30 +304,30 @@ def build_training(config: ml_collections.ConfigDict, workdir: str, stop_at_step
   """Validates the config and builds every part of its training run (its run record names `command`, the command
   line that started it); reads the dataset, writes nothing."""
   validate(config, device_count=jax.device_count(), process_count=jax.process_count(), stop_at_step=stop_at_step)
-  check_workdir(workdir)
+  preflight.check_workdir(workdir)
   source = build_source(config)  # a missing dataset fails before any JAX
   check_classes(config, source)
   model, schedule, tx = build_model(config), build_schedule(config), build_optimizer(config)
   init_key, train_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
   input_shape = (1,) + image_shape(config)
-  hooks = []
+  loop_hooks = []
   if config.sample.every_steps or config.eval_every_steps:
     generate = build_generator(config, model, schedule, sampler_options(config))
     num_classes = model.num_classes
-    hooks.append(loop.Hook("samples", config.sample.every_steps,
-                           _sample_grid_hook(workdir, generate, sample_key, config.sample.num_samples, num_classes)))
+    loop_hooks.append(loop.Hook("samples", config.sample.every_steps, hooks.sample_grid_hook(
+        workdir, generate, sample_key, config.sample.num_samples, num_classes)))
     if config.eval_every_steps:
       # Process 0 alone scores samples (and computes any FID reference statistics, once); the others wait at the
       # loop's barrier.
       evaluate = build_evaluator(config, workdir, source) if jax.process_index() == 0 else None
-      hooks.append(loop.Hook("eval", config.eval_every_steps, _eval_hook(generate, evaluate, sample_key,
-                                                                 config.eval_num_samples, num_classes)))
+      loop_hooks.append(loop.Hook("eval", config.eval_every_steps, hooks.eval_hook(
+          generate, evaluate, sample_key, config.eval_num_samples, num_classes)))
   if nll_num_images(config):
     lead = jax.process_index() == 0  # process 0 alone computes the bound
     nll_data = build_nll_images(config, nll_num_images(config)) if lead else (None, None, "")
-    hooks.append(loop.Hook("nll", config.eval_every_steps, _nll_hook(build_bound_evaluator(config, model, schedule),
-                                                                     *nll_data[:2], jax.random.fold_in(sample_key, 1),
-                                                                     nll_data[2])))
+    loop_hooks.append(loop.Hook("nll", config.eval_every_steps, hooks.nll_hook(
+        build_bound_evaluator(config, model, schedule), *nll_data[:2], jax.random.fold_in(sample_key, 1),
+        nll_data[2])))
   runner = parallel.make_runner(build_train_step(config, schedule), config.parallelism)
   # process 0 alone writes the run record (describing it runs git and reads every installed package's version)
   record = run_record.describe(config=config.to_dict(), dataset=source.identity, parallelism=runner.mode,
@@ -639,10 +345,21 @@ def build_training(config: ml_collections.ConfigDict, workdir: str, stop_at_step
       keep_checkpoints=config.keep_checkpoints,
       config=config.to_dict(),
       parameter_meaning=parameter_meaning,
-      hooks=tuple(hooks),
+      hooks=tuple(loop_hooks),
       wandb_project=config.wandb.project,
       class_names=source.class_names if conditional(config) else (),
       record=record)
+
+
+def load_run_config(workdir: str, step: Optional[int] = None,
+                    ema: bool = True) -> tuple[ml_collections.ConfigDict, int]:
+  """The config saved with a workdir's checkpoint (the latest, or `step`) and that step; a config that cannot be read
+  raises CheckpointReadError naming the checkpoints whose config and EMA (or raw) parameters can be."""
+  try:
+    saved, step = checkpoint.load_config(workdir, step)
+  except checkpoint.CheckpointReadError as e:
+    raise checkpoint.CheckpointReadError(f"{e}; {intact_hint(workdir, ema)}") from None
+  return ml_collections.ConfigDict(saved), step
 
 
 def _params_template(config: ml_collections.ConfigDict) -> Any:

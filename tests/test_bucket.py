@@ -205,25 +205,25 @@ class ProcessZerosAnswer:
 
 def test_a_bucket_is_probed_by_process_zero_alone_the_others_take_its_answer(emulator, monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import builders, consensus  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import consensus, preflight  # pylint: disable=g-import-not-at-top
   import gcs_emulator  # pylint: disable=g-import-not-at-top
 
   monkeypatch.setattr(jax, "process_index", lambda: 1)
   sent = gcs_emulator.bytes_received()
   yes = ProcessZerosAnswer({"value": None})
   monkeypatch.setattr(consensus, "_client", lambda: yes)
-  builders.check_workdir("gs://nobucket/run")  # no such bucket: only process 0's answer lets it pass
+  preflight.check_workdir("gs://nobucket/run")  # no such bucket: only process 0's answer lets it pass
   no = ProcessZerosAnswer({"error": consensus.describe(ValueError("workdir 'gs://bucket/run' cannot be written"))})
   monkeypatch.setattr(consensus, "_client", lambda: no)
   with pytest.raises(ValueError, match=r"^workdir 'gs://bucket/run' cannot be written$"):
-    builders.check_workdir("gs://bucket/run")
+    preflight.check_workdir("gs://bucket/run")
   assert len(yes.asked) == 1 and len(no.asked) == 1
   assert gcs_emulator.bytes_received() == sent  # process 1 wrote nothing
 
 
 def test_two_starts_probing_a_bucket_at_once_both_pass(emulator, monkeypatch):
   from etils import epath  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import builders  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import preflight  # pylint: disable=g-import-not-at-top
 
   probe_class = type(epath.Path(WORKDIR))
   unlink, others = probe_class.unlink, []
@@ -231,11 +231,11 @@ def test_two_starts_probing_a_bucket_at_once_both_pass(emulator, monkeypatch):
   def unlink_after_another_start_probed(self, *args, **kwargs):
     if not others:  # the second start probes, whole, between this one's write and its delete
       others.append(WORKDIR)
-      builders.check_remote_workdir(WORKDIR)
+      preflight.check_remote_workdir(WORKDIR)
     return unlink(self, *args, **kwargs)
 
   monkeypatch.setattr(probe_class, "unlink", unlink_after_another_start_probed)
-  builders.check_remote_workdir(WORKDIR)
+  preflight.check_remote_workdir(WORKDIR)
   assert others and not [b.name for b in blob(LOCK).bucket.list_blobs(prefix="run/")]  # both probes removed
 
 

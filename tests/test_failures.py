@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tensorstore
 
-from ddpm_jax import builders, checkpoint, consensus, loop, reporting, runtime, workdir_lock
+from ddpm_jax import builders, checkpoint, cli, consensus, loop, preflight, reporting, runtime, workdir_lock
 from helpers import ROOT, one_error_line, python_path, run_python, run_script, run_train, small_config, small_run
 
 
@@ -81,20 +81,20 @@ spec = json.loads(sys.argv[1])
 sys.argv = ["sample.py"]
 import sample
 from absl import flags
-from ddpm_jax import builders
-real = builders.tempfile.TemporaryFile
+from ddpm_jax import cli, preflight
+real = preflight.tempfile.TemporaryFile
 def unwritable(dir=None, **kwargs):
   if dir in spec["unwritable"]:
     raise OSError(13, "Permission denied")
   return real(dir=dir, **kwargs)
-builders.tempfile.TemporaryFile = unwritable
+preflight.tempfile.TemporaryFile = unwritable
 results = []
 for args in spec["cases"]:
   flags.FLAGS.unparse_flags()
   out, err = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
     try:
-      builders.flags_parser("sample.py", None)(["sample.py", *args])
+      cli.flags_parser("sample.py", None)(["sample.py", *args])
       sample.main([])
       code = 0
     except SystemExit as e:
@@ -318,9 +318,9 @@ def test_a_workdir_that_cannot_be_written_is_a_clear_error(tmp_path, monkeypatch
   def read_only(**kwargs):
     raise OSError(errno.EROFS, "Read-only file system")
 
-  monkeypatch.setattr(builders.tempfile, "TemporaryFile", read_only)
+  monkeypatch.setattr(preflight.tempfile, "TemporaryFile", read_only)
   with pytest.raises(ValueError, match=f"^workdir '{tmp_path}' is not writable: Read-only file system$"):
-    builders.check_workdir(str(tmp_path))
+    preflight.check_workdir(str(tmp_path))
 
 
 def test_small_ones(tmp_path):
@@ -463,10 +463,10 @@ def test_disk_full_only_for_enospc_and_out_of_memory_named_so():
 def test_out_of_memory_on_a_training_step_is_one_line_naming_the_cure_and_exit_1(tmp_path):
   # train.py with a training loop that runs out of device memory as XLA reports it (a real one is not cheap on CPU).
   code = ("import sys, jax; message = sys.argv.pop(); sys.argv[0] = 'train.py'; import train; from absl import app; "
-          "from ddpm_jax import builders, loop\n"
+          "from ddpm_jax import cli, loop\n"
           "def out_of_memory(*args): raise jax.errors.JaxRuntimeError(message)\n"
           "loop.train = out_of_memory\n"
-          "app.run(train.main, flags_parser=builders.flags_parser('train.py', train.DEFAULT_CONFIG))")
+          "app.run(train.main, flags_parser=cli.flags_parser('train.py', train.DEFAULT_CONFIG))")
   res = run_python("-c", code, f"--workdir={tmp_path}", XLA_OOM, cwd=ROOT)
   assert res.returncode == 1, res.stderr[-2000:]
   assert one_error_line(res, "train.py") == ("out of memory on the devices while training: shard the parameters, EMA "
@@ -477,27 +477,27 @@ def test_out_of_memory_on_a_training_step_is_one_line_naming_the_cure_and_exit_1
 def test_unusable_workdirs_are_refused_before_anything_is_built(tmp_path, monkeypatch):
   for workdir in ("", "  ", "gs://", "gs:///"):
     with pytest.raises(ValueError, match=re.escape(f"workdir {workdir!r} names no folder: give a path")):
-      builders.check_workdir(workdir)
+      preflight.check_workdir(workdir)
   # A resume into a read-only checkpoints/ (the workdir itself writable) is refused before it compiles.
   (tmp_path / "checkpoints").mkdir()
-  real = builders.tempfile.TemporaryFile
+  real = preflight.tempfile.TemporaryFile
 
   def read_only_checkpoints(dir=None, **kwargs):  # pylint: disable=redefined-builtin
     if os.path.basename(dir) == "checkpoints":
       raise OSError(errno.EROFS, "Read-only file system")
     return real(dir=dir, **kwargs)
 
-  monkeypatch.setattr(builders.tempfile, "TemporaryFile", read_only_checkpoints)
+  monkeypatch.setattr(preflight.tempfile, "TemporaryFile", read_only_checkpoints)
   with pytest.raises(ValueError, match=re.escape(f"workdir '{tmp_path}': its checkpoints folder is not writable: "
                                                  "Read-only file system")):
-    builders.check_workdir(str(tmp_path))
+    preflight.check_workdir(str(tmp_path))
 
 
 def test_config_file_errors_name_the_file(tmp_path):
   (tmp_path / "raises.py").write_text("raise RuntimeError('boom')\n")
   (tmp_path / "bare.py").write_text("X = 1\n")
   (tmp_path / "fails.py").write_text("def get_config():\n  return 1 / 0\n")
-  line = lambda name: builders.flag_error(["train.py", f"--config={tmp_path}/{name}"], RuntimeError("x"), None)
+  line = lambda name: cli.flag_error(["train.py", f"--config={tmp_path}/{name}"], RuntimeError("x"), None)
   assert line("raises.py") == f"config file '{tmp_path}/raises.py' raised RuntimeError: boom"
   assert line("bare.py") == (f"config file '{tmp_path}/bare.py' has no get_config(): a config file defines "
                              "get_config() returning an ml_collections.ConfigDict (see configs/default.py)")

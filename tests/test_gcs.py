@@ -20,10 +20,10 @@ def bucket_objects(prefix):
 
 
 def test_a_gs_workdir_trains_resumes_and_samples(emulator, tmp_path):
-  from ddpm_jax import builders  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import preflight  # pylint: disable=g-import-not-at-top
 
   with pytest.raises(ValueError, match=r"workdir 'gs://nobucket/run' cannot be written .*bucket exists"):
-    builders.check_workdir("gs://nobucket/run")
+    preflight.check_workdir("gs://nobucket/run")
   first = run_train("gs://bucket/run", "--stop_at_step=6", *FLAGS, env_extra=emulator)
   assert first.returncode == 0, first.stderr[-2000:]
   second = run_train("gs://bucket/run", "--stop_at_step=12", *FLAGS, env_extra=emulator)

@@ -31,7 +31,7 @@ SCRIPT = r"(train\.py|sample\.py|(?:benchmarks|tools)/\w+\.py)"
 PARSE_EACH = textwrap.dedent("""
     import argparse, json, os, runpy, sys
     from absl import app, flags
-    from ddpm_jax import builders
+    from ddpm_jax import cli
 
     def parse_only(main, argv=None, flags_parser=None):
       try:
@@ -49,7 +49,7 @@ PARSE_EACH = textwrap.dedent("""
         try:
           if script in ("train.py", "sample.py"):
             entry = runpy.run_path(script, run_name="readme_check")
-            builders.flags_parser(script, entry.get("DEFAULT_CONFIG"))(sys.argv)
+            cli.flags_parser(script, entry.get("DEFAULT_CONFIG"))(sys.argv)
           else:
             parse = argparse.ArgumentParser.parse_args
             argparse.ArgumentParser.parse_args = lambda *a, **k: (parse(*a, **k), os._exit(0))

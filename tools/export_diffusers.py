@@ -13,10 +13,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's ddpm_jax
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import ml_collections
 from absl import app, flags
 
-from ddpm_jax import builders, checkpoint, pretrained, runtime
+from ddpm_jax import builders, checkpoint, cli, pretrained, runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of a training run (or an imported one): its latest checkpoint is used.")
@@ -30,14 +29,13 @@ def main(argv):
   del argv
   runtime.quiet_backend_discovery()
   runtime.quiet_orbax()
-  with builders.one_line_errors("export_diffusers.py"):
+  with cli.one_line_errors("export_diffusers.py"):
     if not (FLAGS.workdir or FLAGS.checkpoint) or not FLAGS.out:
       raise ValueError("give --workdir (latest checkpoint) or --checkpoint WORKDIR/checkpoints/STEP, and --out")
     if os.path.exists(FLAGS.out) and (not os.path.isdir(FLAGS.out) or os.listdir(FLAGS.out)):
       raise ValueError(f"--out={FLAGS.out!r} exists and is not an empty folder: give a new one")
     workdir, step = checkpoint.locate(FLAGS.checkpoint or FLAGS.workdir)
-    saved, step = checkpoint.load_config(workdir, step)
-    config = ml_collections.ConfigDict(saved)
+    config, step = builders.load_run_config(workdir, step, FLAGS.use_ema)
     model = builders.build_model(config)
     pretrained.unet_config(model, config.image_size, config.data.channels)  # refuse before reading the arrays
     if not FLAGS.unet_only:

@@ -25,14 +25,14 @@ from absl import app, flags
 from etils import epath
 
 from configs import common
-from ddpm_jax import builders, checkpoint, pretrained, runtime
+from ddpm_jax import builders, checkpoint, cli, preflight, pretrained, runtime
 from ddpm_jax.train_state import state_from_params
 from ddpm_jax.unet import count_params
 
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "cifar10.py")
 flags.DEFINE_string("workdir", None, "The workdir to make (new, or without checkpoints).")
-builders.define_config_flag("import_diffusers.py", DEFAULT_CONFIG, "Experiment config for everything the "
+cli.define_config_flag("import_diffusers.py", DEFAULT_CONFIG, "Experiment config for everything the "
                             "checkpoint does not say (dataset, optimizer, EMA, evaluation); --config.key=value.")
 
 
@@ -67,13 +67,13 @@ def imported_config(base: ml_collections.ConfigDict, path: str, spec: pretrained
 def main(argv):
   runtime.quiet_backend_discovery()
   runtime.quiet_orbax()
-  with builders.one_line_errors("import_diffusers.py"):
+  with cli.one_line_errors("import_diffusers.py"):
     if len(argv) != 2:
       raise ValueError("give one diffusers folder: python tools/import_diffusers.py PATH --workdir W")
     if not FLAGS.workdir:
       raise ValueError("give --workdir, the workdir to make")
     path, workdir = argv[1], FLAGS.workdir
-    builders.check_workdir(workdir)
+    preflight.check_workdir(workdir)
     if checkpoint.steps_on_disk(checkpoint.checkpoint_dir(workdir)):
       raise ValueError(f"workdir {workdir!r} already holds checkpoints: give a new --workdir")
     model, params, spec = pretrained.read_unet(path)
@@ -98,4 +98,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=builders.flags_parser("import_diffusers.py", DEFAULT_CONFIG))
+  app.run(main, flags_parser=cli.flags_parser("import_diffusers.py", DEFAULT_CONFIG))
