@@ -14,7 +14,7 @@ from ddpm_jax.reporting import MetricWriter
 
 
 def nll_hook(bound: Callable, images_: Optional[np.ndarray], labels: Optional[np.ndarray], key: jax.Array,
-              which: str) -> Callable:
+             which: str) -> Callable:
   """A loop hook computing the likelihood bound of the EMA params (process 0 alone) and logging it as
   eval/bits_per_dim with its standard error and parts."""
 
@@ -30,7 +30,7 @@ def nll_hook(bound: Callable, images_: Optional[np.ndarray], labels: Optional[np
 
 
 def sample_grid_hook(workdir: str, generate: Callable, key: jax.Array, num_samples: int,
-                      num_classes: int) -> Callable:
+                     num_classes: int) -> Callable:
   """A loop hook writing a grid of EMA samples (of a conditional model: one class per row) to
   workdir/samples/step_N.png and TensorBoard."""
   labels, cols = images.class_rows(range(num_classes), num_samples) if num_classes else (None, None)
@@ -46,7 +46,7 @@ def sample_grid_hook(workdir: str, generate: Callable, key: jax.Array, num_sampl
 
 
 def eval_hook(generate: Callable, evaluate: Optional[Evaluator], key: jax.Array, num_samples: int,
-               num_classes: int) -> Callable:
+              num_classes: int) -> Callable:
   """A loop hook scoring EMA samples (of a conditional model: every class in turn) and logging the numbers as
   eval/*."""
   labels = np.arange(num_samples, dtype=np.int32) % num_classes if num_classes else None

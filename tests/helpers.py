@@ -87,22 +87,32 @@ def python_path(*folders) -> str:
   return os.pathsep.join([*(str(f) for f in folders or (ROOT,)), *([given] if given else [])])
 
 
-def xla_flags(devices: int) -> str:
-  """XLA_FLAGS of a child process on `devices` CPU devices: this process's XLA_FLAGS with that device count."""
-  count = "--xla_force_host_platform_device_count"
-  given = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count + "=")]
-  return " ".join([*given, f"{count}={devices}"])
+# The processes the tests start on the CPU (train.py, sample.py, scripts) compile at XLA's backend optimisation level 0:
+# their compiles take about half the CPU time, and they check behaviour, not the last bits of a number (those are
+# checked in the pytest process, at the default level, against independent references). Level 0 gives other bits
+# (no fused multiply-adds), and the same bits every run.
+CHILD_OPTIMIZATION = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: Optional[int] = None) -> str:
+  """XLA_FLAGS of a child CPU process: this process's XLA_FLAGS with `devices` CPU devices (None: as they say) and,
+  unless they name a level, CHILD_OPTIMIZATION."""
+  count, level = "--xla_force_host_platform_device_count", CHILD_OPTIMIZATION.split("=")[0]
+  given = os.environ.get("XLA_FLAGS", "").split()
+  if devices:
+    given = [f for f in given if not f.startswith(count + "=")] + [f"{count}={devices}"]
+  return " ".join(given + ([] if any(f.startswith(level + "=") for f in given) else [CHILD_OPTIMIZATION]))
 
 
 def environment(devices: Optional[int] = None, platform: Optional[str] = "cpu", env_extra=None) -> dict[str, str]:
   """This process's environment with the repository importable, JAX_PLATFORMS=platform (None: left unset, as a
-  user's shell has it), `devices` CPU devices (None: as set), and env_extra on top."""
+  user's shell has it), on the CPU `devices` devices (None: as set) and CHILD_OPTIMIZATION, and env_extra on top."""
   # PYTHONFAULTHANDLER: a process killed by a fatal signal (SIGABRT, SIGSEGV) prints every thread's traceback
   env = dict(os.environ, PYTHONPATH=python_path(), PYTHONFAULTHANDLER="1")
   env.pop("JAX_PLATFORMS", None)
   if platform:
     env["JAX_PLATFORMS"] = platform
-  if devices:
+  if platform == "cpu":
     env["XLA_FLAGS"] = xla_flags(devices)
   env.update(env_extra or {})
   return env
