@@ -283,14 +283,17 @@ def evaluation_source(dataset: str, *, data_dir: Optional[str] = None, split: st
   return source, f"the training images of {dataset}, which has no test split"
 
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights of R, G, B in gray; summing to 1, they map repeated gray to itself
+
+
 def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
-  """uint8 [h, w, c] -> [h, w, channels]: gray repeated to RGB, RGB(A) to gray by ITU-R 601 luma."""
+  """uint8 [h, w, c] -> [h, w, channels]: gray repeated to RGB, RGB(A) to gray by LUMA."""
   c = image.shape[-1]
   if c == channels:
     return image
   if channels == 3:
     return np.repeat(image[..., :1], 3, axis=-1)
-  luma = image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+  luma = image[..., :3].astype(np.float32) @ np.array(LUMA, np.float32)
   return np.round(luma).astype(np.uint8)[..., None]
 
 

@@ -22,7 +22,7 @@ import optax
 from etils import epath
 
 from ddpm_jax import metrics, storage
-from ddpm_jax.data import load_digits
+from ddpm_jax.data import LUMA, load_digits
 
 CONFIDENCE = 0.9
 HELD_OUT = 300
@@ -96,10 +96,13 @@ def load_or_train(workdir: str, seed: int = 0) -> Any:
 
 
 def classify(params: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(features, probabilities) of [N, H, W, 1] images in [-1, 1], resized to 8x8 if needed."""
+  """(features, probabilities) of [N, H, W, 1] images in [-1, 1] (or [N, H, W, 3]: an RGB model of the digits, made
+  gray as the data pipeline makes RGB gray), resized to 8x8 if needed."""
   x = jnp.asarray(images, jnp.float32)
-  if x.shape[-1] != 1:
-    raise ValueError(f"the digits evaluator takes 1-channel images, got shape {x.shape}")
+  if x.shape[-1] == 3:
+    x = x @ jnp.asarray(LUMA, jnp.float32)[:, None]
+  if x.ndim != 4 or x.shape[-1] != 1:
+    raise ValueError(f"the digits evaluator takes [N, H, W, 1] or [N, H, W, 3] images, got shape {x.shape}")
   if x.shape[1:3] != (8, 8):
     x = jax.image.resize(x, (x.shape[0], 8, 8, 1), "linear", antialias=True)
   features, logits = jax.jit(DigitsClassifier().apply)(params, x)

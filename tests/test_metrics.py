@@ -94,6 +94,25 @@ def test_digits_evaluator_scores_real_digits_high_and_noise_near_zero(classifier
   assert "classified with confidence >= 0.9" in digits_eval.report(real)
 
 
+def test_digits_of_an_rgb_model_are_judged_as_their_gray(classifier):
+  # An RGB model of the digits (an imported RGB U-Net) is trained on the gray digits repeated to three channels; its
+  # samples are judged as gray. The luma weights sum to 1 (float32 rounding), so repeated gray maps back to itself.
+  images, _, perm = digits_eval.real_digits(0)
+  gray = images[perm[:200]]
+  rgb = np.repeat(gray, 3, axis=-1)
+  features, probs = digits_eval.classify(classifier, gray)
+  rgb_features, rgb_probs = digits_eval.classify(classifier, rgb)
+  np.testing.assert_allclose(rgb_features, features, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(rgb_probs, probs, atol=1e-5)
+  # a colour image: its luma, not one of its channels
+  colour = np.stack([gray[..., 0], -gray[..., 0], np.zeros_like(gray[..., 0])], axis=-1)
+  luma = (0.299 - 0.587) * gray  # float64 reference
+  np.testing.assert_allclose(digits_eval.classify(classifier, colour)[0], digits_eval.classify(classifier, luma)[0],
+                             rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match=r"\[N, H, W, 1\] or \[N, H, W, 3\] images, got shape \(200, 8, 8, 2\)"):
+    digits_eval.classify(classifier, rgb[..., :2])
+
+
 @pytest.mark.bitwise
 def test_digits_classifier_is_seeded_and_cached(classifier, tmp_path):
   again = digits_eval.load_or_train(str(tmp_path), seed=0)  # trained afresh in another folder: same bits
