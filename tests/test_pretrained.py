@@ -4,6 +4,7 @@ fixtures that tools/make_diffusers_fixture.py made once with diffusers: no PyTor
 import copy
 import dataclasses
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -214,6 +215,14 @@ def test_an_imported_workdir_samples_exports_and_fine_tunes(tmp_path):
     samples = np.load(tmp_path / f"{method}.npz")["images"]
     assert samples.shape == (2, 8, 8, 3) and samples.std() > 0
   assert json.loads((workdir / "eval_step_0.json").read_text())["num_samples"] == 2
+  # The likelihood bound with the imported scheduler's variance: its parts add up to the total.
+  res = run_tool("sample.py", f"--workdir={workdir}", "--nll=2", "--batch_size=2")
+  assert res.returncode == 0, res.stderr[-3000:]
+  bound = re.search(r"bits/dim: ([\d.]+) ± [\d.]+ over 2 images \(prior ([\d.]+) \+ decoder ([\d.]+) \+ KL terms "
+                    r"([\d.]+); .*variance fixed_large\)", res.stdout)
+  assert bound, res.stdout
+  total, *parts = map(float, bound.groups())
+  assert 0 < total and abs(total - sum(parts)) <= 2e-4  # each printed to 4 decimals
   assert all((tmp_path / f"ddim_{name}.png").exists() for name in ("forward", "ten", "trajectory"))
   # The step-0 checkpoint's EMA parameters go back out as diffusers wrote them.
   res = run_tool("tools/export_diffusers.py", f"--workdir={workdir}", f"--out={out}")
