@@ -78,6 +78,11 @@ def main(argv):
       raise ValueError(f"workdir {workdir!r} already holds checkpoints: give a new --workdir")
     model, params, spec = pretrained.read_unet(path)
     config = imported_config(FLAGS.config, path, spec)
+    given = (FLAGS.config.image_size, FLAGS.config.data.channels)
+    if given != (spec.image_size, spec.in_channels):  # the network's shape wins over --config's
+      print(f"import_diffusers.py: image_size={given[0]}, data.channels={given[1]} of --config replaced by the "
+            f"checkpoint's {spec.image_size} and {spec.in_channels}: the dataset is read at that shape",
+            file=sys.stderr)
     builders.validate(config)
     state = state_from_params(model, builders.build_optimizer(config), params)
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
