@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import sys
+from typing import Callable
 
 from ddpm_jax import runtime
 
@@ -25,6 +26,7 @@ from etils import epath
 from ddpm_jax import (builders, checkpoint, cli, data, evaluation, figures, images, likelihood, loop, plots,
                       preflight, run_record, sampling)
 from ddpm_jax.reporting import progress_printer
+from ddpm_jax.schedule import Schedule
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -156,7 +158,7 @@ def sampling_config(workdir: str, step: int) -> tuple[ml_collections.ConfigDict,
   --inception_weights) and the checkpoint step."""
   saved, step = builders.load_run_config(workdir, step, FLAGS.use_ema)
   config = FLAGS.config or saved
-  trained = saved.diffusion.get("prediction", "eps")
+  trained = saved.get("diffusion", {}).get("prediction", "eps")
   if config.diffusion.prediction != trained:  # the checkpoint knows what its network predicts
     print(f"sample.py: the checkpoint's network predicts {trained!r}; using that, not the --config's "
           f"{config.diffusion.prediction!r}", file=sys.stderr)
@@ -191,8 +193,9 @@ def write_scores(result: dict, workdir: str, step: int, options: sampling.Sample
   print(f"eval: {evaluation.report(result)}\nwrote {path}")
 
 
-def write_figures(config: ml_collections.ConfigDict, x: np.ndarray, model_fn, schedule, key: jax.Array,
-                  options: sampling.SamplerOptions, labels: np.ndarray | None) -> None:
+def write_figures(config: ml_collections.ConfigDict, x: np.ndarray, model_fn: Callable[..., jax.Array],
+                  schedule: Schedule, key: jax.Array, options: sampling.SamplerOptions,
+                  labels: np.ndarray | None) -> None:
   """--figures: the book's forward-diffusion, ten-sample and trajectory figures beside --out."""
   source = builders.build_source(config)
   real = next(data.batch_stream(source, seed=FLAGS.seed, global_batch=4, image_size=config.image_size,

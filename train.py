@@ -27,13 +27,14 @@ elif __name__ == "__mp_main__":  # a worker process, importing this file first o
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from ddpm_jax import builders, checkpoint, cli, consensus, loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from ddpm_jax import builders, checkpoint, cli, consensus, loop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "default.py")
 cli.define_config_flag("train.py", DEFAULT_CONFIG,
-                            "Experiment config file; fields override as --config.key=value.")
+                       "Experiment config file; fields override as --config.key=value.")
 flags.DEFINE_string("workdir", "runs/default", "Checkpoints, metrics, samples and the config go here.")
 flags.DEFINE_integer("stop_at_step", None, "Stop (with a checkpoint) at this step; schedules still span "
                      "config.num_train_steps.")

@@ -1,4 +1,5 @@
-"""The config edge: the one library module that reads an experiment config; it validates it and builds its parts.
+"""The config edge: with cli.py (the `--config` flag), the library module that reads an experiment config; it
+validates it and builds its parts.
 
 Everything else in ddpm_jax takes explicit arguments. `validate` checks every
 value that can be checked without compiling or touching the disk;
@@ -351,14 +352,21 @@ def build_training(config: ml_collections.ConfigDict, workdir: str, stop_at_step
       record=record)
 
 
+@contextlib.contextmanager
+def _naming_intact(workdir: str, ema: bool) -> Iterator[None]:
+  """A CheckpointReadError raised inside, with the workdir's intact checkpoints (intact_hint) added to its message."""
+  try:
+    yield
+  except checkpoint.CheckpointReadError as e:
+    raise checkpoint.CheckpointReadError(f"{e}; {intact_hint(workdir, ema)}") from None
+
+
 def load_run_config(workdir: str, step: Optional[int] = None,
                     ema: bool = True) -> tuple[ml_collections.ConfigDict, int]:
   """The config saved with a workdir's checkpoint (the latest, or `step`) and that step; a config that cannot be read
   raises CheckpointReadError naming the checkpoints whose config and EMA (or raw) parameters can be."""
-  try:
+  with _naming_intact(workdir, ema):
     saved, step = checkpoint.load_config(workdir, step)
-  except checkpoint.CheckpointReadError as e:
-    raise checkpoint.CheckpointReadError(f"{e}; {intact_hint(workdir, ema)}") from None
   return ml_collections.ConfigDict(saved), step
 
 
@@ -376,9 +384,8 @@ def restore_sampling_params(config: ml_collections.ConfigDict, workdir: str, ste
   """
   manager = checkpoint.make_manager(workdir, create=False)
   try:
-    return checkpoint.restore_params(manager, _params_template(config), step, ema=ema)
-  except checkpoint.CheckpointReadError as e:
-    raise checkpoint.CheckpointReadError(f"{e}; {intact_hint(workdir, ema)}") from None
+    with _naming_intact(workdir, ema):
+      return checkpoint.restore_params(manager, _params_template(config), step, ema=ema)
   finally:
     manager.close()
 

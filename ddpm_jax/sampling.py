@@ -221,12 +221,12 @@ def sample(
 ):
   """Draws x_0 by running the reverse chain from x_T ~ N(0, I) (or the given x_T).
 
-  The settings are `options` (a SamplerOptions; default: its defaults), with
-  any of its fields given as keywords (method="ddim", eta=0.0, ...) in place of
-  its values. `eps_fn(x_t, t)` returns the model output for a batch at int32
-  timesteps t of shape [B]: ε, v or x0 as `prediction` says. `method` is "ddpm" (`variance`;
-  on fewer than T steps, the chain of `respaced_schedule`), "ddim" (`eta`) or
-  "dpmpp_2m" (deterministic); `num_steps` (None: `max_num_steps`) and
+  The settings are `options` (a SamplerOptions; default: its defaults), with any
+  of its fields given as keywords (method="ddim", eta=0.0, ...) in place of its
+  values. `eps_fn(x_t, t)` returns the model output for a batch at int32
+  timesteps t of shape [B]: ε, v or x0 as `prediction` says. `method` is "ddpm"
+  (`variance`; on fewer than T steps, the chain of `respaced_schedule`), "ddim"
+  (`eta`) or "dpmpp_2m" (deterministic); `num_steps` (None: `max_num_steps`) and
   `timestep_spacing` pick the timesteps (see `timesteps`). An output of twice
   x's channels carries a learned variance (diffusion.model_log_variance): DDPM
   uses it in place of `variance`, DDIM and DPM-Solver++ read the prediction.

@@ -87,10 +87,10 @@ def python_path(*folders) -> str:
   return os.pathsep.join([*(str(f) for f in folders or (ROOT,)), *([given] if given else [])])
 
 
-# The processes the tests start on the CPU (train.py, sample.py, scripts) compile at XLA's backend optimisation level 0:
-# their compiles take about half the CPU time, and they check behaviour, not the last bits of a number (those are
-# checked in the pytest process, at the default level, against independent references). Level 0 gives other bits
-# (no fused multiply-adds), and the same bits every run.
+# The processes the tests start on the CPU through environment() (train.py, sample.py, scripts) compile at XLA's
+# backend optimisation level 0: their compiles take about half the CPU time, and they check behaviour, not the last
+# bits of a number (those are checked in the pytest process, at the default level, against independent references).
+# Level 0 gives other bits (no fused multiply-adds), and the same bits every run.
 CHILD_OPTIMIZATION = "--xla_backend_optimization_level=0"
 
 

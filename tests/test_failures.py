@@ -21,7 +21,8 @@ import pytest
 import tensorstore
 
 from ddpm_jax import builders, checkpoint, cli, consensus, loop, preflight, reporting, runtime, workdir_lock
-from helpers import ROOT, one_error_line, python_path, run_python, run_script, run_train, small_config, small_run
+from helpers import (ROOT, environment, one_error_line, python_path, run_python, run_script, run_train, small_config,
+                     small_run)
 
 
 def truncate_a_data_file(step_dir):
@@ -130,9 +131,8 @@ def test_sample_checks_every_flag_before_reading_or_sampling(tmp_path):
   lines = [[f"--workdir={w}", *args] if not args[0].startswith("--workdir") else list(args) for args in cases]
   lines += [[f"--checkpoint={w}/checkpoints", out]]
   spec = json.dumps({"unwritable": [f"{w}/locked"], "cases": lines})
-  res = subprocess.run([sys.executable, "-c", SAMPLE_DRIVER, spec], env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                                                           PYTHONPATH=python_path()),
-                       capture_output=True, text=True, timeout=300)
+  res = subprocess.run([sys.executable, "-c", SAMPLE_DRIVER, spec], env=environment(), capture_output=True, text=True,
+                       timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
   results = json.loads(res.stdout.splitlines()[-1])
   expected = list(cases.values()) + [f"--checkpoint={w}/checkpoints is a checkpoints folder, not one of its step "

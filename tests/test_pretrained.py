@@ -4,8 +4,8 @@ fixtures that tools/make_diffusers_fixture.py made once with diffusers: no PyTor
 import copy
 import dataclasses
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -204,7 +204,7 @@ def test_an_imported_workdir_samples_exports_and_fine_tunes(tmp_path):
   res = run_tool("tools/import_diffusers.py", fixture("pipeline"), f"--workdir={workdir}",
                  f"--config={ROOT}/configs/default.py")  # the digits dataset, converted to 8x8 RGB
   assert res.returncode == 0, res.stderr[-3000:]
-  assert ("image_size=8, data.channels=1 of --config replaced by the checkpoint's 8 and 3" in res.stderr), res.stderr
+  assert "the checkpoint's shape replaces --config's data.channels=1 by 3: the dataset" in res.stderr, res.stderr
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["pretrained"]["source"] == fixture("pipeline") and saved["sample"]["variance"] == "fixed_large"
   for method in ("ddpm", "ddim", "dpmpp_2m"):

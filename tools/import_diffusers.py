@@ -33,7 +33,7 @@ FLAGS = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "cifar10.py")
 flags.DEFINE_string("workdir", None, "The workdir to make (new, or without checkpoints).")
 cli.define_config_flag("import_diffusers.py", DEFAULT_CONFIG, "Experiment config for everything the "
-                            "checkpoint does not say (dataset, optimizer, EMA, evaluation); --config.key=value.")
+                       "checkpoint does not say (dataset, optimizer, EMA, evaluation); --config.key=value.")
 
 
 def sha256(path: str) -> str:
@@ -78,11 +78,12 @@ def main(argv):
       raise ValueError(f"workdir {workdir!r} already holds checkpoints: give a new --workdir")
     model, params, spec = pretrained.read_unet(path)
     config = imported_config(FLAGS.config, path, spec)
-    given = (FLAGS.config.image_size, FLAGS.config.data.channels)
-    if given != (spec.image_size, spec.in_channels):  # the network's shape wins over --config's
-      print(f"import_diffusers.py: image_size={given[0]}, data.channels={given[1]} of --config replaced by the "
-            f"checkpoint's {spec.image_size} and {spec.in_channels}: the dataset is read at that shape",
-            file=sys.stderr)
+    replaced = [f"{key}={given} by {wanted}" for key, given, wanted in (
+        ("image_size", FLAGS.config.image_size, spec.image_size),
+        ("data.channels", FLAGS.config.data.channels, spec.in_channels)) if given != wanted]
+    if replaced:  # the network's shape wins over --config's
+      print(f"import_diffusers.py: the checkpoint's shape replaces --config's {', '.join(replaced)}: the dataset is "
+            "read at that shape", file=sys.stderr)
     builders.validate(config)
     state = state_from_params(model, builders.build_optimizer(config), params)
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
