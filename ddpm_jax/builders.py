@@ -1,5 +1,4 @@
-"""The config edge: with cli.py (the `--config` flag), the library module that reads an experiment config; it
-validates it and builds its parts.
+"""The config edge: the one library module that reads an experiment config; it validates it and builds its parts.
 
 Everything else in ddpm_jax takes explicit arguments. `validate` checks every
 value that can be checked without compiling or touching the disk;
@@ -18,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from ml_collections import config_flags
 
 from ddpm_jax import (checkpoint, consensus, data, diffusion, evaluation, hooks, inception, likelihood, loop,
                       parallel, preflight, reporting, run_record, sampling, training)
@@ -51,6 +51,20 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
   """Raises unless value is one of allowed."""
   if value not in allowed:
     raise ValueError(f"{key}={value!r} is unknown: choose one of {', '.join(map(str, allowed))}")
+
+
+def config_items(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+  """(dotted key, value) of every leaf of a config."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from config_items(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def define_config_file_flag(default: Optional[str], help_text: str) -> None:
+  """Defines absl's --config flag: an ml_collections config file whose fields override as --config.key=value."""
+  config_flags.DEFINE_config_file("config", default, help_text)
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:

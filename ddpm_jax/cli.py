@@ -8,13 +8,11 @@ import difflib
 import importlib.util
 import os
 import sys
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Optional
 
-import ml_collections
 from absl import flags
-from ml_collections import config_flags
 
-from ddpm_jax import checkpoint
+from ddpm_jax import builders, checkpoint
 
 
 def _config_path(argv: list[str], default: Optional[str]) -> Optional[str]:
@@ -25,15 +23,6 @@ def _config_path(argv: list[str], default: Optional[str]) -> Optional[str]:
     if arg == "--config" and i + 1 < len(argv):
       return argv[i + 1].split(":")[0]
   return default
-
-
-def _config_items(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
-  """(dotted key, value) of every leaf of a config."""
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      yield from _config_items(value, f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}", value
 
 
 def _config_keys(path: str) -> list[str]:
@@ -53,7 +42,7 @@ def _config_keys(path: str) -> list[str]:
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"config file {path!r}: get_config() raised {type(e).__name__}: "
                      f"{' '.join(str(e).split())[:300]}") from None
-  return [key for key, _ in _config_items(config)]
+  return [key for key, _ in builders.config_items(config)]
 
 
 def flag_error(argv: list[str], error: Exception, default_config: Optional[str]) -> str:
@@ -89,7 +78,7 @@ def define_config_flag(program: str, default: Optional[str], help_text: str) -> 
   a problem with the default file or an override (ml_collections applies them while defining the flag) ends the
   program with one line and exit 2."""
   try:
-    config_flags.DEFINE_config_file("config", default, help_text)
+    builders.define_config_file_flag(default, help_text)
   except Exception as e:  # config files can raise anything while they load
     _exit_on_flag_error(program, sys.argv, e, default)
   flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["config"])
@@ -105,7 +94,7 @@ def _print_help(doc: str, full: bool) -> None:
   config = flags.FLAGS["config"].value
   if config is not None:
     print("\n--config fields (override any as --config.KEY=VALUE):")
-    for key, value in _config_items(config):
+    for key, value in builders.config_items(config):
       print(f"  --config.{key}={value!r}")
 
 
