@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -23,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ddpm_jax import runtime, storage
+from ddpm_jax import consensus, runtime, storage
 from ddpm_jax.train_state import TrainState
 
 
@@ -56,11 +57,32 @@ def make_manager(workdir: str, keep: int = 3, create: bool = True) -> ocp.Checkp
     raise ValueError(f"keep_checkpoints={keep!r} is invalid: keep at least 1")
   if create:  # a start removes what a failed save's late writer threads (or kill -9) left behind
     remove_leftovers(checkpoint_dir(workdir))
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                         async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+  barrier = _barrier_ending_on_own_failure(checkpoint_dir(workdir), lambda: manager.latest_step())
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, async_options=ocp.AsyncOptions(
+      create_directories_asynchronously=False, barrier_sync_fn=barrier))
   handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
   handlers["config"] = ocp.JsonCheckpointHandler()
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+  return manager
+
+
+def _barrier_ending_on_own_failure(directory: str, in_flight: Callable[[], Optional[int]]) -> Callable[..., None]:
+  """orbax's barrier for its background threads (several processes), which first ends every process
+  (consensus.fail_together, with a CheckpointError naming the step in flight) when this process's background write
+  failed: orbax's finalize thread reaches a barrier while raising that failure, and would wait there, until orbax's
+  timeout, for processes that wait for this one at another barrier. The writes of that save still in flight end
+  first (up to ORBAX_THREADS_WAIT_S), so that the cleanup removes all of it."""
+  sync = ocp.multihost.get_barrier_sync_fn()
+
+  def barrier(*, key: str, timeout_ms: int) -> None:
+    failure = sys.exc_info()[1]
+    if failure is not None and jax.process_count() > 1 and threading.current_thread() is not threading.main_thread():
+      _join_orbax_threads(ORBAX_THREADS_WAIT_S)  # its writes still in flight, which would outlive the cleanup
+      consensus.fail_together(CheckpointError(
+          f"could not write the checkpoint of step {in_flight()} to {directory}: {_cause(failure)}"))
+    sync(key=key, timeout_ms=timeout_ms)
+
+  return barrier
 
 
 def all_finite(tree: Any) -> bool:

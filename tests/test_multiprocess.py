@@ -1,6 +1,6 @@
 """Two processes x two devices agree: they start training together when one compiles much longer, they read a folder
-as process 0 lists it, and a failure on one process (a save, a damaged shard it reads, a hook) ends both within
-seconds with one line and one exit code (test_training's chain test: the resume step is process 0's)."""
+as process 0 lists it, and a failure on one process (a background write, a damaged shard it reads, a hook) ends
+both within seconds with one line and one exit code (test_training's chain test: the resume step is process 0's)."""
 
 import glob
 import os
@@ -23,14 +23,15 @@ SLOW_COMPILE_S = 40  # longer than the 30 s within which CPU collectives must be
 def test_a_failure_on_one_process_ends_both_within_seconds_with_its_line_and_exit_code(tmp_path):
   run = tmp_path / "run"
   # 1. Process 0 compiles the train step SLOW_COMPILE_S longer than process 1 (a big model on a host whose cache is
-  #    cold): neither times out in the first step's collectives. Then process 1's save of step 10 fails (its disk is
-  #    full); process 0 saves its shards and waits for process 1 in orbax's barrier. Both end with process 1's line,
-  #    exit 1, and no half-written checkpoint stays.
+  #    cold): neither times out in the first step's collectives. Then process 0's background write of step 10 fails
+  #    (its disk, say) while process 1's succeeds and waits for process 0 in orbax's barrier: both end with process
+  #    0's line, exit 1, and no half-written checkpoint stays.
+  commit = "orbax.checkpoint._src.checkpointers.async_checkpointer:_background_wait_for_commit_futures"
   ends = run_two(run, *FLAGS, env_extra={"TEST_FAULT_SLEEP_S": str(SLOW_COMPILE_S)},
-                 fault="orbax.checkpoint:CheckpointManager.save:1:1,jax._src.stages:Lowered.compile:0:0:sleep")
+                 fault=f"{commit}:0:1,jax._src.stages:Lowered.compile:0:0:sleep")
   lines = [last_line(err) for _, err, _ in ends]
-  want = (f"train.py: error: could not write the checkpoint of step 10 to {run}/checkpoints: the disk is full; "
-          "kept: 5")
+  want = (f"train.py: error: could not write the checkpoint of step 10 to {run}/checkpoints: OSError: [Errno 5] "
+          "Input/output error (injected into _background_wait_for_commit_futures on process 0); kept: 5")
   assert lines == [want, want], lines
   assert [code for code, _, _ in ends] == [1, 1]
   first = re.search(r"first step \(compile included\) took ([\d.]+) s", ends[0][1])
