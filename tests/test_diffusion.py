@@ -18,6 +18,7 @@ def _abar64(t):
   return np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t]
 
 
+@pytest.mark.optimized  # 1,000 steps of a large batch
 def test_iterated_q_step_matches_q_sample_distribution():
   # 200,000 draws per pixel value: the sample mean has s.e. <= sqrt(1/n) = 0.0022
   # and the sample variance s.e. <= var*sqrt(2/n) = 0.0032; we allow 5 s.e.

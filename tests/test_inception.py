@@ -64,6 +64,7 @@ def test_converter_maps_torch_layout_and_rejects_other_files(tmp_path, inception
     inception.load_variables(str(tmp_path / "absent.msgpack"))
 
 
+@pytest.mark.optimized  # the Inception network on hundreds of images
 def test_fid_is_zero_for_the_same_images_and_grows_with_a_shift(tmp_path, inception_variables):
   extractor = inception.make_extractor(inception_variables)
   rng = np.random.default_rng(0)

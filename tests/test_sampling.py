@@ -121,6 +121,7 @@ def exact_moments(method, num_steps=T, eta=1.0, variance="fixed_small"):
 N_SAMPLES = 4000  # of 8x8x1: n = 256,000 pixels, so the variance estimate's s.e. is v·sqrt(2/n) = 0.28% of v
 
 
+@pytest.mark.optimized  # 1,000-step chains: run time, not compile time
 @pytest.mark.parametrize("method, num_steps, eta, variance", [
     ("ddpm", None, 1.0, "fixed_small"), ("ddpm", None, 1.0, "fixed_large"),
     ("ddim", 50, 0.0, "fixed_small"), ("ddim", 50, 1.0, "fixed_small"),

@@ -209,6 +209,7 @@ def _fingerprint(params):
 
 
 @pytest.mark.slow
+@pytest.mark.optimized  # bits pinned at XLA's default settings
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="parameter bits are pinned on the CPU backend")
 def test_unconditional_parameters_are_unchanged_bit_for_bit_and_conditioning_only_adds_the_label_table():
   # Both models' initialisers in one program at XLA's default settings, as model.init computes them (the pinned
