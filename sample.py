@@ -34,7 +34,8 @@ flags.DEFINE_string("workdir", None, "Workdir of a training run: its latest chec
 flags.DEFINE_string("checkpoint", None, "A checkpoint step folder (WORKDIR/checkpoints/STEP) instead of --workdir.")
 cli.define_config_flag("sample.py", None, "Optional config; by default the one saved with the checkpoint.")
 flags.DEFINE_integer("num_samples", 64, "How many samples to draw.")
-flags.DEFINE_integer("batch_size", None, "Samples per batch (split over local devices); default config.sample.")
+flags.DEFINE_integer("batch_size", None, "Samples (or --nll images) per batch, split over the devices; default "
+                     "config.sample.batch_size, at most --num_samples (--nll).")
 flags.DEFINE_enum("method", None, list(sampling.METHODS), "Sampler; default config.sample.method.")
 flags.DEFINE_integer("steps", None, "Model calls of ddim / dpmpp_2m (default config.sample.num_steps) or of ddpm "
                      "(default all T; fewer respace the chain as Improved DDPM does).")
@@ -131,9 +132,10 @@ def likelihood_bound(config: ml_collections.ConfigDict, workdir: str, step: int)
   variance = builders.nll_variance(config, FLAGS.variance)
   nll_images, labels, which = builders.build_nll_images(config, FLAGS.nll)
   params = builders.restore_sampling_params(config, workdir, step, ema=FLAGS.use_ema)
-  bound = builders.build_bound_evaluator(config, model, schedule, FLAGS.variance, FLAGS.batch_size)
-  print(f"bound on {FLAGS.nll} images ({which}) with the {'EMA' if FLAGS.use_ema else 'raw'} params of step {step}: "
-        f"{schedule.num_timesteps} terms each, variance {variance}", flush=True)
+  batch = builders.call_batch(config, FLAGS.batch_size, FLAGS.nll)
+  bound = builders.build_bound_evaluator(config, model, schedule, FLAGS.variance, batch)
+  print(f"bound on {FLAGS.nll} images ({which}) in batches of {batch} with the {'EMA' if FLAGS.use_ema else 'raw'} "
+        f"params of step {step}: {schedule.num_timesteps} terms each, variance {variance}", flush=True)
   result = bound(params, nll_images, jax.random.key(FLAGS.seed), labels, progress_printer("bound: images"))
   summary = likelihood.summarize(result)
   print(likelihood.report(summary, f"{which}; variance {variance}"))
@@ -218,11 +220,12 @@ def draw(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
   evaluate = builders.build_evaluator(config, workdir) if FLAGS.eval else None
   params = builders.restore_sampling_params(config, workdir, step, ema=FLAGS.use_ema)
   model = builders.build_model(config)
-  generate = builders.build_generator(config, model, schedule, options, FLAGS.batch_size)
+  batch = builders.call_batch(config, FLAGS.batch_size, FLAGS.num_samples)
+  generate = builders.build_generator(config, model, schedule, options, batch)
   key = jax.random.key(FLAGS.seed)
   guidance = "" if labels is None else f", classes {FLAGS.labels}, guidance {options.guidance_scale:g}"
-  print(f"sampling {FLAGS.num_samples} images at step {step} ({'EMA' if FLAGS.use_ema else 'raw'} params) with "
-        f"{options.method}{guidance}", flush=True)
+  print(f"sampling {FLAGS.num_samples} images in batches of {batch} at step {step} "
+        f"({'EMA' if FLAGS.use_ema else 'raw'} params) with {options.method}{guidance}", flush=True)
   x = generate(params, key, FLAGS.num_samples, progress_printer("sampled"), labels=labels)
   png, npz = images.save_samples(FLAGS.out, x, cols, scale=FLAGS.scale, labels=labels)
   print(f"wrote {png}, {npz} and {write_record(workdir, step, options)}")

@@ -234,11 +234,20 @@ def model_fn(model: UNet) -> Callable[..., jax.Array]:
   return lambda params, x, t, labels=None: model.apply({"params": params}, x, t, labels=labels)
 
 
+def call_batch(config: ml_collections.ConfigDict, batch_size: Optional[int], count: Optional[int]) -> int:
+  """Images per compiled call: `batch_size`, else the config's sampler batch size, but no more than `count` (the
+  images the calls are for, when known): 2 samples are not drawn as a batch of 256."""
+  batch = batch_size or config.sample.batch_size
+  return min(batch, count) if count else batch
+
+
 def build_generator(config: ml_collections.ConfigDict, model: UNet, schedule: Schedule,
-                    options: sampling.SamplerOptions, batch_size: Optional[int] = None) -> Callable[..., np.ndarray]:
-  """sampling.make_generator for the config's image shape and sampler batch size."""
+                    options: sampling.SamplerOptions, batch_size: Optional[int] = None,
+                    num_samples: Optional[int] = None) -> Callable[..., np.ndarray]:
+  """sampling.make_generator for the config's image shape, in batches of call_batch (num_samples: the most samples
+  one generate call asks for)."""
   return sampling.make_generator(model_fn(model), schedule, image_shape(config), options,
-                                 batch_size=batch_size or config.sample.batch_size)
+                                 batch_size=call_batch(config, batch_size, num_samples))
 
 
 def build_source(config: ml_collections.ConfigDict) -> data.Source:
@@ -294,12 +303,13 @@ def build_nll_images(config: ml_collections.ConfigDict,
 
 
 def build_bound_evaluator(config: ml_collections.ConfigDict, model: UNet, schedule: Schedule,
-                          variance: Optional[str] = None, batch_size: Optional[int] = None) -> Callable[..., dict]:
-  """likelihood.make_bound_evaluator for the config's model, with the run's variance (nll_variance) and the sampler's
-  batch size unless given."""
+                          variance: Optional[str] = None, batch_size: Optional[int] = None,
+                          num_images: Optional[int] = None) -> Callable[..., dict]:
+  """likelihood.make_bound_evaluator for the config's model, with the run's variance (nll_variance), in batches of
+  call_batch (num_images: the most images one call evaluates)."""
   return likelihood.make_bound_evaluator(model_fn(model), schedule, variance=nll_variance(config, variance),
                                          prediction=config.diffusion.prediction,
-                                         batch_size=batch_size or config.sample.batch_size)
+                                         batch_size=call_batch(config, batch_size, num_images))
 
 
 def check_classes(config: ml_collections.ConfigDict, source: data.Source) -> None:
@@ -327,7 +337,9 @@ def build_training(config: ml_collections.ConfigDict, workdir: str, stop_at_step
   input_shape = (1,) + image_shape(config)
   loop_hooks = []
   if config.sample.every_steps or config.eval_every_steps:
-    generate = build_generator(config, model, schedule, sampler_options(config))
+    drawn = max(config.sample.num_samples if config.sample.every_steps else 0,
+                config.eval_num_samples if config.eval_every_steps else 0)
+    generate = build_generator(config, model, schedule, sampler_options(config), num_samples=drawn)
     num_classes = model.num_classes
     loop_hooks.append(loop.Hook("samples", config.sample.every_steps, hooks.sample_grid_hook(
         workdir, generate, sample_key, config.sample.num_samples, num_classes)))
@@ -340,9 +352,9 @@ def build_training(config: ml_collections.ConfigDict, workdir: str, stop_at_step
   if nll_num_images(config):
     lead = jax.process_index() == 0  # process 0 alone computes the bound
     nll_data = build_nll_images(config, nll_num_images(config)) if lead else (None, None, "")
+    bound = build_bound_evaluator(config, model, schedule, num_images=nll_num_images(config))
     loop_hooks.append(loop.Hook("nll", config.eval_every_steps, hooks.nll_hook(
-        build_bound_evaluator(config, model, schedule), *nll_data[:2], jax.random.fold_in(sample_key, 1),
-        nll_data[2])))
+        bound, *nll_data[:2], jax.random.fold_in(sample_key, 1), nll_data[2])))
   runner = parallel.make_runner(build_train_step(config, schedule), config.parallelism)
   # process 0 alone writes the run record (describing it runs git and reads every installed package's version)
   record = run_record.describe(config=config.to_dict(), dataset=source.identity, parallelism=runner.mode,

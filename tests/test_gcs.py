@@ -32,7 +32,7 @@ def test_a_gs_workdir_trains_resumes_and_samples(emulator, tmp_path):
   out = tmp_path / "s.png"
   sampled = run_sample("--workdir=gs://bucket/run", "--num_samples=2", f"--out={out}")
   assert sampled.returncode == 0, sampled.stderr[-2000:]
-  assert "sampling 2 images at step 12" in sampled.stdout and out.exists()
+  assert "sampling 2 images in batches of 2 at step 12" in sampled.stdout and out.exists()
   made = json.loads((tmp_path / "s.json").read_text())  # beside the samples: which checkpoint, which start
 
   objects = bucket_objects("run/")

@@ -200,25 +200,33 @@ def test_the_import_tool_reports_a_damaged_folder_in_one_line_with_exit_2(tmp_pa
 
 @pytest.mark.slow
 def test_an_imported_workdir_samples_exports_and_fine_tunes(tmp_path):
-  workdir, out = tmp_path / "w", tmp_path / "exported"
-  res = run_tool("tools/import_diffusers.py", fixture("pipeline"), f"--workdir={workdir}",
-                 f"--config={ROOT}/configs/default.py")  # the digits dataset, converted to 8x8 RGB
+  workdir, out, source = tmp_path / "w", tmp_path / "exported", tmp_path / "pipeline32"
+  # The fixture's pipeline as a 32-pixel checkpoint, as google/ddpm-cifar10-32 is (a diffusers U-Net's weights do
+  # not depend on its sample_size).
+  shutil.copytree(fixture("pipeline"), source)
+  unet_config = json.loads((source / "unet" / "config.json").read_text())
+  (source / "unet" / "config.json").write_text(json.dumps({**unet_config, "sample_size": 32}))
+  res = run_tool("tools/import_diffusers.py", str(source), f"--workdir={workdir}",
+                 f"--config={ROOT}/configs/default.py")  # the digits dataset, converted to 32x32 RGB
   assert res.returncode == 0, res.stderr[-3000:]
-  assert "the checkpoint's shape replaces --config's data.channels=1 by 3: the dataset" in res.stderr, res.stderr
+  assert ("the checkpoint's shape replaces --config's image_size=8 by 32, data.channels=1 by 3: the dataset"
+          in res.stderr), res.stderr
   saved = json.loads((workdir / "config.json").read_text())
-  assert saved["pretrained"]["source"] == fixture("pipeline") and saved["sample"]["variance"] == "fixed_large"
+  assert saved["pretrained"]["source"] == str(source) and saved["sample"]["variance"] == "fixed_large"
   for method in ("ddpm", "ddim", "dpmpp_2m"):
     # with DDIM, also scored (the digits judge takes the RGB model's samples as gray) and the book's figures
     more = ["--eval", "--figures"] if method == "ddim" else []
     res = run_tool("sample.py", f"--workdir={workdir}", f"--method={method}", "--num_samples=2", *more,
                    f"--out={tmp_path}/{method}.png")
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "sampling 2 images in batches of 2 " in res.stdout  # not a batch of config.sample.batch_size (256)
     samples = np.load(tmp_path / f"{method}.npz")["images"]
-    assert samples.shape == (2, 8, 8, 3) and samples.std() > 0
+    assert samples.shape == (2, 32, 32, 3) and samples.std() > 0
   assert json.loads((workdir / "eval_step_0.json").read_text())["num_samples"] == 2
   # The likelihood bound with the imported scheduler's variance: its parts add up to the total.
-  res = run_tool("sample.py", f"--workdir={workdir}", "--nll=2", "--batch_size=2")
+  res = run_tool("sample.py", f"--workdir={workdir}", "--nll=2")
   assert res.returncode == 0, res.stderr[-3000:]
+  assert "bound on 2 images (the training images of digits, which has no test split) in batches of 2 " in res.stdout
   bound = re.search(r"bits/dim: ([\d.]+) ± [\d.]+ over 2 images \(prior ([\d.]+) \+ decoder ([\d.]+) \+ KL terms "
                     r"([\d.]+); .*variance fixed_large\)", res.stdout)
   assert bound, res.stdout

@@ -35,7 +35,7 @@ def test_sample_writes_grid_npz_and_figures(workdir, tmp_path, imported_tensorfl
                    "--eta=0.5", f"--out={out}", "--figures", "--eval", python_flags=("-X", "importtime"))
   assert res.returncode == 0, res.stderr[-3000:]
   assert imported_tensorflow(res.stderr) == []  # no TensorFlow in the sampling process
-  assert "sampled 11/11" in res.stdout
+  assert "sampling 11 images in batches of 4 " in res.stdout and "sampled 11/11" in res.stdout
   arr = np.load(tmp_path / "s.npz")["images"]
   assert arr.shape == (11, 8, 8, 1) and arr.dtype == np.uint8 and arr.std() > 0
   # The grid: ceil(sqrt(11)) = 4 columns, 3 rows of 8-pixel images enlarged 8x to 64 (the least factor reaching
