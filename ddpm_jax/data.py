@@ -447,6 +447,7 @@ def batch_stream(source: Source, *, seed: int, global_batch: int, image_size: in
       flags.FLAGS.mark_as_parsed()
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
                                   worker_init_fn=_leave_signals_to_the_main_process)
+    return _closing(iter(iter_ds), _out_of_shared_memory)
   return _closing(iter(iter_ds))
 
 
@@ -462,10 +463,19 @@ def _images_only(batch: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
   return batch[0]
 
 
-def _closing(iterator: Iterator[Any]) -> Iterator[Any]:
-  """Yields from a Grain iterator and closes it (and its worker processes) when the stream is dropped."""
+def _out_of_shared_memory(batch: Any) -> Any:
+  """A batch from Grain's worker processes copied out of their shared memory, which a batch must not hold on to: on
+  the CPU, jax.device_put keeps the NumPy buffer it was given, and shared memory still held at exit is never
+  unlinked (Python's resource tracker then reports it leaked)."""
+  return tuple(map(np.array, batch)) if isinstance(batch, tuple) else np.array(batch)
+
+
+def _closing(iterator: Iterator[Any], take: Callable[[Any], Any] = lambda batch: batch) -> Iterator[Any]:
+  """Yields take(batch) for each batch of a Grain iterator and closes it (and its worker processes) when the stream
+  is dropped."""
   try:
-    yield from iterator
+    for batch in iterator:
+      yield take(batch)
   finally:
     close = getattr(iterator, "close", None)
     if close:

@@ -112,6 +112,9 @@ def test_decoding_in_worker_processes_gives_the_same_batches(tmp_path):
   here = take(data.batch_stream(source, worker_count=0, **kw), 4)
   for a, b in zip(here, take(data.batch_stream(source, worker_count=2, **kw), 4)):
     np.testing.assert_array_equal(a, b)
+    # copied out of the workers' shared memory: a batch that jax.device_put keeps (on the CPU it aliases the NumPy
+    # buffer) would keep the shared memory past exit, never unlinked ("leaked shared_memory objects")
+    assert type(b) is np.ndarray and b.flags.owndata, (type(b), b.base)
 
 
 def test_a_folder_of_class_subfolders_is_labelled_in_sorted_order(tmp_path):
