@@ -63,7 +63,7 @@ def make_manager(workdir: str, keep: int = 3, create: bool = True) -> ocp.Checkp
   handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
   handlers["config"] = ocp.JsonCheckpointHandler()
   manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
-  return manager
+  return manager  # (named: the barrier asks it for the step in flight)
 
 
 def _barrier_ending_on_own_failure(directory: str, in_flight: Callable[[], Optional[int]]) -> Callable[..., None]:

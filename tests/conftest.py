@@ -47,8 +47,8 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(autouse=True)
 def quick_compiles(request):
-  """On the CPU, compiles a test's programs with most of XLA's optimisations off (jax_disable_most_optimizations;
-  the small train step: 19 -> 9 CPU-s, and 50 of its steps 0.4 -> 0.8 s): the tests compile much and run little.
+  """On the CPU, compiles a test's programs with most of XLA's optimisations off (jax_disable_most_optimizations:
+  half the compile time, slower programs; CONTRIBUTING.md has the numbers): the tests compile much and run little.
   A test marked `optimized` (long loops, or bits compared with a program compiled elsewhere) keeps them."""
   if request.node.get_closest_marker("optimized") or jax.default_backend() != "cpu":
     yield
