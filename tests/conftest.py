@@ -49,15 +49,18 @@ def pytest_collection_modifyitems(items):
 def quick_compiles(request):
   """On the CPU, compiles a test's programs with most of XLA's optimisations off (jax_disable_most_optimizations:
   half the compile time, slower programs; CONTRIBUTING.md has the numbers): the tests compile much and run little.
-  A test marked `optimized` (long loops, or bits compared with a program compiled elsewhere) keeps them."""
+  A test marked `optimized` (long loops, or bits compared with a program compiled elsewhere) keeps them. Module and
+  session fixtures are set up before this one, so at the default settings; a jitted function already compiled by an
+  earlier test keeps that program (the setting is not part of jit's cache key)."""
   if request.node.get_closest_marker("optimized") or jax.default_backend() != "cpu":
     yield
     return
+  before = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", True)
   try:
     yield
   finally:
-    jax.config.update("jax_disable_most_optimizations", False)
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture(scope="session", autouse=True)

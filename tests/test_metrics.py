@@ -113,7 +113,7 @@ def test_digits_of_an_rgb_model_are_judged_as_their_gray(classifier):
     digits_eval.classify(classifier, rgb[..., :2])
 
 
-@pytest.mark.optimized  # the bits of the session's classifier, trained at the default settings
+@pytest.mark.optimized  # the bits of the module fixture's classifier, trained at the default settings
 @pytest.mark.bitwise
 def test_digits_classifier_is_seeded_and_cached(classifier, tmp_path):
   again = digits_eval.load_or_train(str(tmp_path), seed=0)  # trained afresh in another folder: same bits
