@@ -2,12 +2,14 @@
 
   python benchmarks/likelihood.py                       # the default config's model, random parameters
   python benchmarks/likelihood.py --workdir runs/default --num_images 1000 --json bound.json
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/likelihood.py  # a CPU's 2 cores as 2 devices
 
 The bound is compiled once, on a first batch timed apart (compile_s); the
 --num_images that follow are timed with progress shown. Without --workdir the
 default config's model gets random parameters of its shapes: the time does not
 depend on their values, and the bits/dim of such a model mean nothing (with
---workdir they are the run's, on its evaluation images).
+--workdir they are the run's, on its evaluation images). Each batch is split
+over this process's devices; on a CPU, XLA_FLAGS can make each core a device.
 """
 
 from __future__ import annotations
@@ -76,11 +78,13 @@ def main(argv: list[str]) -> int:
          "variance": builders.nll_variance(config, args.variance), "compile_s": compile_s,
          "seconds_per_1000": 1000 * seconds / args.num_images, "data": which, "model": where,
          **{k: v for k, v in summary.items() if k != "terms"}}
+  row["devices"] = jax.local_device_count()
   device = f"{jax.local_devices()[0].device_kind}, {os.cpu_count()} cores"
   table = "\n".join([
       f"{where}; {which}; {device}.", "",
-      "| images | T | variance | compile + first batch (s) | s per 1,000 images | bits/dim |", "|" + " --- |" * 6,
-      f"| {args.num_images} | {schedule.num_timesteps} | {row['variance']} | {compile_s:.1f} | "
+      "| images | T | variance | devices | compile + first batch (s) | s per 1,000 images | bits/dim |",
+      "|" + " --- |" * 7,
+      f"| {args.num_images} | {schedule.num_timesteps} | {row['variance']} | {row['devices']} | {compile_s:.1f} | "
       f"{row['seconds_per_1000']:.1f} | {summary['bits_per_dim']:.3f} ± {summary['standard_error']:.3f} |"]) + "\n"
   report.publish(table, row, args.json, args.markdown)
   return 0

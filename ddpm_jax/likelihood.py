@@ -12,13 +12,13 @@ one x_t per timestep and image; `vb_terms` is also the hybrid loss's VLB term.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion
+from ddpm_jax import diffusion, parallel
 from ddpm_jax.schedule import Schedule
 
 LN2 = float(np.log(2.0))
@@ -89,7 +89,7 @@ def vb_terms(schedule: Schedule, x0: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarr
 
 def bits_per_dim(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, x0: jnp.ndarray, key: jax.Array, *,
                  variance: str = "fixed_large", prediction: str = "eps", labels: Optional[jnp.ndarray] = None,
-                 clip_x0: bool = True) -> dict[str, jnp.ndarray]:
+                 clip_x0: bool = True, index_offset: int | jnp.ndarray = 0) -> dict[str, jnp.ndarray]:
   """The variational bound on -log2 p(x0) per dimension: {"total": [B], "prior": [B], "terms": [B, T]}.
 
   x0 must be images quantised to 8 bits and scaled to [-1, 1] (k / 127.5 - 1):
@@ -99,12 +99,12 @@ def bits_per_dim(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, x0: j
   `prediction` (ε, v or x0) and, for variance="learned_range", carries v in
   twice x's channels. terms[:, 0] is the decoder's NLL, terms[:, t] for t >= 1
   the KL at step t; each is estimated with one x_t ~ q(x_t | x0) per image,
-  whose noise comes from (key, t, the image's index in the batch). One lax.map
-  over the T timesteps; jit-able.
+  whose noise comes from (key, t, index_offset + the image's index in x0). One
+  lax.map over the T timesteps; jit-able.
   """
   b = x0.shape[0]
   x0 = x0.astype(jnp.float32)
-  image_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(b))
+  image_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, index_offset + jnp.arange(b))
   call = model_fn if labels is None else lambda x, t: model_fn(x, t, labels)
 
   def term(t: jnp.ndarray) -> jnp.ndarray:
@@ -120,42 +120,65 @@ def bits_per_dim(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, x0: j
 
 
 def make_bound_evaluator(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, *, variance: str,
-                         prediction: str = "eps", batch_size: int = 256, clip_x0: bool = True
-                         ) -> Callable[..., dict[str, np.ndarray]]:
+                         prediction: str = "eps", batch_size: int = 256, clip_x0: bool = True,
+                         devices: Optional[Sequence[jax.Device]] = None) -> Callable[..., dict[str, np.ndarray]]:
   """A function (params, images, key, labels=None, progress=None) -> `bits_per_dim`'s dict over every image, as
   NumPy arrays.
 
   `model_fn(params, x_t, t)` (`model_fn(params, x_t, t, labels)` with labels)
   is the network; `images` are 8-bit images in [-1, 1], evaluated in batches
-  of `batch_size` (the last one padded), the bound compiled once per kind of
-  key (with or without labels). Batch j's noise comes from fold_in(key, j).
-  `progress(done, total)` is called after each batch.
+  of `batch_size` rounded up to a multiple of the device count (the last one
+  padded), each split over `devices` (default: this process's devices; only
+  this process calls it). The bound is compiled once per kind of key (with or
+  without labels). Batch j's noise comes from fold_in(key, j) and the image's
+  index in the batch, so an image's bound does not depend on the devices.
+  `progress(done, total)` is called after each batch. Its `program` attribute
+  maps (key impl, labelled) to the jitted bound it calls, taking (params,
+  key data, offsets, x0[, labels]).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} is invalid: it must be >= 1")
+  devices = list(devices or jax.local_devices())
+  per_device = -(-batch_size // len(devices))
+  per_call = per_device * len(devices)
+  _, rows, replicated = parallel.mesh_layout(devices, sharded=False)
 
-  @jax.jit
-  def batch_bound(params, x0, key, labels):
-    fn = functools.partial(model_fn, params)
-    return bits_per_dim(fn, schedule, x0, key, variance=variance, prediction=prediction, labels=labels,
-                        clip_x0=clip_x0)
+  def shard(params, key_data, offsets, x0, labels, impl):
+    key = jax.random.wrap_key_data(key_data, impl=impl)
+    return bits_per_dim(functools.partial(model_fn, params), schedule, x0, key, variance=variance,
+                        prediction=prediction, labels=labels, clip_x0=clip_x0, index_offset=offsets[0])
+
+  @functools.lru_cache(maxsize=None)
+  def program(impl: Any, labelled: bool) -> Callable:
+    body = functools.partial(shard, impl=impl)
+    if not labelled:
+      body = functools.partial(lambda fn, params, key_data, offsets, x0: fn(params, key_data, offsets, x0, None),
+                               body)
+    return parallel.over_batch(body, devices, 2, 3 if labelled else 2)
+
+  offsets = parallel.place(per_device * np.arange(len(devices), dtype=np.int32), rows)
 
   def evaluate(params: Any, images: np.ndarray, key: jax.Array, labels: Optional[np.ndarray] = None,
                progress: Optional[Callable[[int, int], None]] = None) -> dict[str, np.ndarray]:
     """The bound of each image (of class labels[i], when given)."""
     n = len(images)
-    pad = -n % batch_size
-    images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+    pad = -n % per_call
+    images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)]).astype(np.float32)
     if labels is not None:
       labels = np.concatenate([labels, np.repeat(labels[-1:], pad)]).astype(np.int32)
+    run = program(jax.random.key_impl(key), labels is not None)
+    placed = parallel.place(params, jax.tree_util.tree_map(lambda _: replicated, params))
     parts = []
-    for j, start in enumerate(range(0, n, batch_size)):
-      part = batch_bound(params, images[start:start + batch_size], jax.random.fold_in(key, j),
-                         None if labels is None else labels[start:start + batch_size])
-      parts.append(jax.tree_util.tree_map(np.asarray, part))
+    for j, start in enumerate(range(0, n, per_call)):
+      key_data = parallel.place(jax.random.key_data(jax.random.fold_in(key, j)), replicated)
+      batch = [images[start:start + per_call]] + ([] if labels is None else [labels[start:start + per_call]])
+      part = run(placed, key_data, offsets, *(parallel.place(a, rows) for a in batch))
+      parts.append(jax.device_get(part))
       if progress is not None:
-        progress(min(start + batch_size, n), n)
+        progress(min(start + per_call, n), n)
     return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
+
+  evaluate.program = program  # (key impl, labelled) -> the jitted sharded bound it calls, for lowering and export
   return evaluate
 
 

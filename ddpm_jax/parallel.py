@@ -92,6 +92,14 @@ def mesh_layout(devices: Sequence[jax.Device], sharded: bool) -> tuple[Callable[
   return state_shardings, NamedSharding(mesh, PartitionSpec(MESH_AXIS)), replicated
 
 
+def over_batch(body: Callable, devices: Sequence[jax.Device], replicated: int, sharded: int) -> Callable:
+  """`body` jitted over a 1-D mesh of `devices`: its first `replicated` arguments whole on every device, the next
+  `sharded` split along their first axis, its outputs joined along their first axis."""
+  mesh = Mesh(np.array(devices), (MESH_AXIS,))
+  specs = (PartitionSpec(),) * replicated + (PartitionSpec(MESH_AXIS),) * sharded
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(MESH_AXIS)))
+
+
 def with_shardings(abstract: Any, shardings: Any) -> Any:
   """A pytree of jax.ShapeDtypeStruct with the given shardings attached (what a restore should produce)."""
   return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)

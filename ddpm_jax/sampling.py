@@ -349,7 +349,6 @@ def make_generator(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, ima
   devices = list(devices or jax.devices())
   per_device = -(-batch_size // len(devices))
   _, rows, replicated = parallel.mesh_layout(devices, sharded=False)
-  spec = jax.sharding.PartitionSpec
   shape = (per_device,) + tuple(image_shape)
 
   def shard(params, key_data, offsets, labels, impl):
@@ -361,9 +360,7 @@ def make_generator(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, ima
     body = functools.partial(shard, impl=impl)
     if not labelled:
       body = functools.partial(lambda fn, params, key_data, offsets: fn(params, key_data, offsets, None), body)
-    sharded = (spec(parallel.MESH_AXIS),) * (2 if labelled else 1)
-    return jax.jit(jax.shard_map(body, mesh=rows.mesh, in_specs=(spec(), spec()) + sharded,
-                                 out_specs=spec(parallel.MESH_AXIS)))
+    return parallel.over_batch(body, devices, 2, 2 if labelled else 1)
   run = functools.lru_cache(maxsize=None)(compiled)
   per_call = per_device * len(devices)
 

@@ -1,6 +1,7 @@
 """The variational bound in bits per dimension against float64 NumPy / SciPy references, closed forms and oracles."""
 
 import re
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ from scipy import stats
 
 from ddpm_jax import likelihood
 from ddpm_jax.schedule import make_betas, schedule_from_betas
+from helpers import ROOT, run_python
 
 
 T = 40  # few timesteps keep the scans short; beta_end 0.3 still drives ᾱ_T to 0.005, so the prior is small
@@ -262,6 +264,37 @@ def test_the_evaluator_pads_the_last_batch_without_changing_an_image_and_reports
   assert summary["standard_error"] == pytest.approx(total.std(ddof=1) / np.sqrt(5), rel=1e-12)
   assert summary["decoder"] + summary["kl_terms"] + summary["prior"] == pytest.approx(summary["bits_per_dim"],
                                                                                       rel=1e-6)
+
+
+SPLIT_OVER_TWO_DEVICES = textwrap.dedent("""
+    import jax, numpy as np
+    from ddpm_jax import likelihood
+    from ddpm_jax.schedule import make_betas, schedule_from_betas
+    assert jax.device_count() == 2
+    schedule = schedule_from_betas(make_betas("linear", 40, 1e-4, 0.3))
+    x0 = (np.random.default_rng(0).integers(0, 256, (5, 4, 4, 2)) / 127.5 - 1).astype(np.float32)
+    model = lambda p, x, t: p * x + 0.01 * t[:, None, None, None]  # (params, x_t, t), each image its own t
+    calls = []
+    two = likelihood.make_bound_evaluator(model, schedule, variance="fixed_small", batch_size=3)
+    got = two(0.5, x0, jax.random.key(3), progress=lambda done, total: calls.append((done, total)))
+    one = likelihood.make_bound_evaluator(model, schedule, variance="fixed_small", batch_size=4,
+                                          devices=jax.devices()[:1])
+    want = one(0.5, x0, jax.random.key(3))
+    np.savez(__import__("sys").argv[1], calls=calls, **{f"got_{k}": v for k, v in got.items()},
+             **{f"want_{k}": v for k, v in want.items()})
+""")
+
+
+def test_the_evaluator_splits_each_batch_over_the_devices_and_an_image_s_bound_does_not_depend_on_them(tmp_path):
+  out = run_python("-c", SPLIT_OVER_TWO_DEVICES, tmp_path / "bounds.npz", devices=2, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  found = np.load(tmp_path / "bounds.npz")
+  # batch_size 3 rounds up to 4 over 2 devices: two batches, the second padded
+  assert found["calls"].tolist() == [[4, 5], [5, 5]]
+  for k in ("total", "prior", "terms"):
+    # the same noise and model call per image, on 2 devices or on 1: equal but for the rounding of how XLA fuses
+    # each program (a mean of 32 float32 values per term)
+    np.testing.assert_allclose(found[f"got_{k}"], found[f"want_{k}"], rtol=1e-6)
 
 
 @pytest.mark.numerics

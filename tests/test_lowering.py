@@ -1,6 +1,7 @@
 """Every program the library compiles lowers for NVIDIA GPUs and TPUs (jax.export from this CPU): the state's
-initialiser and the train step in each placement but pmap (which cannot be exported), and the sampler of each method
-as the generator runs it; a class-conditional model's train step and guided sampler too. None holds float64 or a
+initialiser and the train step in each placement but pmap (which cannot be exported), the sampler of each method as
+the generator runs it and the likelihood bound as its evaluator runs it; a class-conditional model's train step,
+guided sampler and bound too. None holds float64 or a
 custom call outside ALLOWED_CUSTOM_CALLS."""
 
 import json
@@ -64,6 +65,9 @@ EXPORT_ALL = textwrap.dedent("""
         labels = (jax.ShapeDtypeStruct((8,), np.int32),) if conditional else ()
         check(f"sampler {method}{suffix}", generate.program(jax.random.key_impl(key), conditional), params,
               key_data, offsets, *labels)
+      bound = builders.build_bound_evaluator(c, model, schedule, batch_size=8)  # split over the 4 devices
+      check(f"bound{suffix}", bound.program(jax.random.key_impl(key), conditional), params, key_data, offsets,
+            jax.ShapeDtypeStruct((8, 8, 8, 1), np.float32), *labels)
     json.dump(report, sys.stdout)
 """)
 
@@ -78,6 +82,7 @@ def test_every_program_lowers_for_gpu_and_tpu_without_float64_or_custom_calls():
   names = [f"{kind} {mode}" for kind in ("init", "train step") for mode in ("single", "jit", "fsdp")]
   names += ["init single conditional", "train step single conditional"]
   names += [f"sampler {m}" for m in ("ddpm", "ddim", "dpmpp_2m")] + ["sampler dpmpp_2m conditional"]
+  names += ["bound", "bound conditional"]
   assert sorted(report) == sorted(names)
   for name, found in report.items():
     assert found["platforms"] == list(PLATFORMS), name
