@@ -11,7 +11,8 @@ diffusers' UNet2DModel.from_pretrained, and compared with the first diffusers mo
 
 Speed: the same random CIFAR-10 weights as a DDPM pipeline (linear schedule, fixed_large variance, clipping, as the
 upload's scheduler); ours (jit, lax.scan) with DDIM-50 and DDPM-1000, against diffusers' DDIMPipeline and
-DDPMPipeline, batch 16, each timed once after a warm-up (ours: compiled by the warm-up call).
+DDPMPipeline, batch 16, each timed once: ours compiled ahead (the compile timed apart), diffusers' after a 2-step
+warm-up call.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddpm_jax import builders, pretrained, sampling
+from ddpm_jax import builders, parallel, pretrained, sampling
 from ddpm_jax.unet import unet_preset
 
 # The configs of the published DDPM U-Nets: google/ddpm-cifar10-32's is our ddpm_cifar10 preset's
@@ -89,6 +91,26 @@ def parity(name: str, batch: int) -> None:
         f"{jax_s:.1f} s with compilation", flush=True)
 
 
+def compile_ahead(generate, params: Any) -> float:
+  """Compiles the sampler that generate(params, key, n) calls (lowered with the arrays it places), without running
+  it; returns the seconds taken."""
+  devices = jax.devices()
+  _, rows, replicated = parallel.mesh_layout(devices, sharded=False)
+  key = jax.random.key(0)
+  args = (parallel.place(params, jax.tree_util.tree_map(lambda _: replicated, params)),
+          parallel.place(jax.random.key_data(key), replicated), parallel.place(np.zeros(len(devices), np.int32), rows))
+  start = time.perf_counter()
+  generate.program(jax.random.key_impl(key), False).lower(*args).compile()
+  return time.perf_counter() - start
+
+
+def timed(fn: Callable[[], Any]) -> float:
+  """Seconds fn() takes."""
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
 def speed(batch: int) -> None:
   """Prints the sampling times of ours and diffusers' pipelines with the same random CIFAR-10 weights."""
   config = CONFIGS["cifar10"]
@@ -101,32 +123,23 @@ def speed(batch: int) -> None:
     settings = pretrained.diffusion_settings(tmp)
     schedule = pretrained.schedule_from_diffusers(tmp)
   shape = (config["sample_size"], config["sample_size"], config["in_channels"])
-  runs = {
-      "ddim-50": (sampling.SamplerOptions(method="ddim", num_steps=50, eta=0.0, clip_x0=settings["sample.clip_x0"]),
-                  lambda: DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config))(
-                      batch_size=batch, num_inference_steps=50, eta=0.0, output_type="np",
-                      generator=torch.Generator().manual_seed(0))),
-      "ddpm-1000": (sampling.SamplerOptions(method="ddpm", variance=settings["sample.variance"],
-                                            clip_x0=settings["sample.clip_x0"]),
-                    lambda: DDPMPipeline(unet=unet, scheduler=scheduler)(
-                        batch_size=batch, num_inference_steps=1000, output_type="np",
-                        generator=torch.Generator().manual_seed(0))),
-  }
-  for name, (options, theirs) in runs.items():
+  pipelines = {"ddim": lambda: DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config)),
+               "ddpm": lambda: DDPMPipeline(unet=unet, scheduler=scheduler)}
+  runs = {"ddim-50": (sampling.SamplerOptions(method="ddim", num_steps=50, eta=0.0,
+                                              clip_x0=settings["sample.clip_x0"]), "ddim", 50, {"eta": 0.0}),
+          "ddpm-1000": (sampling.SamplerOptions(method="ddpm", variance=settings["sample.variance"],
+                                                clip_x0=settings["sample.clip_x0"]), "ddpm", 1000, {})}
+  for name, (options, kind, steps, extra) in runs.items():
     generate = sampling.make_generator(builders.model_fn(model), schedule, shape, options, batch_size=batch)
-    start = time.perf_counter()
-    generate(params, jax.random.key(0), batch)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    generate(params, jax.random.key(1), batch)
-    ours = time.perf_counter() - start
+    compile_s = compile_ahead(generate, params)
+    ours = timed(lambda: generate(params, jax.random.key(1), batch))  # the program compiled above: no compile
+    theirs = lambda num_steps: pipelines[kind]()(batch_size=batch, num_inference_steps=num_steps, output_type="np",
+                                                 generator=torch.Generator().manual_seed(0), **extra)
     with torch.no_grad():
-      theirs()  # warm-up
-      start = time.perf_counter()
-      theirs()
-      torch_s = time.perf_counter() - start
-    print(f"{name}, batch {batch}: ours {ours:.1f} s ({batch / ours:.2f} images/s; compilation {first - ours:.1f} s), "
-          f"diffusers {torch_s:.1f} s ({batch / torch_s:.2f} images/s): ours {torch_s / ours:.2f}x as fast",
+      theirs(2)  # warm-up: PyTorch's first calls allocate and pick kernels
+      torch_s = timed(lambda: theirs(steps))
+    print(f"{name}, batch {batch}: ours {ours:.1f} s ({batch / ours:.3f} images/s; compiled ahead in {compile_s:.1f} "
+          f"s), diffusers {torch_s:.1f} s ({batch / torch_s:.3f} images/s): ours {torch_s / ours:.2f}x as fast",
           flush=True)
 
 
