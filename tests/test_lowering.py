@@ -1,8 +1,7 @@
 """Every program the library compiles lowers for NVIDIA GPUs and TPUs (jax.export from this CPU): the state's
 initialiser and the train step in each placement but pmap (which cannot be exported), the sampler of each method as
 the generator runs it and the likelihood bound as its evaluator runs it; a class-conditional model's train step,
-guided sampler and bound too. None holds float64 or a
-custom call outside ALLOWED_CUSTOM_CALLS."""
+guided sampler and bound too. None holds float64 or a custom call outside ALLOWED_CUSTOM_CALLS."""
 
 import json
 import os
@@ -59,10 +58,10 @@ EXPORT_ALL = textwrap.dedent("""
       params = abstract(state.params)
       key_data = jax.ShapeDtypeStruct((2,), np.uint32)
       offsets = jax.ShapeDtypeStruct((4,), np.int32)
+      labels = (jax.ShapeDtypeStruct((8,), np.int32),) if conditional else ()
       for method in (("dpmpp_2m",) if conditional else sampling.METHODS):
         options = builders.sampler_options(c, method=method, num_steps=None if method == "ddpm" else 4)
         generate = builders.build_generator(c, model, schedule, options, batch_size=8)
-        labels = (jax.ShapeDtypeStruct((8,), np.int32),) if conditional else ()
         check(f"sampler {method}{suffix}", generate.program(jax.random.key_impl(key), conditional), params,
               key_data, offsets, *labels)
       bound = builders.build_bound_evaluator(c, model, schedule, batch_size=8)  # split over the 4 devices
