@@ -132,10 +132,10 @@ def likelihood_bound(config: ml_collections.ConfigDict, workdir: str, step: int)
   variance = builders.nll_variance(config, FLAGS.variance)
   nll_images, labels, which = builders.build_nll_images(config, FLAGS.nll)
   params = builders.restore_sampling_params(config, workdir, step, ema=FLAGS.use_ema)
-  batch = builders.call_batch(config, FLAGS.batch_size, FLAGS.nll)
-  bound = builders.build_bound_evaluator(config, model, schedule, FLAGS.variance, batch)
-  print(f"bound on {FLAGS.nll} images ({which}) in batches of {batch} with the {'EMA' if FLAGS.use_ema else 'raw'} "
-        f"params of step {step}: {schedule.num_timesteps} terms each, variance {variance}", flush=True)
+  bound = builders.build_bound_evaluator(config, model, schedule, FLAGS.variance, FLAGS.batch_size, FLAGS.nll)
+  print(f"bound on {FLAGS.nll} images ({which}) in batches of {bound.batch_size} with the "
+        f"{'EMA' if FLAGS.use_ema else 'raw'} params of step {step}: {schedule.num_timesteps} terms each, "
+        f"variance {variance}", flush=True)
   result = bound(params, nll_images, jax.random.key(FLAGS.seed), labels, progress_printer("bound: images"))
   summary = likelihood.summarize(result)
   print(likelihood.report(summary, f"{which}; variance {variance}"))
@@ -220,11 +220,10 @@ def draw(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
   evaluate = builders.build_evaluator(config, workdir) if FLAGS.eval else None
   params = builders.restore_sampling_params(config, workdir, step, ema=FLAGS.use_ema)
   model = builders.build_model(config)
-  batch = builders.call_batch(config, FLAGS.batch_size, FLAGS.num_samples)
-  generate = builders.build_generator(config, model, schedule, options, batch)
+  generate = builders.build_generator(config, model, schedule, options, FLAGS.batch_size, FLAGS.num_samples)
   key = jax.random.key(FLAGS.seed)
   guidance = "" if labels is None else f", classes {FLAGS.labels}, guidance {options.guidance_scale:g}"
-  print(f"sampling {FLAGS.num_samples} images in batches of {batch} at step {step} "
+  print(f"sampling {FLAGS.num_samples} images in batches of {generate.batch_size} at step {step} "
         f"({'EMA' if FLAGS.use_ema else 'raw'} params) with {options.method}{guidance}", flush=True)
   x = generate(params, key, FLAGS.num_samples, progress_printer("sampled"), labels=labels)
   png, npz = images.save_samples(FLAGS.out, x, cols, scale=FLAGS.scale, labels=labels)

@@ -74,11 +74,10 @@ def main(argv: list[str]) -> int:
   result = bound(params, images, key, labels, progress_printer("bound: images"))
   seconds = time.perf_counter() - start
   summary = likelihood.summarize(result)
-  row = {"num_images": args.num_images, "batch_size": args.batch_size, "num_timesteps": schedule.num_timesteps,
+  row = {"num_images": args.num_images, "batch_size": bound.batch_size, "num_timesteps": schedule.num_timesteps,
          "variance": builders.nll_variance(config, args.variance), "compile_s": compile_s,
          "seconds_per_1000": 1000 * seconds / args.num_images, "data": which, "model": where,
-         **{k: v for k, v in summary.items() if k != "terms"}}
-  row["devices"] = jax.local_device_count()
+         "devices": jax.local_device_count(), **{k: v for k, v in summary.items() if k != "terms"}}
   device = f"{jax.local_devices()[0].device_kind}, {os.cpu_count()} cores"
   table = "\n".join([
       f"{where}; {which}; {device}.", "",

@@ -214,3 +214,8 @@ def loss_fn(
   if weights is not None:
     per_example = per_example * jnp.asarray(weights, jnp.float32)
   return jnp.mean(per_example)
+
+
+def example_keys(key: jax.Array, batch: int, index_offset: jnp.ndarray | int = 0) -> jax.Array:
+  """One key per example, a function of (key, the example's global index) alone."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(key, index_offset + jnp.arange(batch))

@@ -89,7 +89,7 @@ def vb_terms(schedule: Schedule, x0: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarr
 
 def bits_per_dim(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, x0: jnp.ndarray, key: jax.Array, *,
                  variance: str = "fixed_large", prediction: str = "eps", labels: Optional[jnp.ndarray] = None,
-                 clip_x0: bool = True, index_offset: int | jnp.ndarray = 0) -> dict[str, jnp.ndarray]:
+                 clip_x0: bool = True, index_offset: jnp.ndarray | int = 0) -> dict[str, jnp.ndarray]:
   """The variational bound on -log2 p(x0) per dimension: {"total": [B], "prior": [B], "terms": [B, T]}.
 
   x0 must be images quantised to 8 bits and scaled to [-1, 1] (k / 127.5 - 1):
@@ -104,7 +104,7 @@ def bits_per_dim(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, x0: j
   """
   b = x0.shape[0]
   x0 = x0.astype(jnp.float32)
-  image_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, index_offset + jnp.arange(b))
+  image_keys = diffusion.example_keys(key, b, index_offset)
   call = model_fn if labels is None else lambda x, t: model_fn(x, t, labels)
 
   def term(t: jnp.ndarray) -> jnp.ndarray:
@@ -130,11 +130,11 @@ def make_bound_evaluator(model_fn: Callable[..., jnp.ndarray], schedule: Schedul
   of `batch_size` rounded up to a multiple of the device count (the last one
   padded), each split over `devices` (default: this process's devices; only
   this process calls it). The bound is compiled once per kind of key (with or
-  without labels). Batch j's noise comes from fold_in(key, j) and the image's
-  index in the batch, so an image's bound does not depend on the devices.
-  `progress(done, total)` is called after each batch. Its `program` attribute
-  maps (key impl, labelled) to the jitted bound it calls, taking (params,
-  key data, offsets, x0[, labels]).
+  without labels). Image i's noise comes from (key, i) alone, so its bound
+  depends neither on the batch size nor on the devices. `progress(done,
+  total)` is called after each batch. Its `program` attribute maps (key impl,
+  labelled) to the jitted bound it calls, taking (params, key data, offsets,
+  x0[, labels]); `batch_size` is the images per call.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} is invalid: it must be >= 1")
@@ -143,20 +143,11 @@ def make_bound_evaluator(model_fn: Callable[..., jnp.ndarray], schedule: Schedul
   per_call = per_device * len(devices)
   _, rows, replicated = parallel.mesh_layout(devices, sharded=False)
 
-  def shard(params, key_data, offsets, x0, labels, impl):
-    key = jax.random.wrap_key_data(key_data, impl=impl)
+  def shard(params, key, offset, x0, labels):
     return bits_per_dim(functools.partial(model_fn, params), schedule, x0, key, variance=variance,
-                        prediction=prediction, labels=labels, clip_x0=clip_x0, index_offset=offsets[0])
+                        prediction=prediction, labels=labels, clip_x0=clip_x0, index_offset=offset)
 
-  @functools.lru_cache(maxsize=None)
-  def program(impl: Any, labelled: bool) -> Callable:
-    body = functools.partial(shard, impl=impl)
-    if not labelled:
-      body = functools.partial(lambda fn, params, key_data, offsets, x0: fn(params, key_data, offsets, x0, None),
-                               body)
-    return parallel.over_batch(body, devices, 2, 3 if labelled else 2)
-
-  offsets = parallel.place(per_device * np.arange(len(devices), dtype=np.int32), rows)
+  program = parallel.batch_programs(shard, devices, 1)
 
   def evaluate(params: Any, images: np.ndarray, key: jax.Array, labels: Optional[np.ndarray] = None,
                progress: Optional[Callable[[int, int], None]] = None) -> dict[str, np.ndarray]:
@@ -168,17 +159,19 @@ def make_bound_evaluator(model_fn: Callable[..., jnp.ndarray], schedule: Schedul
       labels = np.concatenate([labels, np.repeat(labels[-1:], pad)]).astype(np.int32)
     run = program(jax.random.key_impl(key), labels is not None)
     placed = parallel.place(params, jax.tree_util.tree_map(lambda _: replicated, params))
+    key_data = parallel.place(jax.random.key_data(key), replicated)
     parts = []
-    for j, start in enumerate(range(0, n, per_call)):
-      key_data = parallel.place(jax.random.key_data(jax.random.fold_in(key, j)), replicated)
-      batch = [images[start:start + per_call]] + ([] if labels is None else [labels[start:start + per_call]])
-      part = run(placed, key_data, offsets, *(parallel.place(a, rows) for a in batch))
+    for start in range(0, n, per_call):
+      offsets = start + per_device * np.arange(len(devices), dtype=np.int32)
+      batch = [offsets, images[start:start + per_call]] + ([] if labels is None else [labels[start:start + per_call]])
+      part = run(placed, key_data, *(parallel.place(a, rows) for a in batch))
       parts.append(jax.device_get(part))
       if progress is not None:
         progress(min(start + per_call, n), n)
     return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
 
   evaluate.program = program  # (key impl, labelled) -> the jitted sharded bound it calls, for lowering and export
+  evaluate.batch_size = per_call
   return evaluate
 
 

@@ -1,6 +1,7 @@
 """Placing a pure train step on the devices: jit on one device; on several, pmap, or jit over a 1-D mesh with the
-state replicated ("jit") or sharded ("fsdp"); and what several processes need beside it (moving pytrees between
-hosts and devices, the stop vote, a barrier)."""
+state replicated ("jit") or sharded ("fsdp"); programs split over the devices along their batch (the sampler, the
+likelihood bound); and what several processes need beside it (moving pytrees between hosts and devices, the stop
+vote, a barrier)."""
 
 from __future__ import annotations
 
@@ -92,12 +93,21 @@ def mesh_layout(devices: Sequence[jax.Device], sharded: bool) -> tuple[Callable[
   return state_shardings, NamedSharding(mesh, PartitionSpec(MESH_AXIS)), replicated
 
 
-def over_batch(body: Callable, devices: Sequence[jax.Device], replicated: int, sharded: int) -> Callable:
-  """`body` jitted over a 1-D mesh of `devices`: its first `replicated` arguments whole on every device, the next
-  `sharded` split along their first axis, its outputs joined along their first axis."""
+def batch_programs(shard: Callable, devices: Sequence[jax.Device], sharded: int) -> Callable[[Any, bool], Callable]:
+  """A cached (key impl, labelled) -> program: shard(params, key, offset, *arrays, labels) jitted over a 1-D mesh of
+  `devices`, the params and the key's data whole on every device; offsets (one per device: the index of its first
+  example), the `sharded` arrays and the labels (None when not labelled) split along their first axis; the outputs
+  joined along theirs."""
   mesh = Mesh(np.array(devices), (MESH_AXIS,))
-  specs = (PartitionSpec(),) * replicated + (PartitionSpec(MESH_AXIS),) * sharded
-  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(MESH_AXIS)))
+
+  @functools.lru_cache(maxsize=None)
+  def program(impl: Any, labelled: bool) -> Callable:
+    def body(params, key_data, offsets, *arrays):
+      key = jax.random.wrap_key_data(key_data, impl=impl)
+      return shard(params, key, offsets[0], *arrays, *(() if labelled else (None,)))
+    specs = (PartitionSpec(),) * 2 + (PartitionSpec(MESH_AXIS),) * (1 + sharded + labelled)
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(MESH_AXIS)))
+  return program
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:

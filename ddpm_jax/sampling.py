@@ -78,11 +78,6 @@ def respaced_schedule(schedule: Schedule, ts: np.ndarray) -> Schedule:
   return schedule_from_betas(-np.expm1(np.diff(log_abar[np.sort(ts)], prepend=0.0)))
 
 
-def example_keys(key: jax.Array, batch: int, index_offset: jnp.ndarray | int = 0) -> jax.Array:
-  """One key per sample, a function of (key, global sample index) alone."""
-  return jax.vmap(jax.random.fold_in, (None, 0))(key, index_offset + jnp.arange(batch))
-
-
 def _normal(keys: jax.Array, stream: jnp.ndarray, shape: tuple[int, ...]) -> jnp.ndarray:
   """Per-sample standard normal noise from stream `stream` of each sample's key."""
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, stream), shape))(keys)
@@ -180,7 +175,7 @@ def _chain(eps_fn, schedule, key, x_T, ts, model_ts, eta, index_offset, labels, 
   original timesteps); returns (x_0, x after every `stride`-th step or None)."""
   if labels is not None:
     eps_fn = guided(eps_fn, labels, guidance_scale, one_call)
-  keys = example_keys(key, shape[0], index_offset)
+  keys = diffusion.example_keys(key, shape[0], index_offset)
   x = _normal(keys, 0, shape[1:]) if x_T is None else x_T.astype(jnp.float32)
   predict = functools.partial(_predict, eps_fn, schedule, prediction, clip_x0)
   n = ts.shape[0]
@@ -351,17 +346,11 @@ def make_generator(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, ima
   _, rows, replicated = parallel.mesh_layout(devices, sharded=False)
   shape = (per_device,) + tuple(image_shape)
 
-  def shard(params, key_data, offsets, labels, impl):
-    key = jax.random.wrap_key_data(key_data, impl=impl)
-    return options.sample(functools.partial(model_fn, params), schedule, key, shape, index_offset=offsets[0],
+  def shard(params, key, offset, labels):
+    return options.sample(functools.partial(model_fn, params), schedule, key, shape, index_offset=offset,
                           labels=labels)
 
-  def compiled(impl: Any, labelled: bool) -> Callable:
-    body = functools.partial(shard, impl=impl)
-    if not labelled:
-      body = functools.partial(lambda fn, params, key_data, offsets: fn(params, key_data, offsets, None), body)
-    return parallel.over_batch(body, devices, 2, 2 if labelled else 1)
-  run = functools.lru_cache(maxsize=None)(compiled)
+  run = parallel.batch_programs(shard, devices, 0)
   per_call = per_device * len(devices)
 
   def generate(params: Any, key: jax.Array, num_samples: int, progress: Optional[Callable[[int, int], None]] = None,
@@ -387,4 +376,5 @@ def make_generator(model_fn: Callable[..., jnp.ndarray], schedule: Schedule, ima
     return np.concatenate(out)[:num_samples]
 
   generate.program = run  # (key impl, labelled) -> the jitted sharded sampler it calls, for lowering and export
+  generate.batch_size = per_call  # samples per call: batch_size rounded up to a multiple of the device count
   return generate

@@ -253,10 +253,10 @@ def test_the_evaluator_pads_the_last_batch_without_changing_an_image_and_reports
   key, x0 = jax.random.key(3), jnp.asarray(X0[:5], jnp.float32)
   got = evaluate(0.5, np.asarray(x0), key, progress=lambda done, total: calls.append((done, total)))
   assert calls == [(2, 5), (4, 5), (5, 5)] and got["terms"].shape == (5, T)
-  # Batch j is bits_per_dim with key fold_in(key, j); the padded last batch gives image 4 what it gets alone.
-  for j, rows in [(0, slice(0, 2)), (2, slice(4, 5))]:
-    want = likelihood.bits_per_dim(lambda x, t: 0.5 * x, SCHED, x0[rows], jax.random.fold_in(key, j),
-                                   variance="fixed_small")
+  # Image i's noise comes from (key, i): the padded last batch gives image 4 what it gets alone.
+  for rows in [slice(0, 2), slice(4, 5)]:
+    want = likelihood.bits_per_dim(lambda x, t: 0.5 * x, SCHED, x0[rows], key, variance="fixed_small",
+                                   index_offset=rows.start)
     np.testing.assert_allclose(got["total"][rows], want["total"], rtol=1e-6)
   summary = likelihood.summarize(got)
   total = np.asarray(got["total"], np.float64)
@@ -267,21 +267,30 @@ def test_the_evaluator_pads_the_last_batch_without_changing_an_image_and_reports
 
 
 SPLIT_OVER_TWO_DEVICES = textwrap.dedent("""
+    import sys
     import jax, numpy as np
     from ddpm_jax import likelihood
     from ddpm_jax.schedule import make_betas, schedule_from_betas
     assert jax.device_count() == 2
     schedule = schedule_from_betas(make_betas("linear", 40, 1e-4, 0.3))
     x0 = (np.random.default_rng(0).integers(0, 256, (5, 4, 4, 2)) / 127.5 - 1).astype(np.float32)
-    model = lambda p, x, t: p * x + 0.01 * t[:, None, None, None]  # (params, x_t, t), each image its own t
-    calls = []
+    labels = np.array([0, 1, 2, 1, 0], np.int32)
+
+    def model(p, x, t, y=None):  # (params, x_t, t[, labels]): each image its own t and, with labels, its label
+      out = p * x + 0.01 * t[:, None, None, None]
+      return out if y is None else out + 0.1 * y[:, None, None, None]
+
+    found, calls = {}, []
     two = likelihood.make_bound_evaluator(model, schedule, variance="fixed_small", batch_size=3)
-    got = two(0.5, x0, jax.random.key(3), progress=lambda done, total: calls.append((done, total)))
-    one = likelihood.make_bound_evaluator(model, schedule, variance="fixed_small", batch_size=4,
+    one = likelihood.make_bound_evaluator(model, schedule, variance="fixed_small", batch_size=5,
                                           devices=jax.devices()[:1])
-    want = one(0.5, x0, jax.random.key(3))
-    np.savez(__import__("sys").argv[1], calls=calls, **{f"got_{k}": v for k, v in got.items()},
-             **{f"want_{k}": v for k, v in want.items()})
+    found["batch_sizes"] = [two.batch_size, one.batch_size]
+    for name, y in (("", None), ("labelled_", labels)):
+      got = two(0.5, x0, jax.random.key(3), y, progress=lambda done, total: calls.append((done, total)))
+      want = one(0.5, x0, jax.random.key(3), y)
+      found.update({f"{name}got_{k}": v for k, v in got.items()})
+      found.update({f"{name}want_{k}": v for k, v in want.items()})
+    np.savez(sys.argv[1], calls=calls, **found)
 """)
 
 
@@ -289,12 +298,15 @@ def test_the_evaluator_splits_each_batch_over_the_devices_and_an_image_s_bound_d
   out = run_python("-c", SPLIT_OVER_TWO_DEVICES, tmp_path / "bounds.npz", devices=2, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
   found = np.load(tmp_path / "bounds.npz")
-  # batch_size 3 rounds up to 4 over 2 devices: two batches, the second padded
-  assert found["calls"].tolist() == [[4, 5], [5, 5]]
-  for k in ("total", "prior", "terms"):
-    # the same noise and model call per image, on 2 devices or on 1: equal but for the rounding of how XLA fuses
-    # each program (a mean of 32 float32 values per term)
-    np.testing.assert_allclose(found[f"got_{k}"], found[f"want_{k}"], rtol=1e-6)
+  # batch_size 3 rounds up to 4 over 2 devices: two batches, the second padded (without and with labels)
+  assert found["batch_sizes"].tolist() == [4, 5] and found["calls"].tolist() == [[4, 5], [5, 5]] * 2
+  for name in ("", "labelled_"):
+    for k in ("total", "prior", "terms"):
+      # image i's noise comes from (key, i) on 2 devices in batches of 4 and on 1 in one batch of 5: equal but for
+      # the rounding of how XLA fuses each program (a mean of 32 float32 values per term)
+      np.testing.assert_allclose(found[f"{name}got_{k}"], found[f"{name}want_{k}"], rtol=1e-6)
+  # the labels reach the model: they change the bound
+  assert np.abs(found["labelled_got_total"] - found["got_total"]).max() > 1e-3
 
 
 @pytest.mark.numerics

@@ -389,7 +389,7 @@ def test_ddpm_with_clipping_matches_a_hand_computed_chain():
   key = jax.random.key(3)
   x_T = np.asarray(jax.random.normal(jax.random.key(9), (2, 2, 2, 1)), np.float64)
   got = sample(eps_fn, sched, key, x_T.shape, method="ddpm", x_T=jnp.asarray(x_T, jnp.float32), clip_x0=True)
-  keys = sampling.example_keys(key, 2)
+  keys = diffusion.example_keys(key, 2)
   x = x_T
   for i, t in enumerate(range(3, -1, -1)):
     ab, ab_prev = abar[t], (abar[t - 1] if t > 0 else 1.0)
@@ -551,7 +551,7 @@ def test_respaced_ddpm_with_a_learned_variance_matches_a_hand_computed_chain():
   x_T = np.asarray(jax.random.normal(jax.random.key(9), (3, 2, 2, 1)), np.float64)
   got = sample(model, sched, key, x_T.shape, method="ddpm", num_steps=n, timestep_spacing="linspace",
                x_T=jnp.asarray(x_T, jnp.float32), clip_x0=False)
-  keys = sampling.example_keys(key, 3)
+  keys = diffusion.example_keys(key, 3)
   x = x_T
   for i, (pos, t) in enumerate(zip(range(n - 1, -1, -1), ts)):  # the model sees the original t
     ab, ab_prev = abar[pos], (abar[pos - 1] if pos > 0 else 1.0)
